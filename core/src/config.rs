@@ -1,0 +1,120 @@
+//! Engine configuration: every capacity the engine will ever use.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::wire::CID_RESERVED_MASK;
+
+/// The fixed limits and timeouts of an [`Engine`](crate::Engine).
+///
+/// Capacity is reserved when the engine is built, or drawn from bounded pools; nothing here
+/// grows at the guest's or a host peer's request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// The guest's CID. Packets from any other source CID are dropped.
+    pub guest_cid: u64,
+    /// The receive buffer we advertise to the guest (`buf_alloc`) for each connection, and so
+    /// the capacity of the buffer that holds guest data a host socket has not taken yet.
+    pub buffer_size: u32,
+    /// The largest payload of one packet, in either direction. Linux uses 64 KiB.
+    pub max_packet_payload: u32,
+    /// The most connections alive at once, counting host clients still sending `CONNECT`.
+    pub max_connections: usize,
+    /// How long a host client may take to send its `CONNECT` line.
+    pub connect_line_timeout: Duration,
+    /// How long a connect may take: the host socket connect for a guest request, and the
+    /// guest's RESPONSE for a host request.
+    pub connect_timeout: Duration,
+    /// How long a closing connection may take to flush what it holds, and to deliver its final
+    /// RST to the guest, before it is dropped.
+    pub close_timeout: Duration,
+    /// The first port used on the host side of host-initiated connections.
+    pub host_port_first: u32,
+    /// Send a CREDIT_UPDATE once this many bytes were forwarded to the host since the guest last
+    /// heard our count (or sooner, when the guest's view of our buffer is nearly full).
+    pub credit_update_threshold: u32,
+    /// The most RST replies to unknown connections waiting for a guest rx buffer; more are
+    /// dropped and counted.
+    pub max_pending_resets: usize,
+    /// How many drained connection buffers are kept for reuse instead of being freed.
+    pub pooled_buffers: usize,
+}
+
+impl Config {
+    /// A configuration with the defaults for a guest with CID `guest_cid`.
+    pub fn new(guest_cid: u64) -> Self {
+        Config {
+            guest_cid,
+            buffer_size: 256 * 1024,
+            max_packet_payload: 64 * 1024,
+            max_connections: 1024,
+            connect_line_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            close_timeout: Duration::from_secs(8),
+            host_port_first: 1 << 30,
+            credit_update_threshold: 64 * 1024,
+            max_pending_resets: 256,
+            pooled_buffers: 64,
+        }
+    }
+
+    /// Checks that the values make sense together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.guest_cid <= 2
+            || self.guest_cid & CID_RESERVED_MASK != 0
+            || self.guest_cid == u64::from(u32::MAX)
+        {
+            return Err(ConfigError::GuestCid);
+        }
+        if self.buffer_size == 0 || self.buffer_size > 1 << 30 {
+            return Err(ConfigError::BufferSize);
+        }
+        if self.max_packet_payload == 0 {
+            return Err(ConfigError::MaxPacketPayload);
+        }
+        if self.max_connections == 0 || self.max_connections > 1 << 20 {
+            return Err(ConfigError::MaxConnections);
+        }
+        if self.host_port_first == u32::MAX {
+            return Err(ConfigError::HostPortFirst);
+        }
+        if self.credit_update_threshold == 0 || self.credit_update_threshold > self.buffer_size {
+            return Err(ConfigError::CreditUpdateThreshold);
+        }
+        Ok(())
+    }
+}
+
+/// Which [`Config`] field is out of range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `guest_cid` is reserved (0, 1, 2, `u32::MAX`) or has bits above 32.
+    GuestCid,
+    /// `buffer_size` is zero or above 1 GiB.
+    BufferSize,
+    /// `max_packet_payload` is zero.
+    MaxPacketPayload,
+    /// `max_connections` is zero or above 2^20.
+    MaxConnections,
+    /// `host_port_first` is `u32::MAX`, the reserved "any" port.
+    HostPortFirst,
+    /// `credit_update_threshold` is zero or larger than `buffer_size`.
+    CreditUpdateThreshold,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConfigError::GuestCid => "guest CID is reserved or wider than 32 bits",
+            ConfigError::BufferSize => "buffer size must be between 1 byte and 1 GiB",
+            ConfigError::MaxPacketPayload => "maximum packet payload must not be zero",
+            ConfigError::MaxConnections => "maximum connections must be between 1 and 2^20",
+            ConfigError::HostPortFirst => "the first host port must not be u32::MAX",
+            ConfigError::CreditUpdateThreshold => {
+                "credit update threshold must be between 1 and the buffer size"
+            }
+        })
+    }
+}
+
+impl std::error::Error for ConfigError {}

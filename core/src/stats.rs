@@ -1,0 +1,113 @@
+//! Counters: traffic, and every reaction to bad input.
+
+/// Engine-wide counters. Every reaction to bad input from the guest or a host peer increments
+/// exactly one field here, named for the fault.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Packets taken from the guest's tx queue.
+    pub tx_packets: u64,
+    /// Payload bytes taken from the guest.
+    pub tx_bytes: u64,
+    /// Of those, bytes that went straight from guest memory to a socket.
+    pub tx_direct_bytes: u64,
+    /// Of those, bytes copied into a connection buffer because the socket refused them.
+    pub tx_buffered_bytes: u64,
+    /// Packets delivered to the guest's rx queue.
+    pub rx_packets: u64,
+    /// Payload bytes delivered to the guest.
+    pub rx_bytes: u64,
+    /// Connections the guest opened (REQUEST accepted, host connect started).
+    pub guest_connects: u64,
+    /// Host clients accepted on the listener.
+    pub host_accepts: u64,
+    /// Connections that reached the established state.
+    pub established: u64,
+    /// Connections removed from the table.
+    pub closed: u64,
+    /// RST packets delivered to the guest.
+    pub rst_sent: u64,
+    /// RST packets received from the guest for a live connection.
+    pub rst_received: u64,
+    /// CREDIT_UPDATE packets delivered to the guest.
+    pub credit_updates_sent: u64,
+    /// CREDIT_REQUEST packets delivered to the guest.
+    pub credit_requests_sent: u64,
+
+    /// Dropped: the source CID is not the guest's, or the destination is not the host.
+    pub wrong_cid: u64,
+    /// Dropped: reserved CID bits set.
+    pub reserved_cid_bits: u64,
+    /// Answered with RST: a socket type we do not support.
+    pub unknown_type: u64,
+    /// Answered with RST: an operation the specification does not define.
+    pub unknown_op: u64,
+    /// Answered with RST: a payload longer than `max_packet_payload`.
+    pub oversize_len: u64,
+    /// Answered with RST: a control packet that carries a payload.
+    pub control_payload: u64,
+    /// Answered with RST: data beyond the credit we advertised.
+    pub credit_violation: u64,
+    /// Answered with RST: RW, SHUTDOWN or credit packets for no known connection.
+    pub unknown_connection: u64,
+    /// Answered with RST: a REQUEST for a connection that already exists (which is reset too).
+    pub request_for_existing: u64,
+    /// Answered with RST: a RESPONSE to nothing we asked.
+    pub unexpected_response: u64,
+    /// Answered with RST: data after the guest's SHUTDOWN SEND, or before its connection was
+    /// established.
+    pub data_after_shutdown: u64,
+    /// Dropped: an RST for no known connection (an RST is never answered).
+    pub rst_for_unknown: u64,
+    /// Answered with RST: a REQUEST while the connection table is full.
+    pub connection_limit: u64,
+    /// Refused: a host client accepted while the connection table is full.
+    pub accept_limit: u64,
+    /// Dropped: an RST reply that found the reply queue full.
+    pub rst_queue_full: u64,
+    /// Reset: guest memory could not be read for a payload.
+    pub payload_faults: u64,
+
+    /// Closed: a host client's CONNECT line was malformed.
+    pub connect_line_garbage: u64,
+    /// Closed: a host client's CONNECT line had no newline within the limit.
+    pub connect_line_too_long: u64,
+    /// Closed: a host client's CONNECT line named a port out of range.
+    pub connect_line_bad_port: u64,
+    /// Closed: a host client hung up before finishing its CONNECT line.
+    pub connect_line_eof: u64,
+    /// Closed: a host client did not finish its CONNECT line in time.
+    pub connect_line_timeout: u64,
+    /// Reset: a connect (host socket or guest RESPONSE) did not finish in time.
+    pub connect_timeout: u64,
+    /// Reset: the host socket for a guest request could not be connected.
+    pub connect_failed: u64,
+    /// Reset: the guest RST a connection the host asked for.
+    pub connect_refused_by_guest: u64,
+    /// Reset: a closing connection did not finish in time.
+    pub close_timeout: u64,
+    /// Dropped: a connection's final RST could not be delivered in time.
+    pub rst_undelivered: u64,
+    /// Reset: a host socket reported an error.
+    pub host_errors: u64,
+    /// Ignored: an event for a connection handle that is no longer live.
+    pub stale_events: u64,
+}
+
+/// Counters of one connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnStats {
+    /// Payload bytes the guest sent on this connection.
+    pub guest_bytes: u64,
+    /// Of those, bytes the host socket has taken.
+    pub host_written: u64,
+    /// Payload bytes delivered to the guest.
+    pub host_bytes: u64,
+    /// Packets received from the guest.
+    pub guest_packets: u64,
+    /// Packets delivered to the guest.
+    pub host_packets: u64,
+    /// Bytes copied into the connection buffer because the socket refused them.
+    pub buffered_bytes: u64,
+}
