@@ -1,0 +1,987 @@
+//! A deterministic world around one engine: a simulated guest that behaves like Linux's
+//! virtio-vsock driver, simulated host sockets with scripted faults, and a virtual clock.
+//!
+//! Everything runs on one thread in a fixed order, so a run is a pure function of the script.
+//! `Sim::run` drives until nothing moves and panics if that never happens (the livelock guard);
+//! `Sim::run_for` also moves the clock, jumping to the next deadline of the engine or guest.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use vsock_core::wire::{
+    Header, Op, Packet, SocketType, HOST_CID, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND,
+};
+use vsock_core::{
+    Action, Config, ConnId, Direction, Engine, HostEvent, Instant, Interest, Io, LineRead, RxGrant,
+    SocketError, Tx,
+};
+
+pub const GUEST_CID: u64 = 3;
+/// Linux posts rx buffers of 4 KiB (header included).
+pub const RX_BUF: usize = 4096;
+/// Linux's default receive buffer per socket.
+pub const GUEST_BUF_ALLOC: u32 = 256 * 1024;
+/// Linux's largest packet payload.
+pub const GUEST_MAX_PKT: usize = 64 * 1024;
+/// Linux's close timeout (VSOCK_CLOSE_TIMEOUT).
+pub const GUEST_CLOSE_TIMEOUT: Duration = Duration::from_secs(8);
+
+pub const ECONNREFUSED: i32 = 111;
+pub const ENOENT: i32 = 2;
+pub const EPIPE: i32 = 32;
+pub const ECONNRESET: i32 = 104;
+
+/// A guest socket's view of one connection.
+#[derive(Debug, Default)]
+pub struct GuestConn {
+    pub local_port: u32,
+    pub peer_port: u32,
+    pub connecting: bool,
+    pub established: bool,
+    /// Got an RST, or closed after both shutdowns.
+    pub reset: bool,
+    pub closed: bool,
+    /// Bytes received and not yet read by the application.
+    pub unread: VecDeque<u8>,
+    /// Bytes the application read, in order.
+    pub read: Vec<u8>,
+    /// Application bytes not yet sent.
+    pub to_send: VecDeque<u8>,
+    /// Everything the application queued for sending, in order.
+    pub sent_by_app: Vec<u8>,
+    pub rx_cnt: u32,
+    pub fwd_cnt: u32,
+    pub last_fwd_sent: u32,
+    pub tx_cnt: u32,
+    pub peer_buf_alloc: u32,
+    pub peer_fwd_cnt: u32,
+    /// Shutdown flags the host sent.
+    pub peer_shut: u32,
+    /// Shutdown flags we sent.
+    pub shut_sent: u32,
+    /// Shutdown flags to send once `to_send` is empty.
+    pub shut_wanted: u32,
+    pub credit_requested: bool,
+    pub close_deadline: Option<Instant>,
+    /// The application reads everything as it arrives.
+    pub auto_read: bool,
+}
+
+impl GuestConn {
+    fn credit(&self) -> u32 {
+        self.peer_buf_alloc
+            .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+    }
+}
+
+/// How `<uds_path>_<port>` answers a connect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listen {
+    Accept,
+    Refuse,
+    /// The connect never completes.
+    Hang,
+}
+
+/// One simulated host socket, seen from both ends: what the engine does to it and what the
+/// host application does with it.
+#[derive(Debug)]
+pub struct HostSock {
+    pub conn: ConnId,
+    /// Bytes the engine wrote that the application has not read.
+    pub inbound: VecDeque<u8>,
+    /// Bytes the application read, in order.
+    pub received: Vec<u8>,
+    /// Bytes the application wrote that the engine has not read.
+    pub outbound: VecDeque<u8>,
+    /// Everything the application wrote, in order.
+    pub sent_by_app: Vec<u8>,
+    /// The application shut its write side.
+    pub app_eof: bool,
+    /// The application closed the socket: engine writes fail with EPIPE.
+    pub app_closed: bool,
+    /// Capacity of the socket buffer the engine writes into.
+    pub capacity: usize,
+    /// The engine shut its write side (the application sees end of file).
+    pub shut_wr: bool,
+    pub shut_rd: bool,
+    pub closed: bool,
+    pub interest: Interest,
+    /// The application reads whatever arrives.
+    pub auto_read: bool,
+    /// Reads return at most this many bytes (short reads).
+    pub read_chunk: Option<usize>,
+    /// Writes take at most this many bytes (short writes).
+    pub write_chunk: Option<usize>,
+    /// The next N reads and writes report WouldBlock.
+    pub block_reads: usize,
+    pub block_writes: usize,
+    pub fail_read: Option<SocketError>,
+    pub fail_write: Option<SocketError>,
+    /// A write was refused; fire Writable when room frees.
+    write_blocked: bool,
+}
+
+impl HostSock {
+    fn new(conn: ConnId, capacity: usize) -> Self {
+        HostSock {
+            conn,
+            inbound: VecDeque::new(),
+            received: Vec::new(),
+            outbound: VecDeque::new(),
+            sent_by_app: Vec::new(),
+            app_eof: false,
+            app_closed: false,
+            capacity,
+            shut_wr: false,
+            shut_rd: false,
+            closed: false,
+            interest: Interest::default(),
+            auto_read: true,
+            read_chunk: None,
+            write_chunk: None,
+            block_reads: 0,
+            block_writes: 0,
+            fail_read: None,
+            fail_write: None,
+            write_blocked: false,
+        }
+    }
+
+    /// The application sees end of file: the engine shut or closed, and everything was read.
+    pub fn app_sees_eof(&self) -> bool {
+        (self.shut_wr || self.closed) && self.inbound.is_empty()
+    }
+
+    fn write(&mut self, bufs: [&[u8]; 2]) -> Io {
+        if let Some(e) = self.fail_write.take() {
+            return Io::Error(e);
+        }
+        if self.app_closed {
+            return Io::Error(SocketError(EPIPE));
+        }
+        if self.block_writes > 0 {
+            self.block_writes -= 1;
+            self.write_blocked = true;
+            return Io::WouldBlock;
+        }
+        let total = bufs[0].len() + bufs[1].len();
+        let room = self.capacity - self.inbound.len();
+        let n = total.min(room).min(self.write_chunk.unwrap_or(usize::MAX));
+        if n == 0 {
+            self.write_blocked = true;
+            return Io::WouldBlock;
+        }
+        let first = n.min(bufs[0].len());
+        self.inbound.extend(&bufs[0][..first]);
+        self.inbound.extend(&bufs[1][..n - first]);
+        if n < total {
+            self.write_blocked = true;
+        }
+        Io::Done(n)
+    }
+
+    /// Reads up to `max` bytes as the engine would; returns the bytes and the result.
+    fn read(&mut self, max: usize) -> (Vec<u8>, Io) {
+        if let Some(e) = self.fail_read.take() {
+            return (Vec::new(), Io::Error(e));
+        }
+        if self.block_reads > 0 {
+            self.block_reads -= 1;
+            return (Vec::new(), Io::WouldBlock);
+        }
+        if self.outbound.is_empty() {
+            return if self.app_eof || self.app_closed {
+                (Vec::new(), Io::Done(0))
+            } else {
+                (Vec::new(), Io::WouldBlock)
+            };
+        }
+        let n = max
+            .min(self.outbound.len())
+            .min(self.read_chunk.unwrap_or(usize::MAX));
+        let bytes: Vec<u8> = self.outbound.drain(..n).collect();
+        (bytes, Io::Done(n))
+    }
+
+    fn readable(&self) -> bool {
+        !self.outbound.is_empty() || self.app_eof || self.app_closed || self.fail_read.is_some()
+    }
+}
+
+/// Knobs of the simulated world.
+#[derive(Clone, Debug)]
+pub struct World {
+    /// Socket buffer of each host socket.
+    pub host_capacity: usize,
+    /// Host sockets' applications read whatever arrives.
+    pub host_auto_read: bool,
+    /// Guest connections' applications read whatever arrives.
+    pub guest_auto_read: bool,
+    /// Rx buffers the guest keeps posted.
+    pub rx_ring: usize,
+    /// Payload room of each guest rx buffer.
+    pub rx_room: usize,
+    /// Most guest packets handled per step (models a tx queue batch).
+    pub tx_batch: usize,
+}
+
+impl Default for World {
+    fn default() -> Self {
+        World {
+            host_capacity: 64 * 1024,
+            host_auto_read: true,
+            guest_auto_read: true,
+            rx_ring: 128,
+            rx_room: RX_BUF - 44,
+            tx_batch: 64,
+        }
+    }
+}
+
+/// The engine, a guest and a host, on one virtual clock.
+pub struct Sim {
+    pub engine: Engine,
+    pub now: Instant,
+    pub world: World,
+    // Guest side.
+    pub guest: BTreeMap<(u32, u32), GuestConn>,
+    pub guest_listeners: BTreeSet<u32>,
+    pub guest_tx: VecDeque<(Header, Vec<u8>)>,
+    /// Rx buffers currently posted.
+    pub rx_posted: usize,
+    /// The guest stopped posting rx buffers.
+    pub rx_paused: bool,
+    next_guest_port: u32,
+    /// Packets the guest received, in order (header only).
+    pub guest_log: Vec<Header>,
+    /// Times the engine sent more than the guest's credit allowed.
+    pub guest_credit_violations: u32,
+    // Host side.
+    pub host: BTreeMap<u64, HostSock>,
+    pub listeners: BTreeMap<u32, Listen>,
+    pub closed_socks: Vec<HostSock>,
+    pending_events: VecDeque<(ConnId, HostEvent)>,
+    /// Host clients refused at accept.
+    pub refused_accepts: usize,
+    /// Actions seen, in order.
+    pub actions: Vec<Action>,
+    pub steps: u64,
+}
+
+impl Sim {
+    pub fn new(config: Config, world: World) -> Sim {
+        let now = Instant::from_secs(1);
+        let rx_posted = world.rx_ring;
+        Sim {
+            engine: Engine::new(config, now).expect("valid config"),
+            now,
+            world,
+            guest: BTreeMap::new(),
+            guest_listeners: BTreeSet::new(),
+            guest_tx: VecDeque::new(),
+            rx_posted,
+            rx_paused: false,
+            next_guest_port: 49152,
+            guest_log: Vec::new(),
+            guest_credit_violations: 0,
+            host: BTreeMap::new(),
+            listeners: BTreeMap::new(),
+            closed_socks: Vec::new(),
+            pending_events: VecDeque::new(),
+            refused_accepts: 0,
+            actions: Vec::new(),
+            steps: 0,
+        }
+    }
+
+    pub fn default_config() -> Config {
+        Config::new(GUEST_CID)
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Scripting the guest
+
+    /// The guest application connects to host port `port`; returns the guest connection key.
+    pub fn guest_connect(&mut self, port: u32) -> (u32, u32) {
+        let local = self.next_guest_port;
+        self.next_guest_port += 1;
+        let conn = GuestConn {
+            local_port: local,
+            peer_port: port,
+            connecting: true,
+            auto_read: self.world.guest_auto_read,
+            ..Default::default()
+        };
+        self.guest.insert((local, port), conn);
+        self.guest_send_ctl((local, port), Op::Request, 0);
+        (local, port)
+    }
+
+    pub fn guest_listen(&mut self, port: u32) {
+        self.guest_listeners.insert(port);
+    }
+
+    /// The guest application writes `bytes` (sent as credit allows).
+    pub fn guest_write(&mut self, key: (u32, u32), bytes: &[u8]) {
+        let c = self.guest.get_mut(&key).expect("guest connection");
+        c.to_send.extend(bytes);
+        c.sent_by_app.extend_from_slice(bytes);
+    }
+
+    /// The guest application shuts down directions (SHUTDOWN_RCV / SHUTDOWN_SEND), after its
+    /// queued bytes went out.
+    pub fn guest_shutdown(&mut self, key: (u32, u32), flags: u32) {
+        let c = self.guest.get_mut(&key).expect("guest connection");
+        c.shut_wanted |= flags;
+    }
+
+    /// The guest application closes: shut both, then wait for the host's RST (or time out).
+    pub fn guest_close(&mut self, key: (u32, u32)) {
+        self.guest_shutdown(key, SHUTDOWN_BOTH);
+    }
+
+    /// The guest resets the connection at once.
+    pub fn guest_rst(&mut self, key: (u32, u32)) {
+        self.guest_send_ctl(key, Op::Rst, 0);
+        let c = self.guest.get_mut(&key).expect("guest connection");
+        c.reset = true;
+        c.closed = true;
+    }
+
+    /// The guest application reads up to `n` unread bytes.
+    pub fn guest_read(&mut self, key: (u32, u32), n: usize) -> usize {
+        let c = self.guest.get_mut(&key).expect("guest connection");
+        let n = n.min(c.unread.len());
+        let bytes: Vec<u8> = c.unread.drain(..n).collect();
+        c.read.extend(bytes);
+        c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
+        self.guest_maybe_credit_update(key);
+        n
+    }
+
+    fn guest_maybe_credit_update(&mut self, key: (u32, u32)) {
+        let c = &self.guest[&key];
+        if c.closed || !c.established {
+            return;
+        }
+        // Linux: tell the peer when the free space it knows of drops below a packet.
+        let seen_free = GUEST_BUF_ALLOC.saturating_sub(c.rx_cnt.wrapping_sub(c.last_fwd_sent));
+        if c.fwd_cnt != c.last_fwd_sent && (seen_free as usize) < GUEST_MAX_PKT {
+            self.guest_send_ctl(key, Op::CreditUpdate, 0);
+        }
+    }
+
+    fn guest_header(&mut self, key: (u32, u32), op: Op, flags: u32, len: u32) -> Header {
+        let c = self.guest.get_mut(&key).expect("guest connection");
+        c.last_fwd_sent = c.fwd_cnt;
+        Packet {
+            src_cid: GUEST_CID,
+            dst_cid: HOST_CID,
+            src_port: key.0,
+            dst_port: key.1,
+            len,
+            socket_type: SocketType::Stream,
+            op,
+            flags,
+            buf_alloc: GUEST_BUF_ALLOC,
+            fwd_cnt: c.fwd_cnt,
+        }
+        .to_header()
+    }
+
+    fn guest_send_ctl(&mut self, key: (u32, u32), op: Op, flags: u32) {
+        let h = self.guest_header(key, op, flags, 0);
+        self.guest_tx.push_back((h, Vec::new()));
+    }
+
+    /// Queues a raw packet from the guest, for bad-input tests.
+    pub fn guest_send_raw(&mut self, header: Header, payload: Vec<u8>) {
+        self.guest_tx.push_back((header, payload));
+    }
+
+    /// Moves guest application data into packets as credit allows.
+    fn guest_pump(&mut self) -> bool {
+        let mut progress = false;
+        let keys: Vec<(u32, u32)> = self.guest.keys().copied().collect();
+        for key in keys {
+            loop {
+                let c = &self.guest[&key];
+                if c.closed || !c.established || c.shut_sent & SHUTDOWN_SEND != 0 {
+                    break;
+                }
+                if c.to_send.is_empty() {
+                    break;
+                }
+                let credit = c.credit() as usize;
+                if credit == 0 {
+                    if !c.credit_requested {
+                        self.guest.get_mut(&key).unwrap().credit_requested = true;
+                        self.guest_send_ctl(key, Op::CreditRequest, 0);
+                        progress = true;
+                    }
+                    break;
+                }
+                let n = c.to_send.len().min(credit).min(GUEST_MAX_PKT);
+                let h = self.guest_header(key, Op::Rw, 0, n as u32);
+                let c = self.guest.get_mut(&key).unwrap();
+                let payload: Vec<u8> = c.to_send.drain(..n).collect();
+                c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+                self.guest_tx.push_back((h, payload));
+                progress = true;
+            }
+            let c = &self.guest[&key];
+            let new_flags = c.shut_wanted & !c.shut_sent;
+            if !c.closed && c.established && new_flags != 0 && c.to_send.is_empty() {
+                let all = c.shut_sent | new_flags;
+                let c = self.guest.get_mut(&key).unwrap();
+                c.shut_sent = all;
+                if all == SHUTDOWN_BOTH {
+                    c.close_deadline = Some(self.now + GUEST_CLOSE_TIMEOUT);
+                }
+                self.guest_send_ctl(key, Op::Shutdown, all);
+                progress = true;
+            }
+        }
+        progress
+    }
+
+    /// The guest driver receives one packet.
+    fn guest_receive(&mut self, h: Header, payload: &[u8]) {
+        self.guest_log.push(h);
+        let pkt = Packet::parse(&h, u32::MAX).expect("engine sent a malformed header");
+        assert_eq!(
+            pkt.src_cid, HOST_CID,
+            "engine packet from a CID other than the host"
+        );
+        assert_eq!(
+            pkt.dst_cid, GUEST_CID,
+            "engine packet to a CID other than the guest"
+        );
+        assert_eq!(pkt.len as usize, payload.len());
+        let key = (pkt.dst_port, pkt.src_port);
+        if pkt.op == Op::Request {
+            if self.guest.get(&key).is_some_and(|c| !c.closed) {
+                return;
+            }
+            if self.guest_listeners.contains(&pkt.dst_port) {
+                let c = GuestConn {
+                    local_port: key.0,
+                    peer_port: key.1,
+                    established: true,
+                    peer_buf_alloc: pkt.buf_alloc,
+                    peer_fwd_cnt: pkt.fwd_cnt,
+                    auto_read: self.world.guest_auto_read,
+                    ..Default::default()
+                };
+                self.guest.insert(key, c);
+                self.guest_send_ctl(key, Op::Response, 0);
+            } else {
+                self.guest_tx_rst(key);
+            }
+            return;
+        }
+        let live = self.guest.get(&key).is_some_and(|c| !c.closed);
+        if !live {
+            if pkt.op != Op::Rst {
+                self.guest_tx_rst(key);
+            }
+            return;
+        }
+        let c = self.guest.get_mut(&key).unwrap();
+        c.peer_buf_alloc = pkt.buf_alloc;
+        c.peer_fwd_cnt = pkt.fwd_cnt;
+        if c.credit() > 0 {
+            c.credit_requested = false;
+        }
+        match pkt.op {
+            Op::Response => {
+                if c.connecting {
+                    c.connecting = false;
+                    c.established = true;
+                } else {
+                    self.guest_tx_rst(key);
+                }
+            }
+            Op::Rw => {
+                c.rx_cnt = c.rx_cnt.wrapping_add(pkt.len);
+                if c.rx_cnt.wrapping_sub(c.fwd_cnt) > GUEST_BUF_ALLOC {
+                    self.guest_credit_violations += 1;
+                }
+                c.unread.extend(payload);
+                if c.auto_read {
+                    let n = c.unread.len();
+                    self.guest_read(key, n);
+                }
+            }
+            Op::Shutdown => {
+                c.peer_shut |= pkt.flags & SHUTDOWN_BOTH;
+                if c.peer_shut == SHUTDOWN_BOTH {
+                    c.closed = true;
+                    self.guest_tx_rst(key);
+                }
+            }
+            Op::Rst => {
+                c.reset = true;
+                c.closed = true;
+                c.connecting = false;
+            }
+            Op::CreditUpdate => {}
+            Op::CreditRequest => self.guest_send_ctl(key, Op::CreditUpdate, 0),
+            Op::Request => unreachable!(),
+        }
+    }
+
+    fn guest_tx_rst(&mut self, key: (u32, u32)) {
+        let h = Packet {
+            src_cid: GUEST_CID,
+            dst_cid: HOST_CID,
+            src_port: key.0,
+            dst_port: key.1,
+            len: 0,
+            socket_type: SocketType::Stream,
+            op: Op::Rst,
+            flags: 0,
+            buf_alloc: GUEST_BUF_ALLOC,
+            fwd_cnt: 0,
+        }
+        .to_header();
+        self.guest_tx.push_back((h, Vec::new()));
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Scripting the host
+
+    /// `<uds_path>_<port>` exists and answers connects as `mode` says.
+    pub fn host_listen(&mut self, port: u32, mode: Listen) {
+        self.listeners.insert(port, mode);
+    }
+
+    /// A host client connects to the device's listener and writes `bytes` (its CONNECT line,
+    /// perhaps followed by data). Returns its handle, or `None` if refused.
+    pub fn host_connect(&mut self, bytes: &[u8]) -> Option<ConnId> {
+        match self.engine.handle_accept(self.now) {
+            Ok(conn) => {
+                let mut s = HostSock::new(conn, self.world.host_capacity);
+                s.auto_read = self.world.host_auto_read;
+                s.outbound.extend(bytes);
+                s.sent_by_app.extend_from_slice(bytes);
+                self.host.insert(conn.to_raw(), s);
+                if !bytes.is_empty() {
+                    self.pending_events.push_back((conn, HostEvent::Readable));
+                }
+                Some(conn)
+            }
+            Err(_) => {
+                self.refused_accepts += 1;
+                None
+            }
+        }
+    }
+
+    pub fn sock(&mut self, conn: ConnId) -> &mut HostSock {
+        self.host.get_mut(&conn.to_raw()).expect("live host socket")
+    }
+
+    /// The host application writes `bytes` on the socket.
+    pub fn host_write(&mut self, conn: ConnId, bytes: &[u8]) {
+        let s = self.sock(conn);
+        s.outbound.extend(bytes);
+        s.sent_by_app.extend_from_slice(bytes);
+        self.pending_events.push_back((conn, HostEvent::Readable));
+    }
+
+    /// The host application shuts its write side.
+    pub fn host_shutdown_write(&mut self, conn: ConnId) {
+        self.sock(conn).app_eof = true;
+        self.pending_events.push_back((conn, HostEvent::Readable));
+    }
+
+    /// The host application closes its socket.
+    pub fn host_close(&mut self, conn: ConnId) {
+        self.sock(conn).app_closed = true;
+        self.pending_events.push_back((conn, HostEvent::Readable));
+        self.pending_events.push_back((conn, HostEvent::Writable));
+    }
+
+    /// The host application reads up to `n` bytes.
+    pub fn host_read(&mut self, conn: ConnId, n: usize) -> usize {
+        let s = self.sock(conn);
+        let n = n.min(s.inbound.len());
+        let bytes: Vec<u8> = s.inbound.drain(..n).collect();
+        s.received.extend(bytes);
+        if n > 0 && s.write_blocked {
+            s.write_blocked = false;
+            self.pending_events.push_back((conn, HostEvent::Writable));
+        }
+        n
+    }
+
+    /// Host socket for the guest connection `key` (guest-initiated: by port order of creation).
+    pub fn host_sock_for_port(&self, port: u32) -> Vec<ConnId> {
+        self.host
+            .values()
+            .filter(|s| {
+                self.engine
+                    .conn_ports(s.conn)
+                    .is_some_and(|(_, h)| h == port)
+            })
+            .map(|s| s.conn)
+            .collect()
+    }
+
+    /// Delivers an event to the engine as a socket would.
+    pub fn host_event(&mut self, conn: ConnId, ev: HostEvent) {
+        self.pending_events.push_back((conn, ev));
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Driving
+
+    /// One round of the canonical run loop. Returns whether anything happened.
+    pub fn step(&mut self) -> bool {
+        self.steps += 1;
+        let mut progress = false;
+        let now = self.now;
+
+        // Socket events.
+        while let Some((conn, ev)) = self.pending_events.pop_front() {
+            if self.host.get(&conn.to_raw()).is_none_or(|s| s.closed) {
+                continue;
+            }
+            let _ = self.engine.handle_host_event(now, conn, ev);
+            progress = true;
+        }
+
+        // Guest tx queue.
+        progress |= self.guest_pump();
+        for _ in 0..self.world.tx_batch {
+            let Some((h, payload)) = self.guest_tx.pop_front() else {
+                break;
+            };
+            progress = true;
+            self.deliver_tx(h, &payload);
+        }
+
+        // Socket actions.
+        while let Some(action) = self.engine.poll_action() {
+            progress = true;
+            self.actions.push(action);
+            self.perform(action);
+        }
+
+        // Rx queue.
+        while self.rx_posted > 0 {
+            let Some(grant) = self.engine.poll_rx(now, self.world.rx_room) else {
+                break;
+            };
+            let delivered = match grant {
+                RxGrant::Packet(p) => {
+                    let payload = p.payload().to_vec();
+                    let h = p.send();
+                    Some((h, payload))
+                }
+                RxGrant::Read(r) => {
+                    let sock = self
+                        .host
+                        .get_mut(&r.conn().to_raw())
+                        .expect("read grant for a socket the engine closed");
+                    let (bytes, io) = sock.read(r.max());
+                    let more = sock.readable();
+                    let conn = r.conn();
+                    let h = r.complete(io).expect("read within the grant");
+                    if more && matches!(io, Io::Done(n) if n > 0) {
+                        // Short read that left data: the next chunk "arrives".
+                        self.pending_events.push_back((conn, HostEvent::Readable));
+                    }
+                    h.map(|h| (h, bytes))
+                }
+            };
+            progress = true;
+            if let Some((h, payload)) = delivered {
+                self.rx_posted -= 1;
+                self.guest_receive(h, &payload);
+            }
+        }
+        if !self.rx_paused && self.rx_posted < self.world.rx_ring {
+            // The guest driver refills its ring; more packets may now go out.
+            self.rx_posted = self.world.rx_ring;
+            progress |= self.engine.has_pending_output();
+        }
+
+        // Host applications read.
+        let conns: Vec<ConnId> = self
+            .host
+            .values()
+            .filter(|s| s.auto_read)
+            .map(|s| s.conn)
+            .collect();
+        for conn in conns {
+            if self.host_read(conn, usize::MAX) > 0 {
+                progress = true;
+            }
+        }
+
+        // Clocks.
+        if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+            self.engine.handle_timeout(now);
+            progress = true;
+        }
+        progress |= self.guest_timers();
+        progress
+    }
+
+    fn guest_timers(&mut self) -> bool {
+        let now = self.now;
+        let expired: Vec<(u32, u32)> = self
+            .guest
+            .iter()
+            .filter(|(_, c)| !c.closed && c.close_deadline.is_some_and(|t| t <= now))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in &expired {
+            self.guest_rst(*key);
+        }
+        !expired.is_empty()
+    }
+
+    fn deliver_tx(&mut self, h: Header, payload: &[u8]) {
+        let now = self.now;
+        match self.engine.handle_tx(now, &h) {
+            Tx::Done => {}
+            Tx::Data(d) => {
+                let written = if d.direct() {
+                    let sock = self
+                        .host
+                        .get_mut(&d.conn().to_raw())
+                        .expect("direct write to a closed socket");
+                    sock.write([payload, &[]])
+                } else {
+                    Io::Done(0)
+                };
+                d.complete(written, &mut &payload[..])
+                    .expect("write within the payload");
+            }
+        }
+    }
+
+    fn perform(&mut self, action: Action) {
+        let now = self.now;
+        match action {
+            Action::Connect { conn, port } => {
+                let mut s = HostSock::new(conn, self.world.host_capacity);
+                s.auto_read = self.world.host_auto_read;
+                match self.listeners.get(&port) {
+                    Some(Listen::Accept) => {
+                        self.host.insert(conn.to_raw(), s);
+                        self.pending_events.push_back((conn, HostEvent::Connected));
+                    }
+                    Some(Listen::Hang) => {
+                        self.host.insert(conn.to_raw(), s);
+                    }
+                    Some(Listen::Refuse) => {
+                        self.host.insert(conn.to_raw(), s);
+                        self.pending_events
+                            .push_back((conn, HostEvent::ConnectFailed(SocketError(ECONNREFUSED))));
+                    }
+                    None => {
+                        self.host.insert(conn.to_raw(), s);
+                        self.pending_events
+                            .push_back((conn, HostEvent::ConnectFailed(SocketError(ENOENT))));
+                    }
+                }
+            }
+            Action::ReadConnectLine { conn, max } => {
+                let sock = self
+                    .host
+                    .get_mut(&conn.to_raw())
+                    .expect("line read on a live socket");
+                let (bytes, io) = sock.read(max);
+                let read = match io {
+                    Io::Done(0) => LineRead::Eof,
+                    Io::Done(_) => LineRead::Data(&bytes),
+                    Io::WouldBlock => LineRead::WouldBlock,
+                    Io::Error(e) => LineRead::Error(e),
+                };
+                self.engine
+                    .handle_connect_line(now, conn, read)
+                    .expect("line read for a connection reading its line");
+                let sock = &self.host[&conn.to_raw()];
+                if sock.readable() && matches!(io, Io::Done(n) if n > 0 && n < max) {
+                    self.pending_events.push_back((conn, HostEvent::Readable));
+                }
+            }
+            Action::Flush { conn } => {
+                let [a, b] = self
+                    .engine
+                    .host_bytes(conn)
+                    .expect("flush of a live connection");
+                let (a, b) = (a.to_vec(), b.to_vec());
+                let sock = self
+                    .host
+                    .get_mut(&conn.to_raw())
+                    .expect("flush of a live socket");
+                let io = sock.write([&a, &b]);
+                self.engine
+                    .handle_host_write(now, conn, io)
+                    .expect("write within the offered bytes");
+            }
+            Action::Shutdown { conn, direction } => {
+                let sock = self
+                    .host
+                    .get_mut(&conn.to_raw())
+                    .expect("shutdown of a live socket");
+                match direction {
+                    Direction::Write => sock.shut_wr = true,
+                    Direction::Read => sock.shut_rd = true,
+                }
+            }
+            Action::Interest { conn, interest } => {
+                let sock = self
+                    .host
+                    .get_mut(&conn.to_raw())
+                    .expect("interest of a live socket");
+                sock.interest = interest;
+            }
+            Action::Close { conn } => {
+                let mut sock = self
+                    .host
+                    .remove(&conn.to_raw())
+                    .expect("close of a live socket");
+                sock.closed = true;
+                // What the application had not read yet it can still read.
+                let rest: Vec<u8> = sock.inbound.drain(..).collect();
+                sock.received.extend(rest);
+                self.closed_socks.push(sock);
+            }
+        }
+    }
+
+    /// Steps until nothing happens. Panics after `limit` steps (a livelock).
+    pub fn run(&mut self) {
+        self.run_bounded(200_000);
+    }
+
+    pub fn run_bounded(&mut self, limit: u64) {
+        let start = self.steps;
+        while self.step() {
+            assert!(
+                self.steps - start < limit,
+                "livelock: still busy after {limit} steps at {}",
+                self.now
+            );
+        }
+    }
+
+    /// Runs, moving the clock from deadline to deadline, until `d` has passed.
+    pub fn run_for(&mut self, d: Duration) {
+        let end = self.now + d;
+        loop {
+            self.run();
+            let next_engine = self.engine.poll_timeout();
+            let next_guest = self
+                .guest
+                .values()
+                .filter(|c| !c.closed)
+                .filter_map(|c| c.close_deadline)
+                .min();
+            let next = [next_engine, next_guest, Some(end)]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap();
+            if next <= self.now && self.now >= end {
+                break;
+            }
+            self.now = next.max(self.now);
+            self.step();
+            if self.now >= end {
+                self.run();
+                break;
+            }
+        }
+    }
+
+    /// Advances the clock by `d` without running.
+    pub fn advance(&mut self, d: Duration) {
+        self.now = self.now + d;
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Checks
+
+    /// The host socket (live or closed) of a connection.
+    pub fn any_sock(&self, conn: ConnId) -> &HostSock {
+        self.host
+            .get(&conn.to_raw())
+            .or_else(|| self.closed_socks.iter().rev().find(|s| s.conn == conn))
+            .expect("known socket")
+    }
+
+    /// Asserts that the engine's memory stays within what its Config allows.
+    pub fn assert_memory_bounded(&self) {
+        let cfg = self.engine.config();
+        let bound = (cfg.max_connections + cfg.pooled_buffers) * cfg.buffer_size as usize;
+        assert!(
+            self.engine.buffer_memory() <= bound,
+            "buffer memory above the configured bound"
+        );
+        assert!(self.engine.connections() <= cfg.max_connections);
+        assert_eq!(
+            self.guest_credit_violations, 0,
+            "the engine overran the guest's credit"
+        );
+    }
+}
+
+/// A deterministic byte pattern for payloads: every position distinct modulo 251.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            ((i as u64)
+                .wrapping_mul(31)
+                .wrapping_add(seed.wrapping_mul(7919))
+                % 251) as u8
+        })
+        .collect()
+}
+
+/// A tiny seeded generator for tests that script random sizes.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+pub fn shutdown_flags() -> (u32, u32) {
+    (SHUTDOWN_RCV, SHUTDOWN_SEND)
+}
+
+/// Compares two byte streams, reporting the first difference instead of dumping them.
+#[track_caller]
+pub fn assert_bytes_eq(actual: &[u8], expected: &[u8]) {
+    if let Some(i) = actual.iter().zip(expected).position(|(a, b)| a != b) {
+        panic!(
+            "streams differ at byte {i} (lengths {} and {})",
+            actual.len(),
+            expected.len()
+        );
+    }
+    assert_eq!(
+        actual.len(),
+        expected.len(),
+        "stream lengths differ (contents agree up to the shorter)"
+    );
+}
