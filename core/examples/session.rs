@@ -8,9 +8,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use vsock_core::wire::{Header, Op, Packet, SocketType, HOST_CID, SHUTDOWN_BOTH};
-use vsock_core::{
-    Action, Config, ConnId, Engine, HostEvent, Instant, Io, LineRead, RxGrant, Tx,
-};
+use vsock_core::{Action, Config, ConnId, Engine, HostEvent, Instant, Io, LineRead, RxGrant, Tx};
 
 const GUEST_CID: u64 = 3;
 const SIZE: usize = 1 << 20;
@@ -53,7 +51,11 @@ impl World {
             let n = if d.direct() {
                 // The socket takes at most 16 KiB at a time; the engine buffers the rest.
                 let n = payload.len().min(16 * 1024);
-                self.sockets.get_mut(&d.conn()).unwrap().written.extend_from_slice(&payload[..n]);
+                self.sockets
+                    .get_mut(&d.conn())
+                    .unwrap()
+                    .written
+                    .extend_from_slice(&payload[..n]);
                 n
             } else {
                 0
@@ -72,20 +74,26 @@ impl World {
                 match action {
                     Action::Connect { conn, .. } => {
                         self.sockets.insert(conn, Socket::default());
-                        self.engine.handle_host_event(now, conn, HostEvent::Connected).unwrap();
+                        self.engine
+                            .handle_host_event(now, conn, HostEvent::Connected)
+                            .unwrap();
                     }
                     Action::ReadConnectLine { conn, max } => {
                         let s = self.sockets.get_mut(&conn).unwrap();
                         let n = max.min(s.unread.len());
                         let bytes: Vec<u8> = s.unread.drain(..n).collect();
-                        self.engine.handle_connect_line(now, conn, LineRead::Data(&bytes)).unwrap();
+                        self.engine
+                            .handle_connect_line(now, conn, LineRead::Data(&bytes))
+                            .unwrap();
                     }
                     Action::Flush { conn } => {
                         let [a, b] = self.engine.host_bytes(conn).unwrap();
                         let n = a.len() + b.len();
                         let s = self.sockets.get_mut(&conn).unwrap();
                         s.written.extend(a.iter().chain(b));
-                        self.engine.handle_host_write(now, conn, Io::Done(n)).unwrap();
+                        self.engine
+                            .handle_host_write(now, conn, Io::Done(n))
+                            .unwrap();
                     }
                     Action::Close { conn } => self.sockets.get_mut(&conn).unwrap().closed = true,
                     Action::Shutdown { .. } | Action::Interest { .. } => {}
@@ -136,37 +144,66 @@ fn main() {
     let ports = (50_000, 1234);
     w.guest_send(ports, Op::Request, 0, &[]);
     let conn = *w.sockets.keys().next().unwrap();
-    println!("guest 3:{} -> host 2:{}: {:?}", ports.0, ports.1, w.engine.conn_state(conn).unwrap());
+    println!(
+        "guest 3:{} -> host 2:{}: {:?}",
+        ports.0,
+        ports.1,
+        w.engine.conn_state(conn).unwrap()
+    );
 
     // A mebibyte each way, in 64 KiB guest packets and 4 KiB host reads.
     w.sockets.get_mut(&conn).unwrap().unread.extend(&down);
-    w.engine.handle_host_event(w.now, conn, HostEvent::Readable).unwrap();
+    w.engine
+        .handle_host_event(w.now, conn, HostEvent::Readable)
+        .unwrap();
     for chunk in up.chunks(64 * 1024) {
         w.now = w.now + Duration::from_micros(100);
         w.guest_send(ports, Op::Rw, 0, chunk);
-        w.engine.handle_host_event(w.now, conn, HostEvent::Writable).unwrap();
+        w.engine
+            .handle_host_event(w.now, conn, HostEvent::Writable)
+            .unwrap();
         w.drain();
         // The guest reads what arrived and says so.
         w.guest_send(ports, Op::CreditUpdate, 0, &[]);
     }
-    assert_eq!(w.sockets[&conn].written, up, "host received the guest's bytes in order");
-    assert_eq!(w.guest_rx[&ports], down, "guest received the host's bytes in order");
-    println!("moved {} bytes guest->host and {} bytes host->guest, intact", up.len(), down.len());
+    assert_eq!(
+        w.sockets[&conn].written, up,
+        "host received the guest's bytes in order"
+    );
+    assert_eq!(
+        w.guest_rx[&ports], down,
+        "guest received the host's bytes in order"
+    );
+    println!(
+        "moved {} bytes guest->host and {} bytes host->guest, intact",
+        up.len(),
+        down.len()
+    );
 
     // The guest closes; the engine flushes, shuts the socket and sends RST.
     w.guest_send(ports, Op::Shutdown, SHUTDOWN_BOTH, &[]);
     let last = w.guest_log.last().unwrap();
-    println!("guest closed; engine answered op {} and closed the socket: {}", last.op.get(), w.sockets[&conn].closed);
+    println!(
+        "guest closed; engine answered op {} and closed the socket: {}",
+        last.op.get(),
+        w.sockets[&conn].closed
+    );
 
     // A host client connects to guest port 5000 with the CONNECT line.
     let client = w.engine.handle_accept(w.now).unwrap();
     let mut s = Socket::default();
     s.unread.extend(b"CONNECT 5000\nhi guest");
     w.sockets.insert(client, s);
-    w.engine.handle_host_event(w.now, client, HostEvent::Readable).unwrap();
+    w.engine
+        .handle_host_event(w.now, client, HostEvent::Readable)
+        .unwrap();
     w.drain();
     let request = *w.guest_log.last().unwrap();
-    println!("host client asked for guest port 5000; guest saw op {} from host port {}", request.op.get(), request.src_port.get());
+    println!(
+        "host client asked for guest port 5000; guest saw op {} from host port {}",
+        request.op.get(),
+        request.src_port.get()
+    );
     let ports = (5000, request.src_port.get());
     w.guest_send(ports, Op::Response, 0, &[]);
     println!(
@@ -177,9 +214,19 @@ fn main() {
 
     let s = w.engine.stats();
     println!("\nengine stats:");
-    println!("  tx packets {} ({} bytes: {} direct, {} buffered)", s.tx_packets, s.tx_bytes, s.tx_direct_bytes, s.tx_buffered_bytes);
+    println!(
+        "  tx packets {} ({} bytes: {} direct, {} buffered)",
+        s.tx_packets, s.tx_bytes, s.tx_direct_bytes, s.tx_buffered_bytes
+    );
     println!("  rx packets {} ({} bytes)", s.rx_packets, s.rx_bytes);
-    println!("  credit updates sent {}, RSTs sent {}", s.credit_updates_sent, s.rst_sent);
-    println!("  connections now {}, closed {}", w.engine.connections(), s.closed);
+    println!(
+        "  credit updates sent {}, RSTs sent {}",
+        s.credit_updates_sent, s.rst_sent
+    );
+    println!(
+        "  connections now {}, closed {}",
+        w.engine.connections(),
+        s.closed
+    );
     println!("wall time {:?}", started.elapsed());
 }

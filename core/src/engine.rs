@@ -15,8 +15,8 @@ use crate::io::{Action, Direction, GuestBytes, HostEvent, Interest, Io, LineRead
 use crate::stats::{ConnStats, Stats};
 use crate::time::Instant;
 use crate::wire::{
-    ConnectError, ConnectStatus, Header, HeaderError, OkLine, Op, Packet, SocketType, HOST_CID,
-    SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND,
+    ConnectError, ConnectStatus, Header, HeaderError, OkLine, Op, Packet, SocketType,
+    CID_RESERVED_MASK, HOST_CID, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND,
 };
 
 /// The hybrid-vsock protocol engine.
@@ -188,10 +188,13 @@ impl Engine {
             .filter(|c| c.generation == conn.generation())
     }
 
+    /// The slot of a handle the caller may still use: one whose `Close` was not issued yet.
     fn lookup(&mut self, conn: ConnId) -> Result<usize, ConnError> {
         match self.get(conn) {
-            Some(_) => Ok(conn.index() as usize),
-            None => {
+            // After `Action::Close` the handle is dead even while the connection waits for its
+            // RST to reach the guest.
+            Some(c) if c.socket_open => Ok(conn.index() as usize),
+            _ => {
                 self.stats.stale_events += 1;
                 trace!(%conn, "event for a stale connection");
                 Err(ConnError::Stale)
@@ -223,6 +226,27 @@ impl Engine {
         self.advance(now);
         self.stats.tx_packets += 1;
         let raw_op = header.op.get();
+        // Addressing first: a packet that is not from our guest to the host is dropped whatever
+        // else is wrong with it, and never answered.
+        let (src_cid, dst_cid) = (header.src_cid.get(), header.dst_cid.get());
+        if (src_cid | dst_cid) & CID_RESERVED_MASK != 0 {
+            self.stats.reserved_cid_bits += 1;
+            debug!(
+                src = src_cid,
+                dst = dst_cid,
+                "dropped packet with reserved CID bits"
+            );
+            return Tx::Done;
+        }
+        if src_cid != self.config.guest_cid || dst_cid != HOST_CID {
+            self.stats.wrong_cid += 1;
+            debug!(
+                src = src_cid,
+                dst = dst_cid,
+                "dropped packet with wrong CID"
+            );
+            return Tx::Done;
+        }
         let pkt = match Packet::parse(header, self.config.max_packet_payload) {
             Ok(p) => p,
             Err(e) => {
@@ -230,15 +254,6 @@ impl Engine {
                 return Tx::Done;
             }
         };
-        if pkt.src_cid != self.config.guest_cid || pkt.dst_cid != HOST_CID {
-            self.stats.wrong_cid += 1;
-            debug!(
-                src = pkt.src_cid,
-                dst = pkt.dst_cid,
-                "dropped packet with wrong CID"
-            );
-            return Tx::Done;
-        }
         if pkt.socket_type != SocketType::Stream {
             self.stats.unknown_type += 1;
             if raw_op != Op::Rst.to_u16() {
@@ -269,18 +284,11 @@ impl Engine {
         debug!(?header, error = %e, "rejected guest header");
         let is_rst = header.op.get() == Op::Rst.to_u16();
         match e {
-            HeaderError::ReservedCidBits => {
-                self.stats.reserved_cid_bits += 1;
-                return;
-            }
+            HeaderError::ReservedCidBits => unreachable!("CIDs are checked before parsing"),
             HeaderError::UnknownType(_) => self.stats.unknown_type += 1,
             HeaderError::UnknownOp(_) => self.stats.unknown_op += 1,
             HeaderError::OversizeLen(_) => self.stats.oversize_len += 1,
             HeaderError::PayloadOnControl(_) => self.stats.control_payload += 1,
-        }
-        // Never answer a packet that does not come from our guest to us.
-        if header.src_cid.get() != self.config.guest_cid || header.dst_cid.get() != HOST_CID {
-            return;
         }
         let key = Key {
             socket_type: SocketType::Stream,
@@ -391,7 +399,11 @@ impl Engine {
                 if c.phase != Phase::Established || c.guest_shut & SHUTDOWN_SEND != 0 {
                     self.stats.data_after_shutdown += 1;
                     self.reset_conn(idx);
-                } else if c.buffered() + pkt.len as usize > self.config.buffer_size as usize {
+                } else if c.rx_cnt.wrapping_sub(c.last_fwd_sent) as usize + pkt.len as usize
+                    > self.config.buffer_size as usize
+                {
+                    // The guest may have in flight at most the buffer we advertised, less what
+                    // it had not yet been told we forwarded.
                     self.stats.credit_violation += 1;
                     debug!(conn = %self.id(idx), len = pkt.len, "guest exceeded its credit");
                     self.reset_conn(idx);
@@ -558,10 +570,13 @@ impl Engine {
         Ok(())
     }
 
+    /// Closes a host client that never became a connection: nothing is owed to the guest,
+    /// only the socket's close.
     fn close_host_client(&mut self, idx: usize) {
         let c = &mut self.conns[idx];
         c.phase = Phase::Closed;
         c.deadline = None;
+        self.free_if_done(idx);
     }
 
     fn host_request(&mut self, idx: usize, guest_port: u32) {
@@ -666,7 +681,10 @@ impl Engine {
     ///
     /// [`ConnError::Stale`] for a dead handle.
     pub fn host_bytes(&self, conn: ConnId) -> Result<[&[u8]; 2], ConnError> {
-        let c = self.get(conn).ok_or(ConnError::Stale)?;
+        let c = self
+            .get(conn)
+            .filter(|c| c.socket_open)
+            .ok_or(ConnError::Stale)?;
         if let Some((line, done)) = &c.ok {
             return Ok([&line.as_bytes()[*done as usize..], &[]]);
         }
@@ -1114,10 +1132,11 @@ impl Engine {
 
     /// Removes a closed connection once its socket close was issued.
     fn free_if_done(&mut self, idx: usize) {
-        let c = &self.conns[idx];
+        let c = &mut self.conns[idx];
         if c.phase != Phase::Closed {
             return;
         }
+        Self::forget_unopened_socket(c);
         if c.socket_open {
             let c = &mut self.conns[idx];
             c.owed_act = owed_act::CLOSE;
@@ -1143,6 +1162,17 @@ impl Engine {
         trace!(conn = %ConnId::new(idx as u32, c.generation), "connection removed");
     }
 
+    /// A guest connection whose [`Action::Connect`] was never handed out has no socket: the
+    /// caller must see no action for it at all, not even a `Close`.
+    fn forget_unopened_socket(c: &mut Conn) {
+        if c.owed_act & owed_act::CONNECT != 0 {
+            c.socket_open = false;
+            c.owed_act = 0;
+            // Its queue entry is skipped when reached (poll_action never sees an empty set).
+            c.in_act_queue = false;
+        }
+    }
+
     /// Resets a connection: RST to the guest, close the socket, drop what it holds.
     fn reset_conn(&mut self, idx: usize) {
         let c = &mut self.conns[idx];
@@ -1154,6 +1184,7 @@ impl Engine {
             self.close_host_client(idx);
             return;
         }
+        Self::forget_unopened_socket(c);
         c.phase = Phase::Resetting;
         c.owed_rx = owed_rx::RST;
         c.owed_act = if c.socket_open { owed_act::CLOSE } else { 0 };
