@@ -1,6 +1,27 @@
-//! The virtio-vsock device model: `vsock-core` bound to virtqueues in guest memory.
+//! The virtio-vsock device model: `vsock-core`'s engine bound to virtqueues in guest memory.
 //!
-//! This crate will hold the device (type 19): feature negotiation, the config space, the rx, tx
-//! and event queues on the rust-vmm crates `virtio-queue` and `vm-memory`, reset, and
-//! save/restore. It lends guest memory to the runtimes so that bytes move between a host socket
-//! and the guest without a bounce buffer.
+//! [`VsockDevice`] is device type 19 with three queues (rx 0, tx 1, event 2), on the rust-vmm
+//! crates `virtio-queue` (split rings) and `vm-memory`. It knows descriptor chains and guest
+//! memory, not sockets or executors: a runtime owns the host sockets, implements
+//! [`HostSockets`], and calls [`VsockDevice::serve`] whenever it is woken.
+//!
+//! Bytes move between sockets and guest memory without a bounce buffer: a tx payload is written
+//! to its socket with one `writev` over the chain's pieces (only what the socket refuses is
+//! copied, into the engine's bounded buffer), and an rx buffer is filled with one `readv`,
+//! its header written last.
+//!
+//! Guest memory is hostile: every chain is returned to the used ring however malformed, every
+//! malformed chain is counted in [`DeviceStats`], and no input from guest memory panics the
+//! device or stops it serving.
+
+mod device;
+mod memory;
+#[cfg(feature = "test-utils")]
+pub mod testing;
+
+pub use device::{
+    DeviceError, DeviceState, DeviceStats, FeatureError, HostSockets, Queues, Served, VsockDevice,
+};
+pub use virtio_queue;
+pub use vm_memory;
+pub use vsock_core;

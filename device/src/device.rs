@@ -1,0 +1,700 @@
+//! The device model and its one synchronous "serve the queues" section.
+
+use std::fmt;
+use std::os::fd::BorrowedFd;
+
+use tracing::{debug, trace};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT};
+use vm_memory::GuestMemory;
+use vsock_core::wire::{
+    ConfigSpace, Event, Header, EVENT_TRANSPORT_RESET, HEADER_LEN,
+    VIRTIO_VSOCK_F_NO_IMPLIED_STREAM, VIRTIO_VSOCK_F_STREAM,
+};
+use vsock_core::{
+    Action, Config, ConfigError, ConnId, Engine, GuestBytes, Instant, Io, MemoryFault, RxGrant,
+    SocketError, Tx,
+};
+use zerocopy::IntoBytes;
+
+use crate::memory::{PayloadBytes, Seg, Span};
+
+/// The host sockets, as the device needs them. Each runtime implements this over its socket
+/// table; tests implement it over their own sockets.
+pub trait HostSockets {
+    /// The socket of a live connection, for reads and writes straight between it and guest
+    /// memory. `None` if the caller has no socket for it (the connection is then reset).
+    fn fd(&self, conn: ConnId) -> Option<BorrowedFd<'_>>;
+
+    /// Carries out one engine action (connect, read the `CONNECT` line, flush, shut down,
+    /// change interest, close), reporting results back to `engine`.
+    fn perform(&mut self, now: Instant, engine: &mut Engine, action: Action);
+}
+
+/// The three queues of a vsock device, borrowed for one [`VsockDevice::serve`] call.
+pub struct Queues<'a> {
+    /// Queue 0: packets to the guest.
+    pub rx: &'a mut Queue,
+    /// Queue 1: packets from the guest.
+    pub tx: &'a mut Queue,
+    /// Queue 2: events to the guest.
+    pub event: &'a mut Queue,
+}
+
+/// What a [`VsockDevice::serve`] call did, and what its caller must do next.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[must_use]
+pub struct Served {
+    /// Interrupt the guest for the rx queue.
+    pub notify_rx: bool,
+    /// Interrupt the guest for the tx queue.
+    pub notify_tx: bool,
+    /// Interrupt the guest for the event queue.
+    pub notify_event: bool,
+    /// The work budget ran out with work left: call `serve` again soon, without waiting for
+    /// an event.
+    pub more: bool,
+}
+
+/// Why the device could not serve.
+#[derive(Debug)]
+pub enum DeviceError {
+    /// The device is not activated.
+    NotActivated,
+    /// A queue's rings could not be accessed (bad addresses from the driver).
+    Queue(virtio_queue::Error),
+}
+
+impl fmt::Display for DeviceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceError::NotActivated => f.write_str("device not activated"),
+            DeviceError::Queue(e) => write!(f, "virtqueue error: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for DeviceError {}
+
+impl From<virtio_queue::Error> for DeviceError {
+    fn from(e: virtio_queue::Error) -> Self {
+        DeviceError::Queue(e)
+    }
+}
+
+/// Why a driver's features were refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FeatureError {
+    /// The driver acknowledged bits the device never offered.
+    NotOffered(u64),
+    /// The driver negotiated neither stream sockets nor an implied stream
+    /// (`NO_IMPLIED_STREAM` without `STREAM`): it could use nothing this device serves.
+    NoStream,
+}
+
+impl fmt::Display for FeatureError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FeatureError::NotOffered(bits) => write!(f, "features {bits:#x} were not offered"),
+            FeatureError::NoStream => f.write_str("driver negotiated no stream socket support"),
+        }
+    }
+}
+
+impl std::error::Error for FeatureError {}
+
+/// Counters of the device layer: what happened to descriptor chains. The engine's own
+/// counters are in [`Engine::stats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeviceStats {
+    /// Tx chains taken from the guest (every one is returned to the used ring).
+    pub tx_chains: u64,
+    /// Rx chains filled and returned.
+    pub rx_chains: u64,
+    /// Event chains filled and returned.
+    pub event_chains: u64,
+    /// Tx chain with a write-only descriptor: dropped, returned with length 0.
+    pub tx_write_only: u64,
+    /// Tx chain shorter than a header: dropped.
+    pub tx_too_short: u64,
+    /// Tx chain whose header announces more payload than the chain holds: the connection is
+    /// reset.
+    pub tx_len_beyond_chain: u64,
+    /// Tx chain pointing outside guest memory.
+    pub tx_bad_memory: u64,
+    /// Rx chain with a read-only descriptor: returned empty.
+    pub rx_read_only: u64,
+    /// Rx chain too short for a header: returned empty.
+    pub rx_too_short: u64,
+    /// Rx chain pointing outside guest memory: returned empty.
+    pub rx_bad_memory: u64,
+    /// Event chain unusable (read-only, short or outside memory): returned empty.
+    pub event_bad_chain: u64,
+    /// Config space writes (the space is read-only): ignored.
+    pub config_writes: u64,
+    /// Times the guest was interrupted, per [`Served`].
+    pub notifications: u64,
+}
+
+/// Device state as plain data, for save and restore.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceState {
+    /// The guest CID the device served.
+    pub guest_cid: u64,
+    /// The features the driver acknowledged.
+    pub acked_features: u64,
+    /// Whether the device was activated.
+    pub activated: bool,
+    /// The rx, tx and event queues.
+    pub queues: [QueueState; 3],
+}
+
+/// How many chains one `serve` call takes from each queue before yielding.
+const CHAIN_BUDGET: usize = 256;
+
+/// A virtio-vsock device: the engine bound to virtqueues in guest memory.
+pub struct VsockDevice {
+    engine: Engine,
+    acked_features: u64,
+    activated: bool,
+    /// A TRANSPORT_RESET event is owed to the guest.
+    event_owed: bool,
+    stats: DeviceStats,
+    /// Scratch space for flattening a chain, reserved once.
+    segs: Vec<Seg>,
+}
+
+impl fmt::Debug for VsockDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VsockDevice")
+            .field("guest_cid", &self.engine.config().guest_cid)
+            .field(
+                "acked_features",
+                &format_args!("{:#x}", self.acked_features),
+            )
+            .field("activated", &self.activated)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VsockDevice {
+    /// The virtio device type of vsock.
+    pub const DEVICE_TYPE: u32 = vsock_core::wire::DEVICE_TYPE;
+    /// Number of queues.
+    pub const QUEUE_COUNT: usize = 3;
+    /// The longest descriptor chain the device flattens (longer chains are malformed).
+    pub const MAX_CHAIN: usize = 1024;
+
+    /// A device serving the guest described by `config`.
+    pub fn new(config: Config, now: Instant) -> Result<Self, ConfigError> {
+        Ok(VsockDevice {
+            engine: Engine::new(config, now)?,
+            acked_features: 0,
+            activated: false,
+            event_owed: false,
+            stats: DeviceStats::default(),
+            segs: Vec::with_capacity(Self::MAX_CHAIN),
+        })
+    }
+
+    /// The features the device offers.
+    pub fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_VSOCK_F_STREAM
+            | 1 << VIRTIO_VSOCK_F_NO_IMPLIED_STREAM
+    }
+
+    /// Records the features the driver acknowledged.
+    ///
+    /// # Errors
+    ///
+    /// Refuses bits that were not offered, and a driver that negotiated `NO_IMPLIED_STREAM`
+    /// without `STREAM` (it could use nothing here).
+    pub fn ack_features(&mut self, features: u64) -> Result<(), FeatureError> {
+        let extra = features & !self.features();
+        if extra != 0 {
+            return Err(FeatureError::NotOffered(extra));
+        }
+        let stream = features & 1 << VIRTIO_VSOCK_F_STREAM != 0;
+        let no_implied = features & 1 << VIRTIO_VSOCK_F_NO_IMPLIED_STREAM != 0;
+        if no_implied && !stream {
+            return Err(FeatureError::NoStream);
+        }
+        self.acked_features = features;
+        Ok(())
+    }
+
+    /// The features the driver acknowledged.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// Whether the driver negotiated `VIRTIO_RING_F_EVENT_IDX`.
+    pub fn event_idx(&self) -> bool {
+        self.acked_features & 1 << VIRTIO_RING_F_EVENT_IDX != 0
+    }
+
+    /// Reads the config space (the guest CID, le64) at any offset and width. Bytes past its
+    /// end read as zero.
+    pub fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let space = ConfigSpace {
+            guest_cid: self.engine.config().guest_cid.into(),
+        };
+        let bytes = space.as_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| bytes.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    /// A driver write to the config space: it is read-only, so this is ignored and counted.
+    pub fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        self.stats.config_writes += 1;
+    }
+
+    /// Activates the device on its three queues, after feature negotiation.
+    pub fn activate(&mut self, queues: Queues<'_>) {
+        let event_idx = self.event_idx();
+        queues.rx.set_event_idx(event_idx);
+        queues.tx.set_event_idx(event_idx);
+        queues.event.set_event_idx(event_idx);
+        self.activated = true;
+        debug!(event_idx, "device activated");
+    }
+
+    /// Whether the device is activated.
+    pub fn is_activated(&self) -> bool {
+        self.activated
+    }
+
+    /// Resets the device: every connection is dropped on the host side (the guest driver has
+    /// forgotten them too), features are cleared. The device holds no descriptor between
+    /// `serve` calls, so nothing else is owed to the guest.
+    pub fn reset(&mut self, now: Instant) {
+        self.engine.reset(now);
+        self.acked_features = 0;
+        self.activated = false;
+        self.event_owed = false;
+        debug!("device reset");
+    }
+
+    /// The device state as plain data.
+    pub fn save(&self, queues: &Queues<'_>) -> DeviceState {
+        DeviceState {
+            guest_cid: self.engine.config().guest_cid,
+            acked_features: self.acked_features,
+            activated: self.activated,
+            queues: [queues.rx.state(), queues.tx.state(), queues.event.state()],
+        }
+    }
+
+    /// Restores a saved state and returns its queues. Connections do not survive: the engine
+    /// forgets them (closing their sockets) and the guest is sent a TRANSPORT_RESET so that it
+    /// drops them too and can connect again.
+    ///
+    /// # Errors
+    ///
+    /// A queue state that does not describe a valid queue.
+    pub fn restore(
+        &mut self,
+        now: Instant,
+        state: &DeviceState,
+    ) -> Result<[Queue; 3], virtio_queue::Error> {
+        let queues = [
+            Queue::try_from(state.queues[0])?,
+            Queue::try_from(state.queues[1])?,
+            Queue::try_from(state.queues[2])?,
+        ];
+        self.engine.reset(now);
+        self.acked_features = state.acked_features;
+        self.activated = state.activated;
+        self.event_owed = state.activated;
+        debug!("device restored; transport reset owed");
+        Ok(queues)
+    }
+
+    /// The engine, for the runtime's socket events and timers.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The engine, for the runtime's socket events and timers.
+    pub fn engine_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+
+    /// Device counters.
+    pub fn stats(&self) -> &DeviceStats {
+        &self.stats
+    }
+
+    /// Serves the queues: the one synchronous section every runtime runs when woken (by a
+    /// queue kick, socket readiness or a timer, after feeding the engine).
+    ///
+    /// It takes the guest's tx packets (writing payload straight to sockets), performs the
+    /// engine's socket actions, fills rx buffers (reading sockets straight into them), sends an
+    /// owed transport reset, and reports which queues need an interrupt: one per queue per
+    /// call, after all its used entries, as virtio-queue's notification rules prescribe
+    /// (disable, drain, re-enable, re-check).
+    ///
+    /// # Errors
+    ///
+    /// [`DeviceError::NotActivated`] before activation; [`DeviceError::Queue`] if a queue's
+    /// rings are unreachable. Malformed chains are never errors: each is returned to the guest
+    /// and counted.
+    pub fn serve<M: GuestMemory, H: HostSockets>(
+        &mut self,
+        now: Instant,
+        mem: &M,
+        queues: Queues<'_>,
+        host: &mut H,
+    ) -> Result<Served, DeviceError> {
+        if !self.activated {
+            return Err(DeviceError::NotActivated);
+        }
+        let mut served = Served::default();
+        let Queues { rx, tx, event } = queues;
+
+        if self.event_owed {
+            served.notify_event = self.send_transport_reset(mem, event)?;
+        }
+
+        let (tx_used, tx_more) = self.process_tx(now, mem, tx, host)?;
+        let mut rx_used = false;
+        let mut rx_more = false;
+        for _ in 0..CHAIN_BUDGET {
+            let acted = self.drain_actions(now, host);
+            let (used, more) = self.process_rx(now, mem, rx, host)?;
+            rx_used |= used;
+            rx_more = more;
+            // Delivering packets may owe actions (a delivered RST closes a socket) and
+            // actions may make packets (a flush frees credit): go round until both are quiet.
+            if !acted && !used {
+                break;
+            }
+        }
+        if tx_used && tx.needs_notification(mem)? {
+            served.notify_tx = true;
+        }
+        if rx_used && rx.needs_notification(mem)? {
+            served.notify_rx = true;
+        }
+        served.more = tx_more || rx_more;
+        self.stats.notifications += u64::from(served.notify_rx)
+            + u64::from(served.notify_tx)
+            + u64::from(served.notify_event);
+        Ok(served)
+    }
+
+    fn drain_actions<H: HostSockets>(&mut self, now: Instant, host: &mut H) -> bool {
+        let mut acted = false;
+        while let Some(action) = self.engine.poll_action() {
+            acted = true;
+            host.perform(now, &mut self.engine, action);
+        }
+        acted
+    }
+
+    fn send_transport_reset<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        queue: &mut Queue,
+    ) -> Result<bool, DeviceError> {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            // No buffer yet: stays owed until the driver posts one.
+            queue.enable_notification(mem)?;
+            return Ok(false);
+        };
+        let head = chain.head_index();
+        let event = Event {
+            id: EVENT_TRANSPORT_RESET.into(),
+        };
+        let len = match self.flatten(chain, true) {
+            Ok(total) if total >= 4 => {
+                let span = Span::new(&self.segs, 0, total);
+                match span.write(mem, 0, event.as_bytes()) {
+                    Ok(()) => {
+                        self.event_owed = false;
+                        self.stats.event_chains += 1;
+                        debug!("sent TRANSPORT_RESET");
+                        4
+                    }
+                    Err(MemoryFault) => {
+                        self.stats.event_bad_chain += 1;
+                        0
+                    }
+                }
+            }
+            _ => {
+                self.stats.event_bad_chain += 1;
+                0
+            }
+        };
+        queue.add_used(mem, head, len)?;
+        Ok(queue.needs_notification(mem)?)
+    }
+
+    /// Flattens a chain's descriptors into `self.segs`: all write-only if `writable`, all
+    /// readable otherwise. Returns the total length, or `Err(wrong_direction)` if a descriptor
+    /// goes the wrong way (`true`) or the chain is too long or too large (`false`).
+    fn flatten<M>(&mut self, chain: DescriptorChain<M>, writable: bool) -> Result<usize, bool>
+    where
+        M: std::ops::Deref,
+        M::Target: GuestMemory,
+    {
+        self.segs.clear();
+        let mut total: usize = 0;
+        for desc in chain {
+            if desc.is_write_only() != writable {
+                return Err(true);
+            }
+            if self.segs.len() == Self::MAX_CHAIN {
+                return Err(false);
+            }
+            total = total.checked_add(desc.len() as usize).ok_or(false)?;
+            if desc.len() > 0 {
+                self.segs.push(Seg {
+                    addr: desc.addr().0,
+                    len: desc.len(),
+                });
+            }
+        }
+        Ok(total)
+    }
+
+    /// Takes tx chains. Returns (any used, budget exhausted).
+    fn process_tx<M: GuestMemory, H: HostSockets>(
+        &mut self,
+        now: Instant,
+        mem: &M,
+        queue: &mut Queue,
+        host: &mut H,
+    ) -> Result<(bool, bool), DeviceError> {
+        let mut used = false;
+        let mut budget = CHAIN_BUDGET;
+        loop {
+            queue.disable_notification(mem)?;
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                self.tx_chain(now, mem, chain, host);
+                // Every tx chain goes back, malformed or not.
+                queue.add_used(mem, head, 0)?;
+                self.stats.tx_chains += 1;
+                used = true;
+                budget -= 1;
+                if budget == 0 {
+                    return Ok((used, true));
+                }
+            }
+            if !queue.enable_notification(mem)? {
+                return Ok((used, false));
+            }
+        }
+    }
+
+    fn tx_chain<M, H>(&mut self, now: Instant, mem: &M, chain: DescriptorChain<&M>, host: &mut H)
+    where
+        M: GuestMemory,
+        H: HostSockets,
+    {
+        let total = match self.flatten(chain, false) {
+            Ok(total) => total,
+            Err(true) => {
+                self.stats.tx_write_only += 1;
+                return;
+            }
+            Err(false) => {
+                self.stats.tx_bad_memory += 1;
+                return;
+            }
+        };
+        if total < HEADER_LEN {
+            self.stats.tx_too_short += 1;
+            return;
+        }
+        let all = Span::new(&self.segs, 0, total);
+        let mut raw = [0u8; HEADER_LEN];
+        if all.read(mem, 0, &mut raw).is_err() {
+            self.stats.tx_bad_memory += 1;
+            return;
+        }
+        let header = Header::read_from(&raw).expect("HEADER_LEN bytes make a header");
+        let len = header.len.get() as usize;
+        let available = total - HEADER_LEN;
+        trace!(?header, total, "tx chain");
+        match self.engine.handle_tx(now, &header) {
+            Tx::Done => {}
+            Tx::Data(data) if len > available => {
+                // The header claims bytes the chain does not have: they cannot be delivered,
+                // so the connection must not go on as if they were.
+                self.stats.tx_len_beyond_chain += 1;
+                let _ = data.complete(Io::Done(0), &mut Unreadable);
+            }
+            Tx::Data(data) => {
+                let payload = Span::new(&self.segs, HEADER_LEN, len);
+                let written = if data.direct() {
+                    match host.fd(data.conn()) {
+                        Some(fd) => match payload.write_to_fd(mem, len, fd) {
+                            Ok(r) => Io::from_result(&r),
+                            Err(MemoryFault) => Io::Done(0),
+                        },
+                        None => Io::Error(SocketError(libc::EBADF)),
+                    }
+                } else {
+                    Io::Done(0)
+                };
+                let mut bytes = PayloadBytes { mem, span: payload };
+                if data.complete(written, &mut bytes).is_err() {
+                    // A write that claims more than was offered: the engine reset it.
+                    debug!("socket reported more bytes than offered");
+                }
+            }
+        }
+    }
+
+    /// Fills rx chains. Returns (any used, budget exhausted).
+    fn process_rx<M: GuestMemory, H: HostSockets>(
+        &mut self,
+        now: Instant,
+        mem: &M,
+        queue: &mut Queue,
+        host: &mut H,
+    ) -> Result<(bool, bool), DeviceError> {
+        let mut used = false;
+        let mut budget = CHAIN_BUDGET;
+        loop {
+            queue.disable_notification(mem)?;
+            while self.engine.has_pending_output() {
+                let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                match self.rx_chain(now, mem, chain, host) {
+                    Some(len) => {
+                        queue.add_used(mem, head, len)?;
+                        self.stats.rx_chains += 1;
+                        used = true;
+                    }
+                    None => {
+                        // Nothing to send after all: give the buffer back unused.
+                        queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                        return Ok((used, false));
+                    }
+                }
+                budget -= 1;
+                if budget == 0 {
+                    return Ok((used, true));
+                }
+            }
+            if !self.engine.has_pending_output() {
+                return Ok((used, false));
+            }
+            // Out of buffers with packets waiting: ask to be kicked when the guest posts more,
+            // unless it already did.
+            if !queue.enable_notification(mem)? {
+                return Ok((used, false));
+            }
+        }
+    }
+
+    /// Fills one rx chain. Returns the used length, or `None` if there was nothing to send.
+    fn rx_chain<M, H>(
+        &mut self,
+        now: Instant,
+        mem: &M,
+        chain: DescriptorChain<&M>,
+        host: &mut H,
+    ) -> Option<u32>
+    where
+        M: GuestMemory,
+        H: HostSockets,
+    {
+        let total = match self.flatten(chain, true) {
+            Ok(total) => total,
+            Err(true) => {
+                self.stats.rx_read_only += 1;
+                return Some(0);
+            }
+            Err(false) => {
+                self.stats.rx_bad_memory += 1;
+                return Some(0);
+            }
+        };
+        if total < HEADER_LEN {
+            self.stats.rx_too_short += 1;
+            return Some(0);
+        }
+        if !self.segs.iter().all(|s| {
+            mem.check_range(
+                vm_memory::GuestAddress(s.addr),
+                s.len as usize,
+                vm_memory::Permissions::Write,
+            )
+        }) {
+            self.stats.rx_bad_memory += 1;
+            return Some(0);
+        }
+        let all = Span::new(&self.segs, 0, total);
+        let room = (total - HEADER_LEN).min(u32::MAX as usize - HEADER_LEN);
+        loop {
+            match self.engine.poll_rx(now, room)? {
+                RxGrant::Packet(packet) => {
+                    let payload_len = packet.payload().len();
+                    // The whole chain was checked above, so these writes stay in guest memory.
+                    if all.write(mem, HEADER_LEN, packet.payload()).is_err()
+                        || all.write(mem, 0, packet.header().as_bytes()).is_err()
+                    {
+                        self.stats.rx_bad_memory += 1;
+                        return Some(0);
+                    }
+                    let _ = packet.send();
+                    return Some((HEADER_LEN + payload_len) as u32);
+                }
+                RxGrant::Read(read) => {
+                    let data = Span::new(&self.segs, HEADER_LEN, room);
+                    let io = match host.fd(read.conn()) {
+                        Some(fd) => match data.read_from_fd(mem, read.max(), fd) {
+                            Ok(r) => Io::from_result(&r),
+                            Err(MemoryFault) => {
+                                self.stats.rx_bad_memory += 1;
+                                return Some(0);
+                            }
+                        },
+                        None => Io::Error(SocketError(libc::EBADF)),
+                    };
+                    match read.complete(io) {
+                        Ok(Some(header)) => {
+                            // Publish the header only now that the data is in.
+                            if all.write(mem, 0, header.as_bytes()).is_err() {
+                                self.stats.rx_bad_memory += 1;
+                                return Some(0);
+                            }
+                            return Some((HEADER_LEN + header.len.get() as usize) as u32);
+                        }
+                        // Would block, or failed (the connection is reset): try the next one.
+                        Ok(None) | Err(_) => continue,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A payload that cannot be read: the chain ended before it.
+struct Unreadable;
+
+impl GuestBytes for Unreadable {
+    fn copy_to(&mut self, _offset: usize, _dst: &mut [u8]) -> Result<(), MemoryFault> {
+        Err(MemoryFault)
+    }
+}
