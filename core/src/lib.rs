@@ -201,6 +201,8 @@ mod conn;
 mod engine;
 mod io;
 mod stats;
+#[cfg(feature = "test-utils")]
+pub mod testing;
 pub mod time;
 pub mod wire;
 

@@ -11,11 +11,12 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use vsock_core::wire::{
-    Header, Op, Packet, SocketType, HOST_CID, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND,
+    Header, HeaderError, Op, Packet, SocketType, HOST_CID, SHUTDOWN_BOTH, SHUTDOWN_RCV,
+    SHUTDOWN_SEND,
 };
 use vsock_core::{
-    Action, Config, ConnId, Direction, Engine, HostEvent, Instant, Interest, Io, LineRead, RxGrant,
-    SocketError, Tx,
+    Action, Config, ConnId, ConnState, Direction, Engine, HostEvent, Instant, Interest, Io,
+    LineRead, RxGrant, SocketError, Tx,
 };
 
 pub const GUEST_CID: u64 = 3;
@@ -67,6 +68,11 @@ pub struct GuestConn {
     pub close_deadline: Option<Instant>,
     /// The application reads everything as it arrives.
     pub auto_read: bool,
+    /// The guest sent RST on this connection while it was live (application abort or close
+    /// timeout).
+    pub rst_sent: bool,
+    /// The guest received RST on this connection while it was live.
+    pub rst_received: bool,
 }
 
 impl GuestConn {
@@ -122,6 +128,18 @@ pub struct HostSock {
     pub fail_write: Option<SocketError>,
     /// A write was refused; fire Writable when room frees.
     write_blocked: bool,
+    /// A scripted `block_reads`/`block_writes` refused an operation: its readiness edge is
+    /// still to come (see [`Sim::rearm`]).
+    missed_readable: bool,
+    missed_writable: bool,
+    /// `(guest_port, host_port)` of the connection, recorded as soon as the engine knows them
+    /// (at `Connect` for guest-initiated connections, after the `CONNECT` line otherwise), so
+    /// a socket can be matched to its guest connection after the engine forgot it.
+    pub ports: Option<(u32, u32)>,
+    /// When the engine closed the socket.
+    pub closed_at: Option<Instant>,
+    /// Writes the engine tried after its own `shutdown(SHUT_WR)` (each failed with EPIPE).
+    pub writes_after_shut_wr: usize,
 }
 
 impl HostSock {
@@ -147,6 +165,11 @@ impl HostSock {
             fail_read: None,
             fail_write: None,
             write_blocked: false,
+            missed_readable: false,
+            missed_writable: false,
+            ports: None,
+            closed_at: None,
+            writes_after_shut_wr: 0,
         }
     }
 
@@ -156,6 +179,11 @@ impl HostSock {
     }
 
     fn write(&mut self, bufs: [&[u8]; 2]) -> Io {
+        if self.shut_wr {
+            // The engine's own `shutdown(SHUT_WR)` came first: EPIPE, and counted.
+            self.writes_after_shut_wr += 1;
+            return Io::Error(SocketError(EPIPE));
+        }
         if let Some(e) = self.fail_write.take() {
             return Io::Error(e);
         }
@@ -165,6 +193,7 @@ impl HostSock {
         if self.block_writes > 0 {
             self.block_writes -= 1;
             self.write_blocked = true;
+            self.missed_writable = true;
             return Io::WouldBlock;
         }
         let total = bufs[0].len() + bufs[1].len();
@@ -190,6 +219,7 @@ impl HostSock {
         }
         if self.block_reads > 0 {
             self.block_reads -= 1;
+            self.missed_readable = true;
             return (Vec::new(), Io::WouldBlock);
         }
         if self.outbound.is_empty() {
@@ -226,6 +256,11 @@ pub struct World {
     pub rx_room: usize,
     /// Most guest packets handled per step (models a tx queue batch).
     pub tx_batch: usize,
+    /// Report readiness only for the interest the engine registered, as epoll does: a
+    /// Readable or Writable event outside it is not delivered, and registering an interest
+    /// reports the readiness the socket already has (`EPOLL_CTL_MOD`). Off by default: events
+    /// then reach the engine whatever its interest.
+    pub honor_interest: bool,
 }
 
 impl Default for World {
@@ -237,6 +272,7 @@ impl Default for World {
             rx_ring: 128,
             rx_room: RX_BUF - 44,
             tx_batch: 64,
+            honor_interest: false,
         }
     }
 }
@@ -259,6 +295,8 @@ pub struct Sim {
     pub guest_log: Vec<Header>,
     /// Times the engine sent more than the guest's credit allowed.
     pub guest_credit_violations: u32,
+    /// RST packets of a socket type other than STREAM the guest dropped.
+    pub ignored_rsts: u32,
     // Host side.
     pub host: BTreeMap<u64, HostSock>,
     pub listeners: BTreeMap<u32, Listen>,
@@ -287,6 +325,7 @@ impl Sim {
             next_guest_port: 49152,
             guest_log: Vec::new(),
             guest_credit_violations: 0,
+            ignored_rsts: 0,
             host: BTreeMap::new(),
             listeners: BTreeMap::new(),
             closed_socks: Vec::new(),
@@ -343,10 +382,22 @@ impl Sim {
         self.guest_shutdown(key, SHUTDOWN_BOTH);
     }
 
+    /// The guest application closes at once, like `close()` on Linux: bytes it had not sent
+    /// yet are dropped (its blocked `send` never completed), SHUTDOWN of both directions goes
+    /// out, and the close timeout runs.
+    pub fn guest_close_now(&mut self, key: (u32, u32)) {
+        let c = self.guest.get_mut(&key).expect("guest connection");
+        c.to_send.clear();
+        c.shut_wanted |= SHUTDOWN_BOTH;
+    }
+
     /// The guest resets the connection at once.
     pub fn guest_rst(&mut self, key: (u32, u32)) {
         self.guest_send_ctl(key, Op::Rst, 0);
         let c = self.guest.get_mut(&key).expect("guest connection");
+        if !c.closed {
+            c.rst_sent = true;
+        }
         c.reset = true;
         c.closed = true;
     }
@@ -451,7 +502,17 @@ impl Sim {
     /// The guest driver receives one packet.
     fn guest_receive(&mut self, h: Header, payload: &[u8]) {
         self.guest_log.push(h);
-        let pkt = Packet::parse(&h, u32::MAX).expect("engine sent a malformed header");
+        let pkt = match Packet::parse(&h, u32::MAX) {
+            Ok(pkt) => pkt,
+            // The engine answers a packet of a socket type nobody knows with an RST of that
+            // type (as Linux's own `virtio_transport_reset_no_sock` does); Linux drops a packet
+            // of a type it does not know, and never answers an RST.
+            Err(HeaderError::UnknownType(_)) if h.op.get() == Op::Rst.to_u16() => {
+                self.ignored_rsts += 1;
+                return;
+            }
+            Err(e) => panic!("engine sent a malformed header: {e:?}"),
+        };
         assert_eq!(
             pkt.src_cid, HOST_CID,
             "engine packet from a CID other than the host"
@@ -461,6 +522,18 @@ impl Sim {
             "engine packet to a CID other than the guest"
         );
         assert_eq!(pkt.len as usize, payload.len());
+        if pkt.socket_type != SocketType::Stream {
+            // Only an RST echoing the type of a bad guest packet can have another type. Linux
+            // matches the type to the socket's and never answers an RST: it drops it.
+            assert_eq!(
+                pkt.op,
+                Op::Rst,
+                "engine sent a {:?} packet",
+                pkt.socket_type
+            );
+            self.ignored_rsts += 1;
+            return;
+        }
         let key = (pkt.dst_port, pkt.src_port);
         if pkt.op == Op::Request {
             if self.guest.get(&key).is_some_and(|c| !c.closed) {
@@ -524,6 +597,7 @@ impl Sim {
                 }
             }
             Op::Rst => {
+                c.rst_received = true;
                 c.reset = true;
                 c.closed = true;
                 c.connecting = false;
@@ -648,7 +722,16 @@ impl Sim {
 
         // Socket events.
         while let Some((conn, ev)) = self.pending_events.pop_front() {
-            if self.host.get(&conn.to_raw()).is_none_or(|s| s.closed) {
+            let Some(sock) = self.host.get(&conn.to_raw()).filter(|s| !s.closed) else {
+                continue;
+            };
+            let wanted = match ev {
+                HostEvent::Readable => sock.interest.readable,
+                HostEvent::Writable => sock.interest.writable,
+                _ => true,
+            };
+            if self.world.honor_interest && !wanted {
+                // Reported when the interest is registered, if the socket is still ready.
                 continue;
             }
             let _ = self.engine.handle_host_event(now, conn, ev);
@@ -696,6 +779,7 @@ impl Sim {
                         // Short read that left data: the next chunk "arrives".
                         self.pending_events.push_back((conn, HostEvent::Readable));
                     }
+                    self.rearm(conn);
                     h.map(|h| (h, bytes))
                 }
             };
@@ -749,8 +833,8 @@ impl Sim {
 
     fn deliver_tx(&mut self, h: Header, payload: &[u8]) {
         let now = self.now;
-        match self.engine.handle_tx(now, &h) {
-            Tx::Done => {}
+        let conn = match self.engine.handle_tx(now, &h) {
+            Tx::Done => None,
             Tx::Data(d) => {
                 let written = if d.direct() {
                     let sock = self
@@ -761,9 +845,14 @@ impl Sim {
                 } else {
                     Io::Done(0)
                 };
+                let conn = d.conn();
                 d.complete(written, &mut &payload[..])
                     .expect("write within the payload");
+                Some(conn)
             }
+        };
+        if let Some(conn) = conn {
+            self.rearm(conn);
         }
     }
 
@@ -773,6 +862,7 @@ impl Sim {
             Action::Connect { conn, port } => {
                 let mut s = HostSock::new(conn, self.world.host_capacity);
                 s.auto_read = self.world.host_auto_read;
+                s.ports = self.engine.conn_ports(conn);
                 match self.listeners.get(&port) {
                     Some(Listen::Accept) => {
                         self.host.insert(conn.to_raw(), s);
@@ -808,10 +898,15 @@ impl Sim {
                 self.engine
                     .handle_connect_line(now, conn, read)
                     .expect("line read for a connection reading its line");
+                if self.engine.conn_state(conn) == Some(ConnState::HostConnecting) {
+                    let ports = self.engine.conn_ports(conn);
+                    self.host.get_mut(&conn.to_raw()).unwrap().ports = ports;
+                }
                 let sock = &self.host[&conn.to_raw()];
                 if sock.readable() && matches!(io, Io::Done(n) if n > 0 && n < max) {
                     self.pending_events.push_back((conn, HostEvent::Readable));
                 }
+                self.rearm(conn);
             }
             Action::Flush { conn } => {
                 let [a, b] = self
@@ -827,6 +922,7 @@ impl Sim {
                 self.engine
                     .handle_host_write(now, conn, io)
                     .expect("write within the offered bytes");
+                self.rearm(conn);
             }
             Action::Shutdown { conn, direction } => {
                 let sock = self
@@ -844,6 +940,9 @@ impl Sim {
                     .get_mut(&conn.to_raw())
                     .expect("interest of a live socket");
                 sock.interest = interest;
+                if self.world.honor_interest {
+                    self.report_readiness(conn);
+                }
             }
             Action::Close { conn } => {
                 let mut sock = self
@@ -851,12 +950,64 @@ impl Sim {
                     .remove(&conn.to_raw())
                     .expect("close of a live socket");
                 sock.closed = true;
+                sock.closed_at = Some(now);
                 // What the application had not read yet it can still read.
                 let rest: Vec<u8> = sock.inbound.drain(..).collect();
                 sock.received.extend(rest);
                 self.closed_socks.push(sock);
             }
         }
+    }
+
+    /// After a scripted `block_reads`/`block_writes` refused an operation, the data or room
+    /// "arrives" at once: an edge-triggered socket then reports the readiness edge the refusal
+    /// implied was still to come. (Without it a scripted refusal would be a lost wake-up, which
+    /// no kernel produces.)
+    fn rearm(&mut self, conn: ConnId) {
+        let Some(s) = self.host.get_mut(&conn.to_raw()) else {
+            return;
+        };
+        if std::mem::take(&mut s.missed_readable) && s.readable() {
+            self.pending_events.push_back((conn, HostEvent::Readable));
+        }
+        if std::mem::take(&mut s.missed_writable) {
+            self.pending_events.push_back((conn, HostEvent::Writable));
+        }
+    }
+
+    /// Level-triggered readiness, as an epoll loop re-arming every socket would report it:
+    /// each live socket that is ready in a way the engine asked for gets that event. Recovers
+    /// from the edge-triggered model's lost wake-ups after scripted `block_reads`/`block_writes`
+    /// (a refused read or write whose data or room then "arrives" without a new event).
+    /// Sockets whose connect is still under way are left alone.
+    pub fn kick(&mut self) {
+        let conns: Vec<ConnId> = self.host.values().map(|s| s.conn).collect();
+        for conn in conns {
+            self.report_readiness(conn);
+        }
+    }
+
+    /// Queues the events a socket is ready for within its registered interest (nothing while
+    /// its connect is under way: the connect's outcome is reported by itself).
+    fn report_readiness(&mut self, conn: ConnId) {
+        let Some(s) = self.host.get(&conn.to_raw()) else {
+            return;
+        };
+        if s.closed || self.engine.conn_state(conn) == Some(ConnState::GuestConnecting) {
+            return;
+        }
+        if s.interest.readable && s.readable() {
+            self.pending_events.push_back((conn, HostEvent::Readable));
+        }
+        let can_write = s.app_closed || s.fail_write.is_some() || s.inbound.len() < s.capacity;
+        if s.interest.writable && can_write {
+            self.pending_events.push_back((conn, HostEvent::Writable));
+        }
+    }
+
+    /// Every host socket the engine ever had, live or closed.
+    pub fn all_socks(&self) -> impl Iterator<Item = &HostSock> {
+        self.host.values().chain(self.closed_socks.iter())
     }
 
     /// Steps until nothing happens. Panics after `limit` steps (a livelock).
