@@ -415,7 +415,7 @@ impl LinuxGuest {
             }
             return;
         }
-        if !self.conns.get(&key).is_some_and(|c| !c.closed) {
+        if self.conns.get(&key).is_none_or(|c| c.closed) {
             if pkt.op != Op::Rst {
                 self.send_rst_to(key);
             }
