@@ -8,7 +8,7 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::GuestMemory;
 use vsock_core::wire::{
     ConfigSpace, Event, Header, EVENT_TRANSPORT_RESET, HEADER_LEN,
@@ -66,6 +66,8 @@ pub enum DeviceError {
     NotActivated,
     /// A queue's rings could not be accessed (bad addresses from the driver).
     Queue(virtio_queue::Error),
+    /// Restored features this device would have refused.
+    Features(FeatureError),
 }
 
 impl fmt::Display for DeviceError {
@@ -73,11 +75,18 @@ impl fmt::Display for DeviceError {
         match self {
             DeviceError::NotActivated => f.write_str("device not activated"),
             DeviceError::Queue(e) => write!(f, "virtqueue error: {e}"),
+            DeviceError::Features(e) => write!(f, "restored features refused: {e}"),
         }
     }
 }
 
 impl std::error::Error for DeviceError {}
+
+impl From<FeatureError> for DeviceError {
+    fn from(e: FeatureError) -> Self {
+        DeviceError::Features(e)
+    }
+}
 
 impl From<virtio_queue::Error> for DeviceError {
     fn from(e: virtio_queue::Error) -> Self {
@@ -111,7 +120,8 @@ impl std::error::Error for FeatureError {}
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DeviceStats {
-    /// Tx chains taken from the guest (every one is returned to the used ring).
+    /// Tx chains taken from the guest (every one is returned to the used ring, except a head
+    /// index out of range, which names no descriptor to return).
     pub tx_chains: u64,
     /// Rx chains filled and returned.
     pub rx_chains: u64,
@@ -124,15 +134,18 @@ pub struct DeviceStats {
     /// Tx chain whose header announces more payload than the chain holds: the connection is
     /// reset.
     pub tx_len_beyond_chain: u64,
-    /// Tx chain pointing outside guest memory.
+    /// Tx chain pointing outside guest memory, or broken (a loop, an index out of range, an
+    /// unusable indirect table): dropped. If only its payload is unreachable, the connection
+    /// it addressed is reset.
     pub tx_bad_memory: u64,
     /// Rx chain with a read-only descriptor: returned empty.
     pub rx_read_only: u64,
     /// Rx chain too short for a header: returned empty.
     pub rx_too_short: u64,
-    /// Rx chain pointing outside guest memory: returned empty.
+    /// Rx chain pointing outside guest memory, or broken (as for `tx_bad_memory`): returned
+    /// empty.
     pub rx_bad_memory: u64,
-    /// Event chain unusable (read-only, short or outside memory): returned empty.
+    /// Event chain unusable (read-only, short, outside memory or broken): returned empty.
     pub event_bad_chain: u64,
     /// Config space writes (the space is read-only): ignored.
     pub config_writes: u64,
@@ -217,6 +230,12 @@ impl VsockDevice {
     /// Refuses bits that were not offered, and a driver that negotiated `NO_IMPLIED_STREAM`
     /// without `STREAM` (it could use nothing here).
     pub fn ack_features(&mut self, features: u64) -> Result<(), FeatureError> {
+        self.check_features(features)?;
+        self.acked_features = features;
+        Ok(())
+    }
+
+    fn check_features(&self, features: u64) -> Result<(), FeatureError> {
         let extra = features & !self.features();
         if extra != 0 {
             return Err(FeatureError::NotOffered(extra));
@@ -226,7 +245,6 @@ impl VsockDevice {
         if no_implied && !stream {
             return Err(FeatureError::NoStream);
         }
-        self.acked_features = features;
         Ok(())
     }
 
@@ -280,6 +298,9 @@ impl VsockDevice {
     /// Resets the device: every connection is dropped on the host side (the guest driver has
     /// forgotten them too), features are cleared. The device holds no descriptor between
     /// `serve` calls, so nothing else is owed to the guest.
+    ///
+    /// The dropped connections' sockets are closed by the next [`serve`](Self::serve) call,
+    /// which then reports [`DeviceError::NotActivated`] until the device is activated again.
     pub fn reset(&mut self, now: Instant) {
         self.engine.reset(now);
         self.acked_features = 0;
@@ -304,17 +325,19 @@ impl VsockDevice {
     ///
     /// # Errors
     ///
-    /// A queue state that does not describe a valid queue.
+    /// A queue state that does not describe a valid queue, or features this device would have
+    /// refused (saved state is untrusted input). Nothing changes then.
     pub fn restore(
         &mut self,
         now: Instant,
         state: &DeviceState,
-    ) -> Result<[Queue; 3], virtio_queue::Error> {
+    ) -> Result<[Queue; 3], DeviceError> {
         let queues = [
             Queue::try_from(state.queues[0])?,
             Queue::try_from(state.queues[1])?,
             Queue::try_from(state.queues[2])?,
         ];
+        self.check_features(state.acked_features)?;
         self.engine.reset(now);
         self.acked_features = state.acked_features;
         self.activated = state.activated;
@@ -349,9 +372,10 @@ impl VsockDevice {
     ///
     /// # Errors
     ///
-    /// [`DeviceError::NotActivated`] before activation; [`DeviceError::Queue`] if a queue's
-    /// rings are unreachable. Malformed chains are never errors: each is returned to the guest
-    /// and counted.
+    /// [`DeviceError::NotActivated`] before activation (after closing the sockets a reset
+    /// left owed); [`DeviceError::Queue`] if a queue's rings are unreachable or its available
+    /// index runs more than a queue ahead. Malformed chains are never errors: each is
+    /// returned to the guest and counted.
     pub fn serve<M: GuestMemory, H: HostSockets>(
         &mut self,
         now: Instant,
@@ -360,6 +384,10 @@ impl VsockDevice {
         host: &mut H,
     ) -> Result<Served, DeviceError> {
         if !self.activated {
+            // A reset (or a restore of an inactive device) leaves the engine owing the
+            // sockets of the forgotten connections their close: carry that out, so host
+            // applications see their connection end without waiting for a re-activation.
+            self.drain_actions(now, host);
             return Err(DeviceError::NotActivated);
         }
         let mut served = Served::default();
@@ -371,18 +399,18 @@ impl VsockDevice {
 
         let (tx_used, tx_more) = self.process_tx(now, mem, tx, host)?;
         let mut rx_used = false;
-        let mut rx_more = false;
-        for _ in 0..CHAIN_BUDGET {
+        // One budget for the whole call: rx work is bounded however the rounds go.
+        let mut rx_budget = CHAIN_BUDGET;
+        let rx_more = loop {
             let acted = self.drain_actions(now, host);
-            let (used, more) = self.process_rx(now, mem, rx, host)?;
+            let (used, more) = self.process_rx(now, mem, rx, host, &mut rx_budget)?;
             rx_used |= used;
-            rx_more = more;
             // Delivering packets may owe actions (a delivered RST closes a socket) and
             // actions may make packets (a flush frees credit): go round until both are quiet.
-            if !acted && !used {
-                break;
+            if more || (!acted && !used) {
+                break more;
             }
-        }
+        };
         if tx_used && tx.needs_notification(mem)? {
             served.notify_tx = true;
         }
@@ -405,16 +433,41 @@ impl VsockDevice {
         acted
     }
 
+    /// Sends the owed TRANSPORT_RESET in the first usable event buffer (unusable ones are
+    /// returned empty on the way). Returns whether the guest must be notified.
     fn send_transport_reset<M: GuestMemory>(
         &mut self,
         mem: &M,
         queue: &mut Queue,
     ) -> Result<bool, DeviceError> {
-        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+        let mut used = false;
+        let mut stalled = false;
+        for _ in 0..CHAIN_BUDGET {
+            if !self.event_owed {
+                break;
+            }
+            if let Some(chain) = queue.pop_descriptor_chain(mem) {
+                stalled = false;
+                used |= self.event_chain(mem, queue, chain)?;
+                continue;
+            }
             // No buffer yet: stays owed until the driver posts one.
-            queue.enable_notification(mem)?;
-            return Ok(false);
-        };
+            if !queue.enable_notification(mem)? {
+                break;
+            }
+            check_stall(queue, mem, false, &mut stalled)?;
+        }
+        Ok(used && queue.needs_notification(mem)?)
+    }
+
+    /// Fills one event chain with the TRANSPORT_RESET. Returns whether it was returned to the
+    /// used ring.
+    fn event_chain<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        queue: &mut Queue,
+        chain: DescriptorChain<&M>,
+    ) -> Result<bool, DeviceError> {
         let head = chain.head_index();
         let event = Event {
             id: EVENT_TRANSPORT_RESET.into(),
@@ -440,13 +493,17 @@ impl VsockDevice {
                 0
             }
         };
+        // A head out of range names no descriptor: nothing to return.
+        if head >= queue.size() {
+            return Ok(false);
+        }
         queue.add_used(mem, head, len)?;
-        Ok(queue.needs_notification(mem)?)
+        Ok(true)
     }
 
     /// Flattens a chain's descriptors into `self.segs`: all write-only if `writable`, all
     /// readable otherwise. Returns the total length, or `Err(wrong_direction)` if a descriptor
-    /// goes the wrong way (`true`) or the chain is too long or too large (`false`).
+    /// goes the wrong way (`true`) or the chain is too long, too large or broken (`false`).
     fn flatten<M>(&mut self, chain: DescriptorChain<M>, writable: bool) -> Result<usize, bool>
     where
         M: std::ops::Deref,
@@ -454,6 +511,8 @@ impl VsockDevice {
     {
         self.segs.clear();
         let mut total: usize = 0;
+        let mut descriptors = 0usize;
+        let mut last_has_next = false;
         for desc in chain {
             if desc.is_write_only() != writable {
                 return Err(true);
@@ -462,12 +521,22 @@ impl VsockDevice {
                 return Err(false);
             }
             total = total.checked_add(desc.len() as usize).ok_or(false)?;
+            descriptors += 1;
+            last_has_next = desc.has_next();
             if desc.len() > 0 {
                 self.segs.push(Seg {
                     addr: desc.addr().0,
                     len: desc.len(),
                 });
             }
+        }
+        // virtio-queue ends the iteration silently when the chain breaks: a head or `next`
+        // index out of range, a descriptor or indirect table it cannot read, a bad indirect
+        // table, or a loop (cut after as many descriptors as the queue or table holds). A chain
+        // that yielded nothing, or whose last descriptor still points to a next one, is such a
+        // broken chain, not a short one.
+        if descriptors == 0 || last_has_next {
+            return Err(false);
         }
         Ok(total)
     }
@@ -482,15 +551,21 @@ impl VsockDevice {
     ) -> Result<(bool, bool), DeviceError> {
         let mut used = false;
         let mut budget = CHAIN_BUDGET;
+        let mut stalled = false;
         loop {
             queue.disable_notification(mem)?;
+            let mut popped = false;
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                popped = true;
                 let head = chain.head_index();
                 self.tx_chain(now, mem, chain, host);
-                // Every tx chain goes back, malformed or not.
-                queue.add_used(mem, head, 0)?;
                 self.stats.tx_chains += 1;
-                used = true;
+                // Every tx chain goes back, malformed or not; a head out of range (counted as
+                // unreadable by `tx_chain`) names no descriptor, so there is nothing to return.
+                if head < queue.size() {
+                    queue.add_used(mem, head, 0)?;
+                    used = true;
+                }
                 budget -= 1;
                 if budget == 0 {
                     return Ok((used, true));
@@ -499,6 +574,7 @@ impl VsockDevice {
             if !queue.enable_notification(mem)? {
                 return Ok((used, false));
             }
+            check_stall(queue, mem, popped, &mut stalled)?;
         }
     }
 
@@ -540,6 +616,12 @@ impl VsockDevice {
                 self.stats.tx_len_beyond_chain += 1;
                 let _ = data.complete(Io::Done(0), &mut Unreadable);
             }
+            Tx::Data(data) if !Span::new(&self.segs, HEADER_LEN, len).in_memory(mem) => {
+                // The payload lies (partly) outside guest memory: it cannot be delivered
+                // either. Checked up front, so no byte of it reaches the socket.
+                self.stats.tx_bad_memory += 1;
+                let _ = data.complete(Io::Done(0), &mut Unreadable);
+            }
             Tx::Data(data) => {
                 let payload = Span::new(&self.segs, HEADER_LEN, len);
                 let written = if data.direct() {
@@ -562,24 +644,31 @@ impl VsockDevice {
         }
     }
 
-    /// Fills rx chains. Returns (any used, budget exhausted).
+    /// Fills rx chains, at most `budget` of them. Returns (any used, budget exhausted with
+    /// packets still waiting).
     fn process_rx<M: GuestMemory, H: HostSockets>(
         &mut self,
         now: Instant,
         mem: &M,
         queue: &mut Queue,
         host: &mut H,
+        budget: &mut usize,
     ) -> Result<(bool, bool), DeviceError> {
         let mut used = false;
-        let mut budget = CHAIN_BUDGET;
+        let mut stalled = false;
         loop {
             queue.disable_notification(mem)?;
+            let mut popped = false;
             while self.engine.has_pending_output() {
                 let Some(chain) = queue.pop_descriptor_chain(mem) else {
                     break;
                 };
+                popped = true;
                 let head = chain.head_index();
                 match self.rx_chain(now, mem, chain, host) {
+                    // A head out of range (counted as unreadable by `rx_chain`) names no
+                    // descriptor: nothing to return.
+                    Some(_) if head >= queue.size() => {}
                     Some(len) => {
                         queue.add_used(mem, head, len)?;
                         self.stats.rx_chains += 1;
@@ -591,9 +680,9 @@ impl VsockDevice {
                         return Ok((used, false));
                     }
                 }
-                budget -= 1;
-                if budget == 0 {
-                    return Ok((used, true));
+                *budget -= 1;
+                if *budget == 0 {
+                    return Ok((used, self.engine.has_pending_output()));
                 }
             }
             if !self.engine.has_pending_output() {
@@ -604,6 +693,7 @@ impl VsockDevice {
             if !queue.enable_notification(mem)? {
                 return Ok((used, false));
             }
+            check_stall(queue, mem, popped, &mut stalled)?;
         }
     }
 
@@ -697,4 +787,32 @@ impl GuestBytes for Unreadable {
     fn copy_to(&mut self, _offset: usize, _dst: &mut [u8]) -> Result<(), MemoryFault> {
         Err(MemoryFault)
     }
+}
+
+/// Called when `enable_notification` reports chains still available after the pop loop.
+/// That is normal once (the driver posted meanwhile), but two rounds in a row that pop
+/// nothing mean the ring cannot be popped at all: an available index more than a queue ahead
+/// of the device, or an available ring outside guest memory. `pop_descriptor_chain` hides
+/// that as "no chain", so without this check the caller would spin forever.
+fn check_stall<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+    popped: bool,
+    stalled: &mut bool,
+) -> Result<(), DeviceError> {
+    if popped {
+        *stalled = false;
+        return Ok(());
+    }
+    if !*stalled {
+        *stalled = true;
+        return Ok(());
+    }
+    debug!("available ring cannot be popped");
+    Err(DeviceError::Queue(
+        queue
+            .iter(mem)
+            .err()
+            .unwrap_or(virtio_queue::Error::InvalidAvailRingIndex),
+    ))
 }

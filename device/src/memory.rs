@@ -65,6 +65,18 @@ impl<'s> Span<'s> {
         Ok(())
     }
 
+    /// Whether every byte of the span lies in guest memory.
+    pub(crate) fn in_memory<M: GuestMemory>(&self, mem: &M) -> bool {
+        self.for_each_piece(0, self.len, |addr, n| {
+            if mem.check_range(addr, n, Permissions::Read) {
+                Ok(())
+            } else {
+                Err(())
+            }
+        })
+        .is_ok()
+    }
+
     /// Copies `dst.len()` bytes starting `offset` bytes into the span.
     pub(crate) fn read<M: GuestMemory>(
         &self,

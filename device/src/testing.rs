@@ -8,6 +8,9 @@
 
 use std::collections::VecDeque;
 
+mod guest;
+pub use guest::Guest;
+
 use virtio_bindings::bindings::virtio_ring::{
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
@@ -16,18 +19,22 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vsock_core::wire::{Header, HEADER_LEN};
 use zerocopy::IntoBytes;
 
-/// Size of each queue.
+/// Size of each queue (the default; see [`Driver::with_queue_size`]).
 pub const QUEUE_SIZE: u16 = 256;
 /// Linux's rx buffer size (header included).
 pub const RX_BUF_SIZE: u32 = 4096;
-/// Bytes reserved in guest memory per buffer slot.
+/// Bytes reserved in guest memory per buffer slot (with the default queue size).
 const SLOT: u64 = 128 * 1024;
 /// Where the rings of queue `q` start.
 const RINGS: u64 = 0x10_0000;
-const RING_STRIDE: u64 = 0x1_0000;
+/// Guest memory no ring or buffer slot uses, free for tests to build raw indirect tables and
+/// buffers in (up to [`SCRATCH_END`]).
+pub const SCRATCH: u64 = 0x80_0000;
+/// The end of the scratch area.
+pub const SCRATCH_END: u64 = SLOTS;
 /// Where buffer slots start; `QUEUE_SIZE` slots per queue.
 const SLOTS: u64 = 0x100_0000;
-/// Guest memory size: rings, then a slot per descriptor of each queue.
+/// Guest memory size: rings, then a slot per descriptor of each queue (default geometry).
 pub const MEM_SIZE: u64 = SLOTS + 3 * QUEUE_SIZE as u64 * SLOT;
 
 /// How a driver lays a buffer out in descriptors.
@@ -84,6 +91,7 @@ pub struct RawDesc {
 /// One queue as the driver sees it.
 pub struct DriverQueue {
     index: u16,
+    size: u16,
     desc: u64,
     avail: u64,
     used: u64,
@@ -113,38 +121,78 @@ pub struct Driver {
     pub queues: [DriverQueue; 3],
     /// Layouts of the chain pieces, by head, to read rx buffers back.
     pieces: [Vec<Vec<(u64, u32)>>; 3],
+    /// Bytes of guest memory per buffer slot.
+    slot: u64,
 }
 
 impl Driver {
     /// Fresh guest memory with three empty queues.
     pub fn new() -> Driver {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
-            .expect("guest memory");
+        Self::build(QUEUE_SIZE, SLOT, None)
+    }
+
+    /// Fresh guest memory with three empty queues of `size` descriptors each (a power of two,
+    /// at most 8192). Buffer slots shrink so that guest memory stays about the same size.
+    pub fn with_queue_size(size: u16) -> Driver {
+        let slot = (SLOT * QUEUE_SIZE as u64 / size as u64).clamp(8 * 1024, SLOT);
+        Self::build(size, slot, None)
+    }
+
+    /// Like [`new`](Self::new), but guest memory is two adjacent regions, the second starting
+    /// at `split` (so a buffer placed across `split` spans both).
+    pub fn with_split_memory(split: u64) -> Driver {
+        Self::build(QUEUE_SIZE, SLOT, Some(split))
+    }
+
+    fn build(size: u16, slot: u64, split: Option<u64>) -> Driver {
+        assert!(size.is_power_of_two() && size <= 8192, "queue size {size}");
+        let mem_size = SLOTS + 3 * size as u64 * slot;
+        let mem = match split {
+            None => GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), mem_size as usize)]),
+            Some(at) => {
+                assert!(at > 0 && at < mem_size, "split inside guest memory");
+                GuestMemoryMmap::<()>::from_ranges(&[
+                    (GuestAddress(0), at as usize),
+                    (GuestAddress(at), (mem_size - at) as usize),
+                ])
+            }
+        }
+        .expect("guest memory");
+        let n = size as u64;
+        // Descriptor table, then the available ring, then the used ring on its own page.
+        let used_off = (16 * n + 6 + 2 * n).next_multiple_of(0x1000).max(0x8000);
+        let stride = (used_off + 6 + 8 * n).next_multiple_of(0x1_0000);
         let queues = [0u16, 1, 2].map(|q| {
-            let base = RINGS + q as u64 * RING_STRIDE;
+            let base = RINGS + q as u64 * stride;
             DriverQueue {
                 index: q,
+                size,
                 desc: base,
-                avail: base + 16 * QUEUE_SIZE as u64,
-                used: base + 0x8000,
-                free: (0..QUEUE_SIZE).collect(),
+                avail: base + 16 * n,
+                used: base + used_off,
+                free: (0..size).collect(),
                 avail_idx: 0,
                 last_used: 0,
-                inflight: vec![None; QUEUE_SIZE as usize],
+                inflight: vec![None; size as usize],
             }
         });
+        assert!(
+            RINGS + 3 * stride <= SCRATCH,
+            "rings fit below the scratch area"
+        );
         Driver {
             mem,
             queues,
-            pieces: std::array::from_fn(|_| vec![Vec::new(); QUEUE_SIZE as usize]),
+            pieces: std::array::from_fn(|_| vec![Vec::new(); size as usize]),
+            slot,
         }
     }
 
     /// The device's view of queue `q`, configured as the driver set it up.
     pub fn device_queue(&self, q: usize, event_idx: bool) -> Queue {
         let dq = &self.queues[q];
-        let mut queue = Queue::new(QUEUE_SIZE).expect("queue");
-        queue.set_size(QUEUE_SIZE);
+        let mut queue = Queue::new(dq.size).expect("queue");
+        queue.set_size(dq.size);
         queue.set_desc_table_address(Some(dq.desc as u32), Some((dq.desc >> 32) as u32));
         queue.set_avail_ring_address(Some(dq.avail as u32), Some((dq.avail >> 32) as u32));
         queue.set_used_ring_address(Some(dq.used as u32), Some((dq.used >> 32) as u32));
@@ -172,8 +220,118 @@ impl Driver {
             .count()
     }
 
-    fn slot(q: usize, head: u16) -> u64 {
-        SLOTS + (q as u64 * QUEUE_SIZE as u64 + head as u64) * SLOT
+    fn slot(&self, q: usize, head: u16) -> u64 {
+        SLOTS + (q as u64 * self.queues[q].size as u64 + head as u64) * self.slot
+    }
+
+    /// The guest address of the buffer slot of descriptor `head` of queue `q` (where
+    /// [`post_rx`](Self::post_rx) and [`send`](Self::send) place a chain headed there).
+    pub fn slot_addr(&self, q: usize, head: u16) -> u64 {
+        self.slot(q, head)
+    }
+
+    /// The size of every queue.
+    pub fn queue_size(&self) -> u16 {
+        self.queues[0].size
+    }
+
+    /// Guest addresses of queue `q`'s descriptor table, available ring and used ring.
+    pub fn ring_addrs(&self, q: usize) -> (u64, u64, u64) {
+        let dq = &self.queues[q];
+        (dq.desc, dq.avail, dq.used)
+    }
+
+    /// The descriptor indices of an in-flight chain of queue `q` posted with head `head`.
+    pub fn chain(&self, q: usize, head: u16) -> Option<&[u16]> {
+        self.queues[q].inflight[head as usize]
+            .as_ref()
+            .map(|(ids, _)| ids.as_slice())
+    }
+
+    /// Overwrites descriptor `index` of queue `q`'s table exactly as given: flags are not
+    /// touched and `next` is written as is (for loops and indices out of range).
+    pub fn write_desc(&self, q: usize, index: u16, desc: RawDesc, next: u16) {
+        let at = self.queues[q].desc + 16 * index as u64;
+        self.mem.write_obj(desc.addr, GuestAddress(at)).unwrap();
+        self.mem.write_obj(desc.len, GuestAddress(at + 8)).unwrap();
+        self.mem
+            .write_obj(desc.flags, GuestAddress(at + 12))
+            .unwrap();
+        self.mem.write_obj(next, GuestAddress(at + 14)).unwrap();
+    }
+
+    /// Writes a raw indirect table of `entries` (descriptor and `next`, exactly as given) at
+    /// `addr`, returning the table's length in bytes.
+    pub fn write_table(&self, addr: u64, entries: &[(RawDesc, u16)]) -> u32 {
+        for (i, (d, next)) in entries.iter().enumerate() {
+            let e = addr + 16 * i as u64;
+            self.mem.write_obj(d.addr, GuestAddress(e)).unwrap();
+            self.mem.write_obj(d.len, GuestAddress(e + 8)).unwrap();
+            self.mem.write_obj(d.flags, GuestAddress(e + 12)).unwrap();
+            self.mem.write_obj(*next, GuestAddress(e + 14)).unwrap();
+        }
+        16 * entries.len() as u32
+    }
+
+    /// Makes `head` available on queue `q` as is, with no bookkeeping: for heads out of range
+    /// or not built by this driver. [`take_used`](Self::take_used) panics if the device
+    /// returns it.
+    pub fn post_head(&mut self, q: usize, head: u16) {
+        let dq = &mut self.queues[q];
+        let slot_at = dq.avail + 4 + 2 * (dq.avail_idx % dq.size) as u64;
+        self.mem.write_obj(head, GuestAddress(slot_at)).unwrap();
+        dq.avail_idx = dq.avail_idx.wrapping_add(1);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        self.mem
+            .write_obj(dq.avail_idx, GuestAddress(dq.avail + 2))
+            .unwrap();
+    }
+
+    /// The used ring's index as the device last published it.
+    pub fn used_idx(&self, q: usize) -> u16 {
+        self.mem
+            .read_obj(GuestAddress(self.queues[q].used + 2))
+            .unwrap()
+    }
+
+    /// The used ring's flags (`VRING_USED_F_NO_NOTIFY`).
+    pub fn used_flags(&self, q: usize) -> u16 {
+        self.mem
+            .read_obj(GuestAddress(self.queues[q].used))
+            .unwrap()
+    }
+
+    /// Writes the available ring's `used_event`: the used index after which the driver
+    /// wants an interrupt (EVENT_IDX).
+    pub fn set_used_event(&self, q: usize, used_event: u16) {
+        let dq = &self.queues[q];
+        self.mem
+            .write_obj(used_event, GuestAddress(dq.avail + 4 + 2 * dq.size as u64))
+            .unwrap();
+    }
+
+    /// Forgets every buffer of queue `q` and starts over from where the device's `queue`
+    /// stands, as a driver recovering its rings would: every descriptor free, the available
+    /// and used indices rewritten to the device's positions.
+    pub fn resync(&mut self, q: usize, queue: &Queue) {
+        let dq = &mut self.queues[q];
+        dq.free = (0..dq.size).collect();
+        dq.inflight.iter_mut().for_each(|i| *i = None);
+        dq.avail_idx = queue.next_avail();
+        dq.last_used = queue.next_used();
+        let (avail, used, size) = (dq.avail, dq.used, dq.size as u64);
+        let (avail_idx, last_used) = (dq.avail_idx, dq.last_used);
+        self.pieces[q].iter_mut().for_each(Vec::clear);
+        self.mem.write_obj(0u16, GuestAddress(avail)).unwrap();
+        self.mem
+            .write_obj(avail_idx, GuestAddress(avail + 2))
+            .unwrap();
+        self.mem
+            .write_obj(last_used, GuestAddress(avail + 4 + 2 * size))
+            .unwrap();
+        self.mem
+            .write_obj(last_used, GuestAddress(used + 2))
+            .unwrap();
     }
 
     /// Posts a chain on queue `q` built from `descs` (NEXT flags and links added), returning
@@ -202,7 +360,7 @@ impl Driver {
         }
         let head = ids[0];
         dq.inflight[head as usize] = Some((ids, 0));
-        let slot_at = dq.avail + 4 + 2 * (dq.avail_idx % QUEUE_SIZE) as u64;
+        let slot_at = dq.avail + 4 + 2 * (dq.avail_idx % dq.size) as u64;
         self.mem.write_obj(head, GuestAddress(slot_at)).unwrap();
         dq.avail_idx = dq.avail_idx.wrapping_add(1);
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
@@ -216,7 +374,7 @@ impl Driver {
     /// given layout. Returns the head, or `None` if the queue is full.
     fn post(&mut self, q: usize, layout: &Layout, bytes: Option<&[u8]>, len: usize) -> Option<u16> {
         let head = *self.queues[q].free.front()?;
-        let slot = Self::slot(q, head);
+        let slot = self.slot(q, head);
         let pieces = layout.pieces(len);
         // Place pieces apart from each other, so no two are contiguous.
         let mut descs = Vec::new();
@@ -241,7 +399,7 @@ impl Driver {
             piece_map.push((at, n as u32));
             at += n as u64 + 8;
         }
-        if at - slot + 16 * descs.len() as u64 > SLOT {
+        if at - slot + 16 * descs.len() as u64 + 16 > self.slot {
             panic!("buffer too large for a slot");
         }
         let head = if let Layout::Indirect(_) = layout {
@@ -304,7 +462,7 @@ impl Driver {
                 break;
             }
             std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-            let e = dq.used + 4 + 8 * (dq.last_used % QUEUE_SIZE) as u64;
+            let e = dq.used + 4 + 8 * (dq.last_used % dq.size) as u64;
             let id: u32 = self.mem.read_obj(GuestAddress(e)).unwrap();
             let len: u32 = self.mem.read_obj(GuestAddress(e + 4)).unwrap();
             let head = id as u16;
@@ -332,7 +490,7 @@ impl Driver {
         self.mem
             .write_obj(
                 dq.last_used,
-                GuestAddress(dq.avail + 4 + 2 * QUEUE_SIZE as u64),
+                GuestAddress(dq.avail + 4 + 2 * dq.size as u64),
             )
             .unwrap();
         out
@@ -342,7 +500,7 @@ impl Driver {
     pub fn avail_event(&self, q: usize) -> u16 {
         let dq = &self.queues[q];
         self.mem
-            .read_obj(GuestAddress(dq.used + 4 + 8 * QUEUE_SIZE as u64))
+            .read_obj(GuestAddress(dq.used + 4 + 8 * dq.size as u64))
             .unwrap()
     }
 

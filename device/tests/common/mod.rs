@@ -16,7 +16,7 @@ use vsock_core::{
     Action, Config, ConnId, Direction, Engine, HostEvent, Instant, Io, LineRead, SocketError,
 };
 use vsock_device::testing::{parse_rx, Driver, Layout, Used, RX_BUF_SIZE};
-use vsock_device::{HostSockets, Queues, Served, VsockDevice};
+use vsock_device::{DeviceError, DeviceState, HostSockets, Queues, Served, VsockDevice};
 
 pub const GUEST_CID: u64 = 3;
 pub const GUEST_BUF_ALLOC: u32 = 256 * 1024;
@@ -140,19 +140,14 @@ impl Bed {
     }
 
     pub fn with_config(config: Config, event_idx: bool) -> Bed {
+        Self::with_driver(config, event_idx, Driver::new())
+    }
+
+    /// A bed over a driver built by the test (another queue size, split memory).
+    pub fn with_driver(config: Config, event_idx: bool, driver: Driver) -> Bed {
         let now = Instant::from_secs(1);
         let mut device = VsockDevice::new(config, now).unwrap();
-        let mut features = device.features();
-        if !event_idx {
-            features &= !(1 << 29);
-        }
-        device.ack_features(features).unwrap();
-        let driver = Driver::new();
-        let mut queues = driver.device_queues(false);
-        {
-            let [rx, tx, event] = &mut queues;
-            device.activate(Queues { rx, tx, event });
-        }
+        let queues = activate(&mut device, &driver, event_idx);
         Bed {
             device,
             queues,
@@ -166,18 +161,70 @@ impl Bed {
 
     /// One serve call.
     pub fn serve(&mut self) -> Served {
-        let [rx, tx, event] = &mut self.queues;
-        let served = self
-            .device
-            .serve(
-                self.now,
-                &self.driver.mem,
-                Queues { rx, tx, event },
-                &mut self.host,
-            )
-            .expect("serve");
+        let served = self.try_serve().expect("serve");
         self.served.push(served);
         served
+    }
+
+    /// One serve call, its error returned.
+    pub fn try_serve(&mut self) -> Result<Served, DeviceError> {
+        let [rx, tx, event] = &mut self.queues;
+        self.device.serve(
+            self.now,
+            &self.driver.mem,
+            Queues { rx, tx, event },
+            &mut self.host,
+        )
+    }
+
+    /// The device's queues, for save and friends.
+    pub fn queues(&mut self) -> Queues<'_> {
+        let [rx, tx, event] = &mut self.queues;
+        Queues { rx, tx, event }
+    }
+
+    /// `device.save()` over the bed's queues.
+    pub fn save(&mut self) -> DeviceState {
+        let [rx, tx, event] = &mut self.queues;
+        self.device.save(&Queues { rx, tx, event })
+    }
+
+    /// `device.restore()`, the bed taking the restored queues.
+    pub fn restore(&mut self, state: &DeviceState) {
+        self.queues = self.device.restore(self.now, state).expect("restore");
+    }
+
+    /// After a device reset: the driver starts over on fresh rings in fresh memory and
+    /// activates the device again.
+    pub fn reactivate(&mut self, event_idx: bool) {
+        self.driver = Driver::new();
+        self.queues = activate(&mut self.device, &self.driver, event_idx);
+        self.served.clear();
+        if let Some(layout) = self.rx_layout.take() {
+            self.post_rx(8, &layout);
+        }
+    }
+
+    /// Opens a guest connection from guest port `gp` to host port `port` (a host service is
+    /// made to listen there); returns the connection, whose application end is
+    /// `host.app(conn)`. Every other packet the guest got meanwhile is returned too.
+    pub fn connect(&mut self, gp: u32, port: u32) -> (ConnId, Vec<(Header, Vec<u8>)>) {
+        self.host.listening.insert(port);
+        let before: BTreeSet<u64> = self.host.apps.keys().copied().collect();
+        self.send(pkt(Op::Request, gp, port, 0, 0, 0), &[], &Layout::Single);
+        let got = self.run();
+        let (h, _) = got
+            .iter()
+            .find(|(h, _)| h.dst_port.get() == gp && h.src_port.get() == port)
+            .unwrap_or_else(|| panic!("no answer to the REQUEST from {gp}: {got:?}"));
+        assert_eq!(op_of(h), Op::Response, "answer to the REQUEST from {gp}");
+        let raw = *self
+            .host
+            .apps
+            .keys()
+            .find(|k| !before.contains(k))
+            .expect("a new host socket");
+        (ConnId::from_raw(raw), got)
     }
 
     /// Serves until quiet, poking every socket in between; returns the rx packets the guest
@@ -226,6 +273,22 @@ impl Bed {
     pub fn used_rx(&mut self) -> Vec<Used> {
         self.driver.take_used(0)
     }
+}
+
+/// Negotiates every offered feature (less EVENT_IDX unless `event_idx`) and activates `device`
+/// on `driver`'s rings.
+pub fn activate(device: &mut VsockDevice, driver: &Driver, event_idx: bool) -> [Queue; 3] {
+    let mut features = device.features();
+    if !event_idx {
+        features &= !(1 << 29);
+    }
+    device.ack_features(features).unwrap();
+    let mut queues = driver.device_queues(false);
+    {
+        let [rx, tx, event] = &mut queues;
+        device.activate(Queues { rx, tx, event });
+    }
+    queues
 }
 
 impl Default for Bed {
