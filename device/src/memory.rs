@@ -163,19 +163,12 @@ impl<'s> Span<'s> {
     ) -> Result<io::Result<usize>, MemoryFault> {
         let mut slices = [const { None }; MAX_IOV];
         let n = self.slices(mem, max, Permissions::Read, &mut slices)?;
-        let mut iov = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; MAX_IOV];
         let guards: [_; MAX_IOV] =
             std::array::from_fn(|i| slices[i].as_ref().map(|s| s.ptr_guard()));
-        for (i, guard) in guards.iter().take(n).enumerate() {
-            let guard = guard.as_ref().expect("one guard per slice");
-            iov[i] = libc::iovec {
-                iov_base: guard.as_ptr() as *mut libc::c_void,
-                iov_len: guard.len(),
-            };
-        }
+        let iov = iovecs(n, |i| {
+            let g = guards[i].as_ref().expect("one guard per slice");
+            (g.as_ptr(), g.len())
+        });
         // SAFETY: each iovec describes a slice of mapped guest memory that vm-memory checked
         // against the guest's regions; the guards keep those mappings alive for the duration of
         // the call, and `writev` only reads through the pointers. `fd` is a valid borrowed
@@ -200,19 +193,12 @@ impl<'s> Span<'s> {
     ) -> Result<io::Result<usize>, MemoryFault> {
         let mut slices = [const { None }; MAX_IOV];
         let n = self.slices(mem, max, Permissions::Write, &mut slices)?;
-        let mut iov = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; MAX_IOV];
         let guards: [_; MAX_IOV] =
             std::array::from_fn(|i| slices[i].as_ref().map(|s| s.ptr_guard_mut()));
-        for (i, guard) in guards.iter().take(n).enumerate() {
-            let guard = guard.as_ref().expect("one guard per slice");
-            iov[i] = libc::iovec {
-                iov_base: guard.as_ptr() as *mut libc::c_void,
-                iov_len: guard.len(),
-            };
-        }
+        let iov = iovecs(n, |i| {
+            let g = guards[i].as_ref().expect("one guard per slice");
+            (g.as_ptr().cast_const(), g.len())
+        });
         // SAFETY: each iovec describes a writable slice of mapped guest memory that vm-memory
         // checked against the guest's regions; the guards keep the mappings alive for the call.
         // Guest memory is shared with the guest, so it is only ever accessed through raw
@@ -235,6 +221,22 @@ impl<'s> Span<'s> {
         }
         Ok(Ok(r as usize))
     }
+}
+
+/// The first `n` entries of an iovec array, from each piece's pointer and length.
+fn iovecs(n: usize, piece: impl Fn(usize) -> (*const u8, usize)) -> [libc::iovec; MAX_IOV] {
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_IOV];
+    for (i, entry) in iov.iter_mut().enumerate().take(n) {
+        let (ptr, len) = piece(i);
+        *entry = libc::iovec {
+            iov_base: ptr.cast_mut().cast(),
+            iov_len: len,
+        };
+    }
+    iov
 }
 
 /// A tx payload in guest memory, for the engine to copy what the socket refused.
