@@ -19,7 +19,7 @@ fn guest_connects_and_data_flows_both_ways() {
     s.host_listen(1234, Listen::Accept);
     let g = s.guest_connect(1234);
     s.run();
-    assert!(s.guest[&g].established);
+    assert!(s.guest.conns[&g].established);
     let conn = s.host_sock_for_port(1234)[0];
 
     let up = pattern(1, 300_000);
@@ -28,11 +28,12 @@ fn guest_connects_and_data_flows_both_ways() {
     s.host_write(conn, &down);
     s.run();
     assert_bytes_eq(&s.sock(conn).received, &up);
-    assert_bytes_eq(&s.guest[&g].read, &down);
+    assert_bytes_eq(&s.guest.conns[&g].read, &down);
     s.assert_memory_bounded();
     // Every packet fit the guest's 4 KiB buffers.
     assert!(s
-        .guest_log
+        .guest
+        .log
         .iter()
         .all(|h| h.len.get() as usize <= 4096 - 44));
 }
@@ -50,7 +51,7 @@ fn host_connects_and_data_flows_both_ways() {
         s.sock(conn).received,
         format!("OK {host_port}\n").into_bytes()
     );
-    assert_eq!(s.guest[&g].read, b"first bytes");
+    assert_eq!(s.guest.conns[&g].read, b"first bytes");
 
     s.guest_write(g, b"reply");
     s.host_write(conn, b" and more");
@@ -59,7 +60,7 @@ fn host_connects_and_data_flows_both_ways() {
         &s.sock(conn).received[format!("OK {host_port}\n").len()..],
         b"reply"
     );
-    assert_eq!(s.guest[&g].read, b"first bytes and more");
+    assert_eq!(s.guest.conns[&g].read, b"first bytes and more");
 }
 
 #[test]
@@ -112,15 +113,18 @@ fn guest_that_stops_reading_is_never_overrun() {
     let data = pattern(4, 1024 * 1024);
     s.host_write(conn, &data);
     s.run();
-    assert_eq!(s.guest[&g].unread.len(), sim::GUEST_BUF_ALLOC as usize);
+    assert_eq!(
+        s.guest.conns[&g].unread.len(),
+        sim::GUEST_BUF_ALLOC as usize
+    );
     assert_eq!(s.engine.stats().credit_requests_sent, 1);
     s.assert_memory_bounded();
-    while s.guest[&g].read.len() < data.len() {
-        let n = s.guest[&g].unread.len();
+    while s.guest.conns[&g].read.len() < data.len() {
+        let n = s.guest.conns[&g].unread.len();
         s.guest_read(g, n);
         s.run();
     }
-    assert_bytes_eq(&s.guest[&g].read, &data);
+    assert_bytes_eq(&s.guest.conns[&g].read, &data);
     s.assert_memory_bounded();
 }
 
@@ -141,7 +145,7 @@ fn guest_that_stops_posting_rx_buffers_stalls_without_growth() {
     s.assert_memory_bounded();
     s.rx_paused = false;
     s.run();
-    assert_bytes_eq(&s.guest[&g].read, &pattern(5, 100_000));
+    assert_bytes_eq(&s.guest.conns[&g].read, &pattern(5, 100_000));
 }
 
 #[test]
@@ -160,11 +164,11 @@ fn half_close_each_way_keeps_the_other_direction() {
     assert_eq!(s.engine.conn_state(conn), Some(ConnState::GuestSendShut));
     s.host_write(conn, b"response");
     s.run();
-    assert_eq!(s.guest[&g].read, b"response");
+    assert_eq!(s.guest.conns[&g].read, b"response");
     // Host finishes: the connection closes with RST after both sides are done.
     s.host_shutdown_write(conn);
     s.run();
-    assert!(s.guest[&g].closed);
+    assert!(s.guest.conns[&g].closed);
     assert!(s.any_sock(conn).closed);
     assert_eq!(s.engine.connections(), 0);
 
@@ -175,7 +179,7 @@ fn half_close_each_way_keeps_the_other_direction() {
     s.host_write(conn, b"hello");
     s.host_shutdown_write(conn);
     s.run();
-    assert_eq!(s.guest[&g].peer_shut, SHUTDOWN_SEND);
+    assert_eq!(s.guest.conns[&g].peer_shut, SHUTDOWN_SEND);
     assert_eq!(s.engine.conn_state(conn), Some(ConnState::HostSendShut));
     s.guest_write(g, b"still talking");
     s.run();
@@ -216,7 +220,7 @@ fn host_reset_mid_transfer_reaches_the_guest() {
     let conn = s.host_sock_for_port(9)[0];
     s.host_event(conn, HostEvent::Error(SocketError(ECONNRESET)));
     s.run();
-    assert!(s.guest[&g].reset);
+    assert!(s.guest.conns[&g].reset);
     assert_eq!(s.engine.stats().host_errors, 1);
     // The host application closing while the guest sends is a reset too (EPIPE on write).
     let g = s.guest_connect(9);
@@ -226,7 +230,7 @@ fn host_reset_mid_transfer_reaches_the_guest() {
     s.run();
     s.guest_write(g, b"into the void");
     s.run();
-    assert!(s.guest[&g].reset);
+    assert!(s.guest.conns[&g].reset);
     assert_eq!(s.engine.connections(), 0);
 }
 
@@ -236,7 +240,7 @@ fn guest_connect_without_listener_is_reset_at_once() {
     let g = s.guest_connect(4444);
     let start = s.now;
     s.run();
-    assert!(s.guest[&g].reset);
+    assert!(s.guest.conns[&g].reset);
     assert_eq!(s.now, start, "no time passed: the RST came at once");
     assert_eq!(s.engine.stats().connect_failed, 1);
 }
@@ -281,7 +285,7 @@ fn many_connections_each_moving_data() {
     }
     for (conn, i) in host_side {
         let g = s.engine.conn_ports(conn).unwrap();
-        assert_bytes_eq(&s.guest[&g].read, &pattern(1000 + i, 7000));
+        assert_bytes_eq(&s.guest.conns[&g].read, &pattern(1000 + i, 7000));
     }
     s.assert_memory_bounded();
 }
@@ -300,7 +304,8 @@ fn connect_close_cycles_leave_nothing_behind() {
     assert!(s.host.is_empty());
     assert_eq!(s.engine.stats().closed, 500);
     assert!(
-        s.guest_log
+        s.guest
+            .log
             .iter()
             .filter(|h| h.op.get() == Op::Rst.to_u16())
             .count()

@@ -554,7 +554,7 @@ impl Script {
             Slot::Guest(key) => Some(key),
             Slot::Host { conn, .. } => self.sim.any_sock(conn).ports,
         }
-        .filter(|key| self.sim.guest.contains_key(key))
+        .filter(|key| self.sim.guest.conns.contains_key(key))
     }
 
     /// The host socket of a connection, live or closed.
@@ -625,7 +625,7 @@ impl Script {
                 let Some(key) = self.guest_key(slot) else {
                     return;
                 };
-                let g = &self.sim.guest[&key];
+                let g = &self.sim.guest.conns[&key];
                 if g.closed || g.shut_wanted & SHUTDOWN_SEND != 0 {
                     return; // The application would get EPIPE.
                 }
@@ -671,7 +671,7 @@ impl Script {
                 };
                 if guest {
                     if let Some(key) = self.guest_key(slot) {
-                        self.sim.guest.get_mut(&key).unwrap().auto_read = on;
+                        self.sim.guest.conns.get_mut(&key).unwrap().auto_read = on;
                     }
                 } else if let Some(conn) = self.live_sock(slot) {
                     let s = self.sim.sock(conn);
@@ -683,7 +683,7 @@ impl Script {
                     return;
                 };
                 if let Some(key) = self.guest_key(slot) {
-                    if !self.sim.guest[&key].closed {
+                    if !self.sim.guest.conns[&key].closed {
                         self.sim.guest_shutdown(key, flags);
                     }
                 }
@@ -693,7 +693,7 @@ impl Script {
                     return;
                 };
                 if let Some(key) = self.guest_key(slot) {
-                    if !self.sim.guest[&key].closed {
+                    if !self.sim.guest.conns[&key].closed {
                         self.sim.guest_rst(key);
                     }
                 }
@@ -787,7 +787,7 @@ impl Script {
                 let Some(key) = self.guest_key(slot) else {
                     return;
                 };
-                let g = &self.sim.guest[&key];
+                let g = &self.sim.guest.conns[&key];
                 let mut h = Packet {
                     src_cid: GUEST_CID,
                     dst_cid: HOST_CID,
@@ -845,6 +845,7 @@ impl Script {
             let next_guest = self
                 .sim
                 .guest
+                .conns
                 .values()
                 .filter(|c| !c.closed)
                 .filter_map(|c| c.close_deadline)
@@ -901,9 +902,9 @@ impl Script {
             s.fail_write = None;
             s.auto_read = !s.app_closed;
         }
-        let keys: Vec<(u32, u32)> = self.sim.guest.keys().copied().collect();
+        let keys: Vec<(u32, u32)> = self.sim.guest.conns.keys().copied().collect();
         for &key in &keys {
-            self.sim.guest.get_mut(&key).unwrap().auto_read = true;
+            self.sim.guest.conns.get_mut(&key).unwrap().auto_read = true;
             self.sim.guest_read(key, usize::MAX);
         }
         // Level-triggered readiness once interests settled, for sockets whose last event
@@ -917,9 +918,9 @@ impl Script {
     /// Half-closes both sides of every connection (the guest's SHUTDOWN SEND, the host
     /// application's `shutdown(SHUT_WR)`) and runs past every timeout.
     fn half_close(&mut self) {
-        let keys: Vec<(u32, u32)> = self.sim.guest.keys().copied().collect();
+        let keys: Vec<(u32, u32)> = self.sim.guest.conns.keys().copied().collect();
         for &key in &keys {
-            if !self.sim.guest[&key].closed {
+            if !self.sim.guest.conns[&key].closed {
                 self.sim.guest_shutdown(key, SHUTDOWN_SEND);
             }
         }
@@ -947,9 +948,9 @@ impl Script {
 
     /// Closes every connection on both sides and runs past every timeout: nothing may remain.
     fn close_everything(&mut self) {
-        let keys: Vec<(u32, u32)> = self.sim.guest.keys().copied().collect();
+        let keys: Vec<(u32, u32)> = self.sim.guest.conns.keys().copied().collect();
         for key in keys {
-            let g = &self.sim.guest[&key];
+            let g = &self.sim.guest.conns[&key];
             if g.closed {
                 continue;
             }
@@ -978,6 +979,7 @@ impl Script {
         let open: Vec<_> = self
             .sim
             .guest
+            .conns
             .iter()
             .filter(|(_, g)| !g.closed)
             .map(|(k, _)| *k)
@@ -990,7 +992,7 @@ impl Script {
         let close_timeout = self.sim.engine.config().close_timeout;
         for (i, &slot) in self.slots.iter().enumerate() {
             let sock = self.host_conn(slot).map(|c| self.sim.any_sock(c));
-            let guest = self.guest_key(slot).map(|k| &self.sim.guest[&k]);
+            let guest = self.guest_key(slot).map(|k| &self.sim.guest.conns[&k]);
             let ctx = |what: &str| {
                 format!(
                     "connection #{i} {slot:?} (ports {:?}): {what}\n  guest: {}\n  host: {}",
@@ -1146,8 +1148,8 @@ impl Script {
     /// P5.
     fn check_counters(&self) {
         let st = self.sim.engine.stats();
-        assert_eq!(self.sim.guest_credit_violations, 0);
-        assert_eq!(self.sim.ignored_rsts, 0);
+        assert_eq!(self.sim.guest.credit_violations, 0);
+        assert_eq!(self.sim.guest.ignored_rsts, 0);
         let violations = [
             ("credit_violation", st.credit_violation),
             ("data_after_shutdown", st.data_after_shutdown),
@@ -1173,7 +1175,8 @@ impl Script {
         let room = self.setup.rx_room;
         if let Some(h) = self
             .sim
-            .guest_log
+            .guest
+            .log
             .iter()
             .find(|h| h.len.get() as usize > room)
         {
@@ -1248,7 +1251,7 @@ fn run_hostile(setup: &Setup, steps: &[Act]) {
     s.sim.host_write(conn, &down);
     s.sim.run();
     sim::assert_bytes_eq(&s.sim.any_sock(conn).received, &up);
-    sim::assert_bytes_eq(&s.sim.guest[&g].read, &down);
+    sim::assert_bytes_eq(&s.sim.guest.conns[&g].read, &down);
     s.close_everything();
 
     let mut first = b"CONNECT 6000\n".to_vec();
@@ -1268,7 +1271,7 @@ fn run_hostile(setup: &Setup, steps: &[Act]) {
         "no OK line for a fresh host client"
     );
     sim::assert_bytes_eq(&received[ok.len()..], &up);
-    sim::assert_bytes_eq(&s.sim.guest[&g].read, &down);
+    sim::assert_bytes_eq(&s.sim.guest.conns[&g].read, &down);
     s.close_everything();
 }
 

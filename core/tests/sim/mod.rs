@@ -1,5 +1,6 @@
-//! A deterministic world around one engine: a simulated guest that behaves like Linux's
-//! virtio-vsock driver, simulated host sockets with scripted faults, and a virtual clock.
+//! A deterministic world around one engine: a simulated guest (the crate's model of Linux's
+//! virtio-vsock stack, [`vsock_core::testing::LinuxGuest`], fed over a direct call with a
+//! modelled rx ring), simulated host sockets with scripted faults, and a virtual clock.
 //!
 //! Everything runs on one thread in a fixed order, so a run is a pure function of the script.
 //! `Sim::run` drives until nothing moves and panics if that never happens (the livelock guard);
@@ -7,80 +8,29 @@
 
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-use vsock_core::wire::{
-    Header, HeaderError, Op, Packet, SocketType, HOST_CID, SHUTDOWN_BOTH, SHUTDOWN_RCV,
-    SHUTDOWN_SEND,
-};
+use vsock_core::wire::{Header, SHUTDOWN_RCV, SHUTDOWN_SEND};
 use vsock_core::{
     Action, Config, ConnId, ConnState, Direction, Engine, HostEvent, Instant, Interest, Io,
     LineRead, RxGrant, SocketError, Tx,
 };
 
+// The guest's constants and types, for the tests (not every test binary uses them all).
+#[allow(unused_imports)]
+pub use vsock_core::testing::{
+    GuestConn, GuestKey, LinuxGuest, GUEST_BUF_ALLOC, GUEST_CLOSE_TIMEOUT, GUEST_MAX_PKT,
+};
+
 pub const GUEST_CID: u64 = 3;
 /// Linux posts rx buffers of 4 KiB (header included).
 pub const RX_BUF: usize = 4096;
-/// Linux's default receive buffer per socket.
-pub const GUEST_BUF_ALLOC: u32 = 256 * 1024;
-/// Linux's largest packet payload.
-pub const GUEST_MAX_PKT: usize = 64 * 1024;
-/// Linux's close timeout (VSOCK_CLOSE_TIMEOUT).
-pub const GUEST_CLOSE_TIMEOUT: Duration = Duration::from_secs(8);
 
 pub const ECONNREFUSED: i32 = 111;
 pub const ENOENT: i32 = 2;
 pub const EPIPE: i32 = 32;
 pub const ECONNRESET: i32 = 104;
-
-/// A guest socket's view of one connection.
-#[derive(Debug, Default)]
-pub struct GuestConn {
-    pub local_port: u32,
-    pub peer_port: u32,
-    pub connecting: bool,
-    pub established: bool,
-    /// Got an RST, or closed after both shutdowns.
-    pub reset: bool,
-    pub closed: bool,
-    /// Bytes received and not yet read by the application.
-    pub unread: VecDeque<u8>,
-    /// Bytes the application read, in order.
-    pub read: Vec<u8>,
-    /// Application bytes not yet sent.
-    pub to_send: VecDeque<u8>,
-    /// Everything the application queued for sending, in order.
-    pub sent_by_app: Vec<u8>,
-    pub rx_cnt: u32,
-    pub fwd_cnt: u32,
-    pub last_fwd_sent: u32,
-    pub tx_cnt: u32,
-    pub peer_buf_alloc: u32,
-    pub peer_fwd_cnt: u32,
-    /// Shutdown flags the host sent.
-    pub peer_shut: u32,
-    /// Shutdown flags we sent.
-    pub shut_sent: u32,
-    /// Shutdown flags to send once `to_send` is empty.
-    pub shut_wanted: u32,
-    pub credit_requested: bool,
-    pub close_deadline: Option<Instant>,
-    /// The application reads everything as it arrives.
-    pub auto_read: bool,
-    /// The guest sent RST on this connection while it was live (application abort or close
-    /// timeout).
-    pub rst_sent: bool,
-    /// The guest received RST on this connection while it was live.
-    pub rst_received: bool,
-}
-
-impl GuestConn {
-    fn credit(&self) -> u32 {
-        self.peer_buf_alloc
-            .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
-    }
-}
 
 /// How `<uds_path>_<port>` answers a connect.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -283,20 +233,14 @@ pub struct Sim {
     pub now: Instant,
     pub world: World,
     // Guest side.
-    pub guest: BTreeMap<(u32, u32), GuestConn>,
-    pub guest_listeners: BTreeSet<u32>,
-    pub guest_tx: VecDeque<(Header, Vec<u8>)>,
+    /// The guest's vsock stack: its sockets (`guest.conns`, `guest.conn(key)`), listeners,
+    /// the packets it received (`guest.log`), and its counters (`guest.credit_violations`,
+    /// `guest.ignored_rsts`).
+    pub guest: LinuxGuest,
     /// Rx buffers currently posted.
     pub rx_posted: usize,
     /// The guest stopped posting rx buffers.
     pub rx_paused: bool,
-    next_guest_port: u32,
-    /// Packets the guest received, in order (header only).
-    pub guest_log: Vec<Header>,
-    /// Times the engine sent more than the guest's credit allowed.
-    pub guest_credit_violations: u32,
-    /// RST packets of a socket type other than STREAM the guest dropped.
-    pub ignored_rsts: u32,
     // Host side.
     pub host: BTreeMap<u64, HostSock>,
     pub listeners: BTreeMap<u32, Listen>,
@@ -313,19 +257,15 @@ impl Sim {
     pub fn new(config: Config, world: World) -> Sim {
         let now = Instant::from_secs(1);
         let rx_posted = world.rx_ring;
+        let mut guest = LinuxGuest::new(GUEST_CID);
+        guest.auto_read = world.guest_auto_read;
         Sim {
             engine: Engine::new(config, now).expect("valid config"),
             now,
             world,
-            guest: BTreeMap::new(),
-            guest_listeners: BTreeSet::new(),
-            guest_tx: VecDeque::new(),
+            guest,
             rx_posted,
             rx_paused: false,
-            next_guest_port: 49152,
-            guest_log: Vec::new(),
-            guest_credit_violations: 0,
-            ignored_rsts: 0,
             host: BTreeMap::new(),
             listeners: BTreeMap::new(),
             closed_socks: Vec::new(),
@@ -341,288 +281,59 @@ impl Sim {
     }
 
     // ---------------------------------------------------------------------------------------
-    // Scripting the guest
+    // Scripting the guest (forwarded to the Linux stack model)
+
+    /// The guest stack picks up `World::guest_auto_read` for the sockets it creates next.
+    fn sync_guest_knobs(&mut self) {
+        self.guest.auto_read = self.world.guest_auto_read;
+    }
 
     /// The guest application connects to host port `port`; returns the guest connection key.
-    pub fn guest_connect(&mut self, port: u32) -> (u32, u32) {
-        let local = self.next_guest_port;
-        self.next_guest_port += 1;
-        let conn = GuestConn {
-            local_port: local,
-            peer_port: port,
-            connecting: true,
-            auto_read: self.world.guest_auto_read,
-            ..Default::default()
-        };
-        self.guest.insert((local, port), conn);
-        self.guest_send_ctl((local, port), Op::Request, 0);
-        (local, port)
+    pub fn guest_connect(&mut self, port: u32) -> GuestKey {
+        self.sync_guest_knobs();
+        self.guest.connect(port)
     }
 
     pub fn guest_listen(&mut self, port: u32) {
-        self.guest_listeners.insert(port);
+        self.guest.listen(port);
     }
 
     /// The guest application writes `bytes` (sent as credit allows).
-    pub fn guest_write(&mut self, key: (u32, u32), bytes: &[u8]) {
-        let c = self.guest.get_mut(&key).expect("guest connection");
-        c.to_send.extend(bytes);
-        c.sent_by_app.extend_from_slice(bytes);
+    pub fn guest_write(&mut self, key: GuestKey, bytes: &[u8]) {
+        self.guest.write(key, bytes);
     }
 
     /// The guest application shuts down directions (SHUTDOWN_RCV / SHUTDOWN_SEND), after its
     /// queued bytes went out.
-    pub fn guest_shutdown(&mut self, key: (u32, u32), flags: u32) {
-        let c = self.guest.get_mut(&key).expect("guest connection");
-        c.shut_wanted |= flags;
+    pub fn guest_shutdown(&mut self, key: GuestKey, flags: u32) {
+        self.guest.shutdown(key, flags);
     }
 
     /// The guest application closes: shut both, then wait for the host's RST (or time out).
-    pub fn guest_close(&mut self, key: (u32, u32)) {
-        self.guest_shutdown(key, SHUTDOWN_BOTH);
+    pub fn guest_close(&mut self, key: GuestKey) {
+        self.guest.close(key);
     }
 
     /// The guest application closes at once, like `close()` on Linux: bytes it had not sent
     /// yet are dropped (its blocked `send` never completed), SHUTDOWN of both directions goes
     /// out, and the close timeout runs.
-    pub fn guest_close_now(&mut self, key: (u32, u32)) {
-        let c = self.guest.get_mut(&key).expect("guest connection");
-        c.to_send.clear();
-        c.shut_wanted |= SHUTDOWN_BOTH;
+    pub fn guest_close_now(&mut self, key: GuestKey) {
+        self.guest.close_now(key);
     }
 
     /// The guest resets the connection at once.
-    pub fn guest_rst(&mut self, key: (u32, u32)) {
-        self.guest_send_ctl(key, Op::Rst, 0);
-        let c = self.guest.get_mut(&key).expect("guest connection");
-        if !c.closed {
-            c.rst_sent = true;
-        }
-        c.reset = true;
-        c.closed = true;
+    pub fn guest_rst(&mut self, key: GuestKey) {
+        self.guest.rst(key);
     }
 
     /// The guest application reads up to `n` unread bytes.
-    pub fn guest_read(&mut self, key: (u32, u32), n: usize) -> usize {
-        let c = self.guest.get_mut(&key).expect("guest connection");
-        let n = n.min(c.unread.len());
-        let bytes: Vec<u8> = c.unread.drain(..n).collect();
-        c.read.extend(bytes);
-        c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
-        self.guest_maybe_credit_update(key);
-        n
-    }
-
-    fn guest_maybe_credit_update(&mut self, key: (u32, u32)) {
-        let c = &self.guest[&key];
-        if c.closed || !c.established {
-            return;
-        }
-        // Linux: tell the peer when the free space it knows of drops below a packet.
-        let seen_free = GUEST_BUF_ALLOC.saturating_sub(c.rx_cnt.wrapping_sub(c.last_fwd_sent));
-        if c.fwd_cnt != c.last_fwd_sent && (seen_free as usize) < GUEST_MAX_PKT {
-            self.guest_send_ctl(key, Op::CreditUpdate, 0);
-        }
-    }
-
-    fn guest_header(&mut self, key: (u32, u32), op: Op, flags: u32, len: u32) -> Header {
-        let c = self.guest.get_mut(&key).expect("guest connection");
-        c.last_fwd_sent = c.fwd_cnt;
-        Packet {
-            src_cid: GUEST_CID,
-            dst_cid: HOST_CID,
-            src_port: key.0,
-            dst_port: key.1,
-            len,
-            socket_type: SocketType::Stream,
-            op,
-            flags,
-            buf_alloc: GUEST_BUF_ALLOC,
-            fwd_cnt: c.fwd_cnt,
-        }
-        .to_header()
-    }
-
-    fn guest_send_ctl(&mut self, key: (u32, u32), op: Op, flags: u32) {
-        let h = self.guest_header(key, op, flags, 0);
-        self.guest_tx.push_back((h, Vec::new()));
+    pub fn guest_read(&mut self, key: GuestKey, n: usize) -> usize {
+        self.guest.read(key, n)
     }
 
     /// Queues a raw packet from the guest, for bad-input tests.
     pub fn guest_send_raw(&mut self, header: Header, payload: Vec<u8>) {
-        self.guest_tx.push_back((header, payload));
-    }
-
-    /// Moves guest application data into packets as credit allows.
-    fn guest_pump(&mut self) -> bool {
-        let mut progress = false;
-        let keys: Vec<(u32, u32)> = self.guest.keys().copied().collect();
-        for key in keys {
-            loop {
-                let c = &self.guest[&key];
-                if c.closed || !c.established || c.shut_sent & SHUTDOWN_SEND != 0 {
-                    break;
-                }
-                if c.to_send.is_empty() {
-                    break;
-                }
-                let credit = c.credit() as usize;
-                if credit == 0 {
-                    if !c.credit_requested {
-                        self.guest.get_mut(&key).unwrap().credit_requested = true;
-                        self.guest_send_ctl(key, Op::CreditRequest, 0);
-                        progress = true;
-                    }
-                    break;
-                }
-                let n = c.to_send.len().min(credit).min(GUEST_MAX_PKT);
-                let h = self.guest_header(key, Op::Rw, 0, n as u32);
-                let c = self.guest.get_mut(&key).unwrap();
-                let payload: Vec<u8> = c.to_send.drain(..n).collect();
-                c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
-                self.guest_tx.push_back((h, payload));
-                progress = true;
-            }
-            let c = &self.guest[&key];
-            let new_flags = c.shut_wanted & !c.shut_sent;
-            if !c.closed && c.established && new_flags != 0 && c.to_send.is_empty() {
-                let all = c.shut_sent | new_flags;
-                let c = self.guest.get_mut(&key).unwrap();
-                c.shut_sent = all;
-                if all == SHUTDOWN_BOTH {
-                    c.close_deadline = Some(self.now + GUEST_CLOSE_TIMEOUT);
-                }
-                self.guest_send_ctl(key, Op::Shutdown, all);
-                progress = true;
-            }
-        }
-        progress
-    }
-
-    /// The guest driver receives one packet.
-    fn guest_receive(&mut self, h: Header, payload: &[u8]) {
-        self.guest_log.push(h);
-        let pkt = match Packet::parse(&h, u32::MAX) {
-            Ok(pkt) => pkt,
-            // The engine answers a packet of a socket type nobody knows with an RST of that
-            // type (as Linux's own `virtio_transport_reset_no_sock` does); Linux drops a packet
-            // of a type it does not know, and never answers an RST.
-            Err(HeaderError::UnknownType(_)) if h.op.get() == Op::Rst.to_u16() => {
-                self.ignored_rsts += 1;
-                return;
-            }
-            Err(e) => panic!("engine sent a malformed header: {e:?}"),
-        };
-        assert_eq!(
-            pkt.src_cid, HOST_CID,
-            "engine packet from a CID other than the host"
-        );
-        assert_eq!(
-            pkt.dst_cid, GUEST_CID,
-            "engine packet to a CID other than the guest"
-        );
-        assert_eq!(pkt.len as usize, payload.len());
-        if pkt.socket_type != SocketType::Stream {
-            // Only an RST echoing the type of a bad guest packet can have another type. Linux
-            // matches the type to the socket's and never answers an RST: it drops it.
-            assert_eq!(
-                pkt.op,
-                Op::Rst,
-                "engine sent a {:?} packet",
-                pkt.socket_type
-            );
-            self.ignored_rsts += 1;
-            return;
-        }
-        let key = (pkt.dst_port, pkt.src_port);
-        if pkt.op == Op::Request {
-            if self.guest.get(&key).is_some_and(|c| !c.closed) {
-                return;
-            }
-            if self.guest_listeners.contains(&pkt.dst_port) {
-                let c = GuestConn {
-                    local_port: key.0,
-                    peer_port: key.1,
-                    established: true,
-                    peer_buf_alloc: pkt.buf_alloc,
-                    peer_fwd_cnt: pkt.fwd_cnt,
-                    auto_read: self.world.guest_auto_read,
-                    ..Default::default()
-                };
-                self.guest.insert(key, c);
-                self.guest_send_ctl(key, Op::Response, 0);
-            } else {
-                self.guest_tx_rst(key);
-            }
-            return;
-        }
-        let live = self.guest.get(&key).is_some_and(|c| !c.closed);
-        if !live {
-            if pkt.op != Op::Rst {
-                self.guest_tx_rst(key);
-            }
-            return;
-        }
-        let c = self.guest.get_mut(&key).unwrap();
-        c.peer_buf_alloc = pkt.buf_alloc;
-        c.peer_fwd_cnt = pkt.fwd_cnt;
-        if c.credit() > 0 {
-            c.credit_requested = false;
-        }
-        match pkt.op {
-            Op::Response => {
-                if c.connecting {
-                    c.connecting = false;
-                    c.established = true;
-                } else {
-                    self.guest_tx_rst(key);
-                }
-            }
-            Op::Rw => {
-                c.rx_cnt = c.rx_cnt.wrapping_add(pkt.len);
-                if c.rx_cnt.wrapping_sub(c.fwd_cnt) > GUEST_BUF_ALLOC {
-                    self.guest_credit_violations += 1;
-                }
-                c.unread.extend(payload);
-                if c.auto_read {
-                    let n = c.unread.len();
-                    self.guest_read(key, n);
-                }
-            }
-            Op::Shutdown => {
-                c.peer_shut |= pkt.flags & SHUTDOWN_BOTH;
-                if c.peer_shut == SHUTDOWN_BOTH {
-                    c.closed = true;
-                    self.guest_tx_rst(key);
-                }
-            }
-            Op::Rst => {
-                c.rst_received = true;
-                c.reset = true;
-                c.closed = true;
-                c.connecting = false;
-            }
-            Op::CreditUpdate => {}
-            Op::CreditRequest => self.guest_send_ctl(key, Op::CreditUpdate, 0),
-            Op::Request => unreachable!(),
-        }
-    }
-
-    fn guest_tx_rst(&mut self, key: (u32, u32)) {
-        let h = Packet {
-            src_cid: GUEST_CID,
-            dst_cid: HOST_CID,
-            src_port: key.0,
-            dst_port: key.1,
-            len: 0,
-            socket_type: SocketType::Stream,
-            op: Op::Rst,
-            flags: 0,
-            buf_alloc: GUEST_BUF_ALLOC,
-            fwd_cnt: 0,
-        }
-        .to_header();
-        self.guest_tx.push_back((h, Vec::new()));
+        self.guest.send_raw(header, payload);
     }
 
     // ---------------------------------------------------------------------------------------
@@ -739,9 +450,9 @@ impl Sim {
         }
 
         // Guest tx queue.
-        progress |= self.guest_pump();
+        progress |= self.guest.pump(now);
         for _ in 0..self.world.tx_batch {
-            let Some((h, payload)) = self.guest_tx.pop_front() else {
+            let Some((h, payload)) = self.guest.poll_tx() else {
                 break;
             };
             progress = true;
@@ -786,7 +497,8 @@ impl Sim {
             progress = true;
             if let Some((h, payload)) = delivered {
                 self.rx_posted -= 1;
-                self.guest_receive(h, &payload);
+                self.sync_guest_knobs();
+                self.guest.receive(&h, &payload);
             }
         }
         if !self.rx_paused && self.rx_posted < self.world.rx_ring {
@@ -813,22 +525,8 @@ impl Sim {
             self.engine.handle_timeout(now);
             progress = true;
         }
-        progress |= self.guest_timers();
+        progress |= self.guest.handle_timeout(now);
         progress
-    }
-
-    fn guest_timers(&mut self) -> bool {
-        let now = self.now;
-        let expired: Vec<(u32, u32)> = self
-            .guest
-            .iter()
-            .filter(|(_, c)| !c.closed && c.close_deadline.is_some_and(|t| t <= now))
-            .map(|(k, _)| *k)
-            .collect();
-        for key in &expired {
-            self.guest_rst(*key);
-        }
-        !expired.is_empty()
     }
 
     fn deliver_tx(&mut self, h: Header, payload: &[u8]) {
@@ -1032,12 +730,7 @@ impl Sim {
         loop {
             self.run();
             let next_engine = self.engine.poll_timeout();
-            let next_guest = self
-                .guest
-                .values()
-                .filter(|c| !c.closed)
-                .filter_map(|c| c.close_deadline)
-                .min();
+            let next_guest = self.guest.next_deadline();
             let next = [next_engine, next_guest, Some(end)]
                 .into_iter()
                 .flatten()
@@ -1081,7 +774,7 @@ impl Sim {
         );
         assert!(self.engine.connections() <= cfg.max_connections);
         assert_eq!(
-            self.guest_credit_violations, 0,
+            self.guest.credit_violations, 0,
             "the engine overran the guest's credit"
         );
     }
