@@ -16,10 +16,15 @@ pub struct Config {
     /// The receive buffer we advertise to the guest (`buf_alloc`) for each connection, and so
     /// the capacity of the buffer that holds guest data a host socket has not taken yet.
     pub buffer_size: u32,
-    /// The largest payload of one packet, in either direction. Linux uses 64 KiB.
+    /// The largest payload of one packet to the guest. (A packet from the guest may carry up
+    /// to `buffer_size` bytes, the most its credit can ever allow; a larger one is refused as
+    /// oversize.)
     pub max_packet_payload: u32,
     /// The most connections alive at once, counting host clients still sending `CONNECT`.
     pub max_connections: usize,
+    /// The most host clients still sending their `CONNECT` line at once, so that clients of
+    /// the host socket cannot fill the table the guest's connections need.
+    pub max_pending_host_clients: usize,
     /// How long a host client may take to send its `CONNECT` line.
     pub connect_line_timeout: Duration,
     /// How long a connect may take: the host socket connect for a guest request, and the
@@ -36,7 +41,9 @@ pub struct Config {
     /// The most RST replies to unknown connections waiting for a guest rx buffer; more are
     /// dropped and counted.
     pub max_pending_resets: usize,
-    /// How many drained connection buffers are kept for reuse instead of being freed.
+    /// How many drained connection buffers are kept for reuse instead of being freed. While
+    /// no more connections than this hold buffered bytes at once, the steady state allocates
+    /// nothing; beyond it, buffers are freed and allocated again as they drain and fill.
     pub pooled_buffers: usize,
 }
 
@@ -48,13 +55,14 @@ impl Config {
             buffer_size: 256 * 1024,
             max_packet_payload: 64 * 1024,
             max_connections: 1024,
+            max_pending_host_clients: 64,
             connect_line_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
             close_timeout: Duration::from_secs(8),
             host_port_first: 1 << 30,
             credit_update_threshold: 64 * 1024,
             max_pending_resets: 256,
-            pooled_buffers: 64,
+            pooled_buffers: 256,
         }
     }
 
@@ -71,6 +79,9 @@ impl Config {
         }
         if self.max_packet_payload == 0 {
             return Err(ConfigError::MaxPacketPayload);
+        }
+        if self.max_pending_host_clients == 0 {
+            return Err(ConfigError::MaxPendingHostClients);
         }
         if self.max_connections == 0 || self.max_connections > 1 << 20 {
             return Err(ConfigError::MaxConnections);
@@ -94,6 +105,8 @@ pub enum ConfigError {
     BufferSize,
     /// `max_packet_payload` is zero.
     MaxPacketPayload,
+    /// `max_pending_host_clients` is zero.
+    MaxPendingHostClients,
     /// `max_connections` is zero or above 2^20.
     MaxConnections,
     /// `host_port_first` is `u32::MAX`, the reserved "any" port.
@@ -108,6 +121,7 @@ impl fmt::Display for ConfigError {
             ConfigError::GuestCid => "guest CID is reserved or wider than 32 bits",
             ConfigError::BufferSize => "buffer size must be between 1 byte and 1 GiB",
             ConfigError::MaxPacketPayload => "maximum packet payload must not be zero",
+            ConfigError::MaxPendingHostClients => "maximum pending host clients must not be zero",
             ConfigError::MaxConnections => "maximum connections must be between 1 and 2^20",
             ConfigError::HostPortFirst => "the first host port must not be u32::MAX",
             ConfigError::CreditUpdateThreshold => {

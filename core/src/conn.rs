@@ -172,6 +172,8 @@ pub(crate) struct Conn {
 
     pub(crate) readable: bool,
     pub(crate) writable: bool,
+    /// An `Action::Flush` went out and its result has not come back.
+    pub(crate) flush_outstanding: bool,
     /// The interest last announced to the caller.
     pub(crate) interest: Interest,
 
@@ -219,6 +221,7 @@ impl Conn {
             socket_open: true,
             readable: false,
             writable: false,
+            flush_outstanding: false,
             interest: Interest::default(),
             rx_cnt: 0,
             fwd_cnt: 0,

@@ -60,6 +60,8 @@ pub struct Engine {
     pool: Pool,
     next_generation: u32,
     next_host_port: u32,
+    /// Host clients still sending their `CONNECT` line.
+    reading_line: usize,
     stats: Stats,
 }
 
@@ -121,6 +123,7 @@ impl Engine {
             pool: Pool::new(config.buffer_size as usize, config.pooled_buffers),
             next_generation: 1,
             next_host_port: config.host_port_first,
+            reading_line: 0,
             stats: Stats::default(),
             config,
         })
@@ -180,6 +183,12 @@ impl Engine {
     /// avoid polling (it may be true when a poll then finds nothing).
     pub fn has_pending_output(&self) -> bool {
         !self.resets.is_empty() || !self.rx_queue.is_empty() || !self.act_queue.is_empty()
+    }
+
+    /// Whether [`poll_rx`](Self::poll_rx) may have a packet (it may then still find none, or
+    /// find only data that needs more room than the buffer offered).
+    pub fn has_pending_rx(&self) -> bool {
+        !self.resets.is_empty() || !self.rx_queue.is_empty()
     }
 
     fn get(&self, conn: ConnId) -> Option<&Conn> {
@@ -247,7 +256,8 @@ impl Engine {
             );
             return Tx::Done;
         }
-        let pkt = match Packet::parse(header, self.config.max_packet_payload) {
+        // No credit we ever advertise lets a packet carry more than our buffer.
+        let pkt = match Packet::parse(header, self.config.buffer_size) {
             Ok(p) => p,
             Err(e) => {
                 self.bad_header(header, e);
@@ -378,7 +388,8 @@ impl Engine {
         }
         match pkt.op {
             Op::Response => {
-                if c.phase == Phase::HostConnecting {
+                // A RESPONSE counts only once our REQUEST really reached the guest.
+                if c.phase == Phase::HostConnecting && c.owed_rx & owed_rx::REQUEST == 0 {
                     c.phase = Phase::Established;
                     c.ok = Some((OkLine::new(key.host_port), 0));
                     c.deadline = None;
@@ -396,7 +407,12 @@ impl Engine {
             Op::CreditUpdate => {}
             Op::CreditRequest => c.owed_rx |= owed_rx::CREDIT_UPDATE,
             Op::Rw => {
-                if c.phase != Phase::Established || c.guest_shut & SHUTDOWN_SEND != 0 {
+                // Data is allowed once the guest has seen the connection established (our
+                // RESPONSE delivered, or its own RESPONSE received) and until its SHUTDOWN SEND.
+                if c.phase != Phase::Established
+                    || c.owed_rx & owed_rx::RESPONSE != 0
+                    || c.guest_shut & SHUTDOWN_SEND != 0
+                {
                     self.stats.data_after_shutdown += 1;
                     self.reset_conn(idx);
                 } else if c.rx_cnt.wrapping_sub(c.last_fwd_sent) as usize + pkt.len as usize
@@ -495,9 +511,11 @@ impl Engine {
     /// socket is readable. On `Err`, close the socket: the table is full (counted).
     pub fn handle_accept(&mut self, now: Instant) -> Result<ConnId, TableFull> {
         self.advance(now);
-        if self.conns.len() >= self.config.max_connections {
+        if self.conns.len() >= self.config.max_connections
+            || self.reading_line >= self.config.max_pending_host_clients
+        {
             self.stats.accept_limit += 1;
-            debug!("connection table full; refusing host client");
+            debug!("connection table or pending host clients full; refusing host client");
             return Err(TableFull);
         }
         let key = Key {
@@ -507,6 +525,7 @@ impl Engine {
         };
         let idx = self.insert(Conn::new(0, Origin::Host, Phase::ConnectLine, key));
         self.conns[idx].writable = true;
+        self.reading_line += 1;
         self.stats.host_accepts += 1;
         let deadline = self.now + self.config.connect_line_timeout;
         self.set_deadline(idx, deadline);
@@ -574,6 +593,9 @@ impl Engine {
     /// only the socket's close.
     fn close_host_client(&mut self, idx: usize) {
         let c = &mut self.conns[idx];
+        if c.phase == Phase::ConnectLine {
+            self.reading_line -= 1;
+        }
         c.phase = Phase::Closed;
         c.deadline = None;
         self.free_if_done(idx);
@@ -592,6 +614,7 @@ impl Engine {
             host_port,
         };
         c.phase = Phase::HostConnecting;
+        self.reading_line -= 1;
         c.owed_rx |= owed_rx::REQUEST;
         self.bind_key(idx);
         let deadline = self.now + self.config.connect_timeout;
@@ -701,8 +724,9 @@ impl Engine {
     ///
     /// # Errors
     ///
-    /// [`ConnError::Stale`] for a dead handle; [`ConnError::Overrun`] if `result` claims more
-    /// bytes than were offered (the connection is reset).
+    /// [`ConnError::Stale`] for a dead handle; [`ConnError::WrongState`] if no
+    /// [`Action::Flush`] for it is outstanding (nothing changes); [`ConnError::Overrun`] if
+    /// `result` claims more bytes than were offered (the connection is reset).
     pub fn handle_host_write(
         &mut self,
         now: Instant,
@@ -712,6 +736,12 @@ impl Engine {
         self.advance(now);
         let idx = self.lookup(conn)?;
         let c = &mut self.conns[idx];
+        if !c.flush_outstanding {
+            // Only the answer to an `Action::Flush` moves bytes: anything else would hand
+            // the guest credit for bytes no socket took.
+            return Err(ConnError::WrongState);
+        }
+        c.flush_outstanding = false;
         if c.phase != Phase::Established || !c.socket_open {
             return Ok(());
         }
@@ -801,6 +831,21 @@ impl Engine {
     // ---------------------------------------------------------------------------------------
     // Commands
 
+    /// Resets one connection: an RST to the guest, the socket closed, anything buffered
+    /// dropped. For a caller that cannot keep its side of the stream (a packet it could not
+    /// publish after all, a socket it lost), so the loss is never silent.
+    ///
+    /// # Errors
+    ///
+    /// [`ConnError::Stale`] for a dead handle.
+    pub fn reset_connection(&mut self, now: Instant, conn: ConnId) -> Result<(), ConnError> {
+        self.advance(now);
+        let idx = self.lookup(conn)?;
+        self.stats.resets_by_caller += 1;
+        self.reset_conn(idx);
+        Ok(())
+    }
+
     /// Resets every connection: each gets an RST to the guest and its socket closed. For a
     /// clean shutdown of a running device.
     pub fn abort_all(&mut self, now: Instant) {
@@ -831,6 +876,9 @@ impl Engine {
                 continue;
             }
             let c = &mut self.conns[idx];
+            if c.phase == Phase::ConnectLine {
+                self.reading_line -= 1;
+            }
             c.owed_rx = 0;
             c.phase = Phase::Closed;
             c.deadline = None;
@@ -892,9 +940,10 @@ impl Engine {
                     conn,
                     direction: Direction::Read,
                 }),
-                owed_act::FLUSH => {
-                    (c.writable && c.host_pending() > 0).then_some(Action::Flush { conn })
-                }
+                owed_act::FLUSH => (c.writable && c.host_pending() > 0).then(|| {
+                    c.flush_outstanding = true;
+                    Action::Flush { conn }
+                }),
                 owed_act::SHUT_WR => Some(Action::Shutdown {
                     conn,
                     direction: Direction::Write,
@@ -1274,7 +1323,7 @@ impl Engine {
             Phase::GuestConnecting | Phase::HostConnecting => {}
             Phase::Established => {
                 let pending = c.host_pending();
-                if pending > 0 && c.writable && c.socket_open {
+                if pending > 0 && c.writable && c.socket_open && !c.flush_outstanding {
                     c.owed_act |= owed_act::FLUSH;
                 }
                 if c.ring.as_ref().is_some_and(|r| r.len() == 0) {

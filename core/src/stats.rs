@@ -42,7 +42,7 @@ pub struct Stats {
     pub unknown_type: u64,
     /// Answered with RST: an operation the specification does not define.
     pub unknown_op: u64,
-    /// Answered with RST: a payload longer than `max_packet_payload`.
+    /// Answered with RST: a payload longer than `buffer_size`, which no credit allows.
     pub oversize_len: u64,
     /// Answered with RST: a control packet that carries a payload.
     pub control_payload: u64,
@@ -61,7 +61,8 @@ pub struct Stats {
     pub rst_for_unknown: u64,
     /// Answered with RST: a REQUEST while the connection table is full.
     pub connection_limit: u64,
-    /// Refused: a host client accepted while the connection table is full.
+    /// Refused: a host client accepted while the connection table, or the room for clients
+    /// still sending their `CONNECT` line, is full.
     pub accept_limit: u64,
     /// Dropped: an RST reply that found the reply queue full.
     pub rst_queue_full: u64,
@@ -92,6 +93,8 @@ pub struct Stats {
     pub host_errors: u64,
     /// Ignored: an event for a connection handle that is no longer live.
     pub stale_events: u64,
+    /// Reset at the caller's request ([`Engine::reset_connection`](crate::Engine::reset_connection)).
+    pub resets_by_caller: u64,
 }
 
 /// Counters of one connection.

@@ -53,7 +53,9 @@ fn watch<R>(f: impl FnOnce() -> R) -> R {
 }
 
 const GUEST_CID: u64 = 3;
-const CONNS: u32 = 16;
+/// More connections buffering at once than the old pool kept (64), fewer than the default
+/// `pooled_buffers`.
+const CONNS: u32 = 100;
 
 fn header(guest_port: u32, host_port: u32, op: Op, len: u32, fwd_cnt: u32) -> Header {
     Packet {

@@ -327,11 +327,11 @@ fn rows() -> Vec<Row> {
             "credit_violation",
         ),
         row(
-            "RW beyond credit in one packet",
+            "RW larger than any credit (more than our buffer)",
             Established,
             live(Op::Rw, BUF + 1),
             Reset,
-            "credit_violation",
+            "oversize_len",
         ),
         row(
             "RW on unknown connection",
@@ -421,7 +421,7 @@ fn rows() -> Vec<Row> {
         row(
             "oversize len",
             Nothing,
-            Packet(hdr(op(Op::Rw), UGP, UHP, MAX_PAYLOAD + 1)),
+            Packet(hdr(op(Op::Rw), UGP, UHP, BUF + 1)),
             orphan(STREAM),
             "oversize_len",
         ),
@@ -431,6 +431,13 @@ fn rows() -> Vec<Row> {
             live(Op::Rw, MAX_PAYLOAD + 1),
             Reset,
             "oversize_len",
+        ),
+        row(
+            "RW beyond credit in one packet",
+            Buffered,
+            live(Op::Rw, BUF),
+            Reset,
+            "credit_violation",
         ),
         row(
             "control op with payload",

@@ -258,7 +258,10 @@ fn host_connect_to_a_port_nobody_listens_on_is_closed() {
 
 #[test]
 fn many_connections_each_moving_data() {
-    let mut s = sim();
+    // 300 host clients connect at once, so all may be reading their CONNECT line together.
+    let mut config = Sim::default_config();
+    config.max_pending_host_clients = 300;
+    let mut s = Sim::new(config, World::default());
     s.host_listen(80, Listen::Accept);
     s.guest_listen(81);
     let mut guest_side = Vec::new();
@@ -288,6 +291,27 @@ fn many_connections_each_moving_data() {
         assert_bytes_eq(&s.guest.conns[&g].read, &pattern(1000 + i, 7000));
     }
     s.assert_memory_bounded();
+}
+
+#[test]
+fn host_clients_still_sending_connect_cannot_fill_the_table() {
+    let mut config = Sim::default_config();
+    config.max_pending_host_clients = 4;
+    let mut s = Sim::new(config, World::default());
+    s.host_listen(80, Listen::Accept);
+    // Four silent clients take all the room for pending clients...
+    for _ in 0..4 {
+        assert!(s.host_connect(b"CONN").is_some());
+    }
+    assert!(
+        s.host_connect(b"CONNECT 1\n").is_none(),
+        "a fifth pending client is refused"
+    );
+    assert_eq!(s.engine.stats().accept_limit, 1);
+    // ...but the guest can still connect.
+    let g = s.guest_connect(80);
+    s.run();
+    assert!(s.guest.conns[&g].established);
 }
 
 #[test]

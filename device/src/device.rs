@@ -68,6 +68,13 @@ pub enum DeviceError {
     Queue(virtio_queue::Error),
     /// Restored features this device would have refused.
     Features(FeatureError),
+    /// The saved state belongs to a device serving another guest CID.
+    GuestCid {
+        /// The CID in the saved state.
+        saved: u64,
+        /// The CID this device serves.
+        ours: u64,
+    },
 }
 
 impl fmt::Display for DeviceError {
@@ -76,6 +83,12 @@ impl fmt::Display for DeviceError {
             DeviceError::NotActivated => f.write_str("device not activated"),
             DeviceError::Queue(e) => write!(f, "virtqueue error: {e}"),
             DeviceError::Features(e) => write!(f, "restored features refused: {e}"),
+            DeviceError::GuestCid { saved, ours } => {
+                write!(
+                    f,
+                    "saved state is for guest CID {saved}, this device serves {ours}"
+                )
+            }
         }
     }
 }
@@ -140,7 +153,8 @@ pub struct DeviceStats {
     pub tx_bad_memory: u64,
     /// Rx chain with a read-only descriptor: returned empty.
     pub rx_read_only: u64,
-    /// Rx chain too short for a header: returned empty.
+    /// Rx chain too short for a header, or with no room for the data that is waiting:
+    /// returned empty.
     pub rx_too_short: u64,
     /// Rx chain pointing outside guest memory, or broken (as for `tx_bad_memory`): returned
     /// empty.
@@ -338,6 +352,13 @@ impl VsockDevice {
             Queue::try_from(state.queues[2])?,
         ];
         self.check_features(state.acked_features)?;
+        let ours = self.engine.config().guest_cid;
+        if state.guest_cid != ours {
+            return Err(DeviceError::GuestCid {
+                saved: state.guest_cid,
+                ours,
+            });
+        }
         self.engine.reset(now);
         self.acked_features = state.acked_features;
         self.activated = state.activated;
@@ -659,7 +680,7 @@ impl VsockDevice {
         loop {
             queue.disable_notification(mem)?;
             let mut popped = false;
-            while self.engine.has_pending_output() {
+            while self.engine.has_pending_rx() {
                 let Some(chain) = queue.pop_descriptor_chain(mem) else {
                     break;
                 };
@@ -682,10 +703,10 @@ impl VsockDevice {
                 }
                 *budget -= 1;
                 if *budget == 0 {
-                    return Ok((used, self.engine.has_pending_output()));
+                    return Ok((used, self.engine.has_pending_rx()));
                 }
             }
-            if !self.engine.has_pending_output() {
+            if !self.engine.has_pending_rx() {
                 return Ok((used, false));
             }
             // Out of buffers with packets waiting: ask to be kicked when the guest posts more,
@@ -737,7 +758,16 @@ impl VsockDevice {
         let all = Span::new(&self.segs, 0, total);
         let room = (total - HEADER_LEN).min(u32::MAX as usize - HEADER_LEN);
         loop {
-            match self.engine.poll_rx(now, room)? {
+            let Some(grant) = self.engine.poll_rx(now, room) else {
+                if room == 0 && self.engine.has_pending_rx() {
+                    // Only data is waiting and this buffer has no room for any: it can never
+                    // be filled, and putting it back would stop the ring behind it.
+                    self.stats.rx_too_short += 1;
+                    return Some(0);
+                }
+                return None;
+            };
+            match grant {
                 RxGrant::Packet(packet) => {
                     let payload_len = packet.payload().len();
                     // The whole chain was checked above, so these writes stay in guest memory.
@@ -751,6 +781,7 @@ impl VsockDevice {
                     return Some((HEADER_LEN + payload_len) as u32);
                 }
                 RxGrant::Read(read) => {
+                    let conn = read.conn();
                     let data = Span::new(&self.segs, HEADER_LEN, room);
                     let io = match host.fd(read.conn()) {
                         Some(fd) => match data.read_from_fd(mem, read.max(), fd) {
@@ -766,7 +797,10 @@ impl VsockDevice {
                         Ok(Some(header)) => {
                             // Publish the header only now that the data is in.
                             if all.write(mem, 0, header.as_bytes()).is_err() {
+                                // The bytes left the socket but never reached the guest:
+                                // the stream cannot go on as if they had.
                                 self.stats.rx_bad_memory += 1;
+                                let _ = self.engine.reset_connection(now, conn);
                                 return Some(0);
                             }
                             return Some((HEADER_LEN + header.len.get() as usize) as u32);

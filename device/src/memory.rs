@@ -154,7 +154,8 @@ impl<'s> Span<'s> {
         })
     }
 
-    /// Writes up to `max` bytes of the span to `fd` with one `writev`.
+    /// Writes up to `max` bytes of the span to the socket `fd` with one `sendmsg`, never
+    /// blocking and never raising SIGPIPE.
     pub(crate) fn write_to_fd<M: GuestMemory>(
         &self,
         mem: &M,
@@ -169,11 +170,20 @@ impl<'s> Span<'s> {
             let g = guards[i].as_ref().expect("one guard per slice");
             (g.as_ptr(), g.len())
         });
+        let mut msg = message(&iov, n);
         // SAFETY: each iovec describes a slice of mapped guest memory that vm-memory checked
         // against the guest's regions; the guards keep those mappings alive for the duration of
-        // the call, and `writev` only reads through the pointers. `fd` is a valid borrowed
-        // descriptor and `n <= MAX_IOV` entries of `iov` are initialised.
-        let r = unsafe { libc::writev(fd.as_raw_fd(), iov.as_ptr(), n as libc::c_int) };
+        // the call, and `sendmsg` only reads through the pointers. `msg` points at `iov`, which
+        // outlives the call, with `n <= MAX_IOV` initialised entries. `fd` is a valid borrowed
+        // descriptor. MSG_DONTWAIT keeps the call from blocking whatever the descriptor's mode;
+        // MSG_NOSIGNAL turns a closed peer into EPIPE instead of SIGPIPE.
+        let r = unsafe {
+            libc::sendmsg(
+                fd.as_raw_fd(),
+                &raw mut msg,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
         // The guards (and the slices they come from) live until here, past the call.
         let _ = &guards;
         Ok(if r < 0 {
@@ -183,8 +193,8 @@ impl<'s> Span<'s> {
         })
     }
 
-    /// Reads up to `max` bytes from `fd` into the span with one `readv`, marking what was
-    /// written dirty.
+    /// Reads up to `max` bytes from the socket `fd` into the span with one `recvmsg`, never
+    /// blocking, marking what was written dirty.
     pub(crate) fn read_from_fd<M: GuestMemory>(
         &self,
         mem: &M,
@@ -199,12 +209,15 @@ impl<'s> Span<'s> {
             let g = guards[i].as_ref().expect("one guard per slice");
             (g.as_ptr().cast_const(), g.len())
         });
+        let mut msg = message(&iov, n);
         // SAFETY: each iovec describes a writable slice of mapped guest memory that vm-memory
         // checked against the guest's regions; the guards keep the mappings alive for the call.
         // Guest memory is shared with the guest, so it is only ever accessed through raw
-        // pointers (never as a Rust reference), which is what `readv` does. `fd` is a valid
-        // borrowed descriptor and `n <= MAX_IOV` entries of `iov` are initialised.
-        let r = unsafe { libc::readv(fd.as_raw_fd(), iov.as_ptr(), n as libc::c_int) };
+        // pointers (never as a Rust reference), which is what `recvmsg` does. `msg` points at
+        // `iov`, which outlives the call, with `n <= MAX_IOV` initialised entries; it asks for
+        // no address and no control data. `fd` is a valid borrowed descriptor. MSG_DONTWAIT
+        // keeps the call from blocking whatever the descriptor's mode.
+        let r = unsafe { libc::recvmsg(fd.as_raw_fd(), &raw mut msg, libc::MSG_DONTWAIT) };
         // The guards (and the slices they come from) live until here, past the call.
         let _ = &guards;
         if r < 0 {
@@ -221,6 +234,18 @@ impl<'s> Span<'s> {
         }
         Ok(Ok(r as usize))
     }
+}
+
+/// A message header for `sendmsg`/`recvmsg` over the first `n` entries of `iov`, with no
+/// address and no control data.
+fn message(iov: &[libc::iovec; MAX_IOV], n: usize) -> libc::msghdr {
+    // SAFETY: `msghdr` is a plain C struct (pointers, lengths, flags, and on some targets
+    // padding fields) for which all-zero bytes are a valid value: null name and control
+    // pointers with zero lengths.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr().cast_mut();
+    msg.msg_iovlen = n as _;
+    msg
 }
 
 /// The first `n` entries of an iovec array, from each piece's pointer and length.
