@@ -1,0 +1,419 @@
+//! The host side of hybrid vsock, written once for every runtime: the Unix sockets the engine's
+//! [`Action`]s turn into system calls.
+//!
+//! - [`UdsPath`]: the base path `<uds_path>`; a guest connection to port `P` goes to
+//!   `<uds_path>_P`, host clients connect to `<uds_path>` itself.
+//! - [`Listener`]: the socket host clients connect to, bound non-blocking, with the path
+//!   unlinked when it is dropped (and a stale file from a dead process replaced, a live
+//!   listener refused).
+//! - [`Host`]: the table of connection sockets. It implements
+//!   [`HostSockets`](vsock_device::HostSockets), so [`VsockDevice::serve`] performs actions
+//!   through it: non-blocking connects, the `CONNECT` line read in bounded pieces, flushes,
+//!   half-closes, closes. Any socket error becomes an engine input (a reset), never a panic or
+//!   a stopped loop.
+//!
+//! What differs between runtimes is only how a socket is watched. That is the [`Reactor`]
+//! trait: `vsock-mio` registers sockets in a `mio::Registry`, `vsock-tokio` wraps them in
+//! `AsyncFd`, `vsock-smol` in `async_io::Async`. No protocol decision is made here or there.
+//!
+//! Writes use `std`'s socket calls; like every Rust program, the process is expected to ignore
+//! `SIGPIPE` (the Rust runtime does so at start), so a closed peer is `EPIPE`, not a signal.
+//!
+//! [`Action`]: vsock_core::Action
+//! [`VsockDevice::serve`]: vsock_device::VsockDevice::serve
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{self, ErrorKind, IoSlice, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use tracing::{debug, warn};
+use vsock_core::wire::CONNECT_LINE_MAX;
+use vsock_core::{
+    Action, ConnId, Direction, Engine, HostEvent, Instant, Interest, Io, LineRead, SocketError,
+};
+use vsock_device::HostSockets;
+
+/// The longest path a Unix socket address holds (`sun_path`, less its terminating zero).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Suffix room a port needs: `_4294967295`.
+const PORT_SUFFIX_MAX: usize = 11;
+
+/// Why a base path cannot serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathError {
+    /// The path is empty.
+    Empty,
+    /// `<path>_<port>` would not fit in a Unix socket address.
+    TooLong {
+        /// The path's length in bytes.
+        len: usize,
+        /// The longest base that leaves room for any port.
+        max: usize,
+    },
+}
+
+impl fmt::Display for PathError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PathError::Empty => f.write_str("the Unix socket path is empty"),
+            PathError::TooLong { len, max } => write!(
+                f,
+                "the Unix socket path is {len} bytes; with a port suffix it must fit in \
+                 {MAX_SOCKET_PATH}, so at most {max}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for PathError {}
+
+/// The base path `<uds_path>` of the hybrid-vsock sockets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdsPath {
+    base: PathBuf,
+}
+
+impl UdsPath {
+    /// Checks that `<base>` and every `<base>_<port>` fit in a Unix socket address.
+    pub fn new(base: impl Into<PathBuf>) -> Result<Self, PathError> {
+        let base = base.into();
+        let len = base.as_os_str().len();
+        if len == 0 {
+            return Err(PathError::Empty);
+        }
+        let max = MAX_SOCKET_PATH - PORT_SUFFIX_MAX;
+        if len > max {
+            return Err(PathError::TooLong { len, max });
+        }
+        Ok(UdsPath { base })
+    }
+
+    /// `<uds_path>`: where host clients connect.
+    pub fn listener(&self) -> &Path {
+        &self.base
+    }
+
+    /// `<uds_path>_<port>`: where a guest connection to `port` goes.
+    pub fn port(&self, port: u32) -> PathBuf {
+        let mut s = self.base.clone().into_os_string();
+        s.push(format!("_{port}"));
+        PathBuf::from(s)
+    }
+}
+
+/// The listening socket for host clients. Dropping it unlinks its path.
+#[derive(Debug)]
+pub struct Listener {
+    socket: UnixListener,
+    path: PathBuf,
+}
+
+impl Listener {
+    /// Binds `path`, non-blocking. A socket file left by a process that died is replaced; a
+    /// path where something still listens is refused with `AddrInUse`.
+    ///
+    /// # Errors
+    ///
+    /// The bind's error, with the path in the message.
+    pub fn bind(path: &Path) -> io::Result<Listener> {
+        let socket = match UnixListener::bind(path) {
+            Ok(s) => s,
+            Err(e) if e.kind() == ErrorKind::AddrInUse => {
+                if UnixStream::connect(path).is_ok() {
+                    return Err(io::Error::new(
+                        ErrorKind::AddrInUse,
+                        format!("{} is in use by a live listener", path.display()),
+                    ));
+                }
+                debug!(path = %path.display(), "replacing a stale socket file");
+                std::fs::remove_file(path)?;
+                UnixListener::bind(path)?
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot bind {}: {e}", path.display()),
+                ))
+            }
+        };
+        socket.set_nonblocking(true)?;
+        Ok(Listener {
+            socket,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The next pending client, non-blocking: `Ok(None)` when there is none.
+    ///
+    /// # Errors
+    ///
+    /// An accept error other than would-block (`EMFILE` and friends): the caller logs it and
+    /// tries again later; the listener stays usable.
+    pub fn accept(&self) -> io::Result<Option<UnixStream>> {
+        match self.socket.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(true)?;
+                Ok(Some(stream))
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The bound path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            if e.kind() != ErrorKind::NotFound {
+                warn!(path = %self.path.display(), error = %e, "cannot unlink listener");
+            }
+        }
+    }
+}
+
+/// How a runtime watches sockets: the one thing that differs between event loops.
+pub trait Reactor {
+    /// The runtime's handle of a watched socket.
+    type Socket;
+
+    /// Starts watching a new non-blocking socket of `conn`.
+    ///
+    /// # Errors
+    ///
+    /// Registration failed; the socket is dropped and the connection reset.
+    fn register(&mut self, conn: ConnId, stream: UnixStream) -> io::Result<Self::Socket>;
+
+    /// The stream inside a handle, for reads, writes and shutdowns.
+    fn stream<'a>(&self, socket: &'a Self::Socket) -> &'a UnixStream;
+
+    /// Report these readiness events of `conn`'s socket from now on.
+    fn set_interest(&mut self, conn: ConnId, socket: &mut Self::Socket, interest: Interest);
+
+    /// Stops watching `conn`'s socket; dropping the handle closes it.
+    fn deregister(&mut self, conn: ConnId, socket: Self::Socket);
+}
+
+/// Counters of the host side.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HostStats {
+    /// Connects to `<uds_path>_<port>` that succeeded.
+    pub connects: u64,
+    /// Connects that failed (no such socket, refused, backlog full).
+    pub connect_failures: u64,
+    /// Sockets the runtime could not register (`EMFILE`, ...): reset.
+    pub register_failures: u64,
+    /// Host clients refused because the engine's table was full.
+    pub refused_clients: u64,
+    /// Sockets closed.
+    pub closes: u64,
+}
+
+/// The host sockets of one device.
+pub struct Host<R: Reactor> {
+    path: UdsPath,
+    sockets: HashMap<u64, R::Socket>,
+    reactor: R,
+    stats: HostStats,
+}
+
+impl<R: Reactor> fmt::Debug for Host<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Host")
+            .field("path", &self.path)
+            .field("sockets", &self.sockets.len())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Reactor> Host<R> {
+    /// A host side for `path`, watching sockets with `reactor`.
+    pub fn new(path: UdsPath, reactor: R) -> Self {
+        Host {
+            path,
+            sockets: HashMap::new(),
+            reactor,
+            stats: HostStats::default(),
+        }
+    }
+
+    /// The base path.
+    pub fn path(&self) -> &UdsPath {
+        &self.path
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &HostStats {
+        &self.stats
+    }
+
+    /// The reactor.
+    pub fn reactor(&self) -> &R {
+        &self.reactor
+    }
+
+    /// The reactor.
+    pub fn reactor_mut(&mut self) -> &mut R {
+        &mut self.reactor
+    }
+
+    /// The socket of a live connection.
+    pub fn socket(&self, conn: ConnId) -> Option<&R::Socket> {
+        self.sockets.get(&conn.to_raw())
+    }
+
+    /// Live sockets.
+    pub fn len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    /// Whether no socket is live.
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
+    /// Takes a client accepted on the [`Listener`]: the engine gets it, or it is closed at once
+    /// when the engine's table is full. Returns its connection.
+    pub fn adopt_client(
+        &mut self,
+        now: Instant,
+        engine: &mut Engine,
+        stream: UnixStream,
+    ) -> Option<ConnId> {
+        let Ok(conn) = engine.handle_accept(now) else {
+            self.stats.refused_clients += 1;
+            return None;
+        };
+        match self.reactor.register(conn, stream) {
+            Ok(socket) => {
+                self.sockets.insert(conn.to_raw(), socket);
+                Some(conn)
+            }
+            Err(e) => {
+                warn!(%conn, error = %e, "cannot watch a host client");
+                self.stats.register_failures += 1;
+                let _ =
+                    engine.handle_host_event(now, conn, HostEvent::Error(SocketError::from(&e)));
+                None
+            }
+        }
+    }
+
+    fn stream(&self, conn: ConnId) -> Option<&UnixStream> {
+        self.sockets
+            .get(&conn.to_raw())
+            .map(|s| self.reactor.stream(s))
+    }
+
+    fn connect(&mut self, now: Instant, engine: &mut Engine, conn: ConnId, port: u32) {
+        let path = self.path.port(port);
+        // mio's connect is non-blocking: a Unix socket connects at once or fails at once
+        // (a full backlog is would-block, which the guest sees as a refusal).
+        let event = match mio::net::UnixStream::connect(&path) {
+            Ok(stream) => match self.reactor.register(conn, UnixStream::from(stream)) {
+                Ok(socket) => {
+                    self.sockets.insert(conn.to_raw(), socket);
+                    self.stats.connects += 1;
+                    HostEvent::Connected
+                }
+                Err(e) => {
+                    warn!(%conn, error = %e, "cannot watch a connected socket");
+                    self.stats.register_failures += 1;
+                    HostEvent::ConnectFailed(SocketError::from(&e))
+                }
+            },
+            Err(e) => {
+                debug!(%conn, path = %path.display(), error = %e, "connect failed");
+                self.stats.connect_failures += 1;
+                HostEvent::ConnectFailed(SocketError::from(&e))
+            }
+        };
+        let _ = engine.handle_host_event(now, conn, event);
+    }
+
+    fn read_line(&mut self, now: Instant, engine: &mut Engine, conn: ConnId, max: usize) {
+        let mut buf = [0u8; CONNECT_LINE_MAX];
+        let max = max.min(buf.len());
+        let Some(mut stream) = self.stream(conn) else {
+            return;
+        };
+        let result = stream.read(&mut buf[..max]);
+        let read = match &result {
+            Ok(0) => LineRead::Eof,
+            Ok(n) => LineRead::Data(&buf[..*n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                LineRead::WouldBlock
+            }
+            Err(e) => LineRead::Error(SocketError::from(e)),
+        };
+        let _ = engine.handle_connect_line(now, conn, read);
+    }
+
+    fn flush(&mut self, now: Instant, engine: &mut Engine, conn: ConnId) {
+        let Some(mut stream) = self.stream(conn) else {
+            return;
+        };
+        let Ok([a, b]) = engine.host_bytes(conn) else {
+            return;
+        };
+        let result = stream.write_vectored(&[IoSlice::new(a), IoSlice::new(b)]);
+        let _ = engine.handle_host_write(now, conn, Io::from_result(&result));
+    }
+}
+
+impl<R: Reactor> HostSockets for Host<R>
+where
+    R::Socket: AsFd,
+{
+    fn fd(&self, conn: ConnId) -> Option<BorrowedFd<'_>> {
+        self.sockets.get(&conn.to_raw()).map(|s| s.as_fd())
+    }
+
+    fn perform(&mut self, now: Instant, engine: &mut Engine, action: Action) {
+        match action {
+            Action::Connect { conn, port } => self.connect(now, engine, conn, port),
+            Action::ReadConnectLine { conn, max } => self.read_line(now, engine, conn, max),
+            Action::Flush { conn } => self.flush(now, engine, conn),
+            Action::Shutdown { conn, direction } => {
+                if let Some(stream) = self.stream(conn) {
+                    let how = match direction {
+                        Direction::Read => Shutdown::Read,
+                        Direction::Write => Shutdown::Write,
+                    };
+                    // A peer that is already gone makes this fail; nothing is lost by it.
+                    let _ = stream.shutdown(how);
+                }
+            }
+            Action::Interest { conn, interest } => {
+                if let Some(socket) = self.sockets.get_mut(&conn.to_raw()) {
+                    self.reactor.set_interest(conn, socket, interest);
+                }
+            }
+            Action::Close { conn } => {
+                if let Some(socket) = self.sockets.remove(&conn.to_raw()) {
+                    self.reactor.deregister(conn, socket);
+                    self.stats.closes += 1;
+                }
+            }
+        }
+    }
+}
