@@ -7,7 +7,7 @@
 //!   unlinked when it is dropped (and a stale file from a dead process replaced, a live
 //!   listener refused).
 //! - [`Host`]: the table of connection sockets. It implements
-//!   [`HostSockets`](vsock_device::HostSockets), so [`VsockDevice::serve`] performs actions
+//!   [`vsock_device::HostSockets`], so [`VsockDevice::serve`] performs actions
 //!   through it: non-blocking connects, the `CONNECT` line read in bounded pieces, flushes,
 //!   half-closes, closes. Any socket error becomes an engine input (a reset), never a panic or
 //!   a stopped loop.
