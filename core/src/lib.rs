@@ -13,9 +13,8 @@
 //!   hybrid-vsock `CONNECT`/`OK` exchange) is made here, once.
 //! - **It is not** an event loop, a device or a socket library. It performs no I/O, reads no
 //!   clock, spawns no thread and takes no lock. Guest memory is reached only through
-//!   [`GuestBytes`] and through reads the caller makes into it. The runtime crates
-//!   (`vsock-mio`, `vsock-tokio`, `vsock-smol`) drive it over real sockets, `vsock-device` binds
-//!   it to virtqueues.
+//!   [`GuestBytes`] and through reads the caller makes into it. The three runtime crates drive
+//!   it over real sockets, one per event loop; `vsock-device` binds it to virtqueues.
 //!
 //! Because every input is a plain value with an explicit `now` ([`Instant`], nanoseconds from
 //! an epoch the caller picks), a session can be recorded at the engine boundary and replayed
