@@ -1,8 +1,272 @@
-//! Drives the `vsock-core` engine from a [mio](https://docs.rs/mio) event loop.
+//! Drives the vsock device from a [mio](https://docs.rs/mio) event loop: the adapter for
+//! synchronous virtual machine monitors.
 //!
-//! This crate will hold the adapter for synchronous virtual machine monitors: an embeddable
-//! driver that registers the host listener, the connection sockets, the queue notifiers and a
-//! timer in the caller's `mio::Registry`, translates readiness into engine inputs and engine
-//! actions into system calls, and a ready-made loop for a thread of its own. It contains no
-//! protocol logic; every decision is made by `vsock-core`.
+//! [`VsockMio`] registers the host listener and every connection socket in the caller's
+//! `mio::Registry`, under tokens from a range the caller reserves ([`Tokens`]), so they sit in
+//! the caller's own loop next to its other sources. It translates readiness into engine
+//! inputs; everything else (the protocol, the queues) is `vsock-core` and `vsock-device`, and
+//! the sockets' system calls are `vsock-host`. This crate is only event translation.
+//!
+//! Sockets are registered edge-triggered for both directions once; the engine keeps track of
+//! what it already knows is readable or writable, so interest changes need no system call.
+//!
+//! # Embedding
+//!
+//! The caller owns the guest memory, the three queues, their kick notifiers and the guest's
+//! interrupts. Its loop:
+//!
+//! 1. `poll.poll(&mut events, vsock.timeout())`;
+//! 2. for each event, [`VsockMio::handle_event`] (it returns `false` for tokens that are not
+//!    its own, such as the caller's queue kick notifiers);
+//! 3. then, whatever woke it, [`VsockMio::serve`] with the queues and memory, and interrupt
+//!    the guest for each queue the returned [`Served`] names (and poll again at once if it says
+//!    `more`).
+//!
+//! A ready-made loop on a thread of its own, for callers without a loop, comes with the
+//! transport abstraction of the conformance suite.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mio::event::Event;
+use mio::unix::SourceFd;
+use mio::{Interest as MioInterest, Registry, Token};
+use tracing::{debug, warn};
+use vm_memory::GuestMemory;
+use vsock_core::{Config, ConnId, HostEvent, Instant, Interest, SocketError};
+use vsock_device::{DeviceError, Queues, Served, VsockDevice};
+use vsock_host::{Host, Listener, Reactor, UdsPath};
+
+/// The tokens `VsockMio` uses in the caller's registry: `listener`, and one per connection
+/// slot from `first_conn` on (`first_conn + max_connections` must not collide with the
+/// caller's own tokens).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tokens {
+    /// The host listener's token.
+    pub listener: Token,
+    /// The token of connection slot 0; slot `i` uses `first_conn + i`.
+    pub first_conn: usize,
+}
+
+/// Configuration of a [`VsockMio`].
+#[derive(Clone, Debug)]
+pub struct MioConfig {
+    /// The engine's configuration (guest CID, buffers, limits, timeouts).
+    pub engine: Config,
+    /// The base path `<uds_path>`.
+    pub uds_path: PathBuf,
+    /// The tokens to use.
+    pub tokens: Tokens,
+}
+
+/// Watches sockets in a mio registry, edge-triggered.
+pub struct MioReactor {
+    registry: Registry,
+    first: usize,
+    /// Connection slot to handle, for the tokens' events.
+    slots: HashMap<u32, ConnId>,
+}
+
+impl MioReactor {
+    fn token(&self, conn: ConnId) -> Token {
+        Token(self.first + conn.index() as usize)
+    }
+}
+
+impl Reactor for MioReactor {
+    type Socket = UnixStream;
+
+    fn register(&mut self, conn: ConnId, stream: UnixStream) -> io::Result<UnixStream> {
+        stream.set_nonblocking(true)?;
+        self.registry.register(
+            &mut SourceFd(&stream.as_raw_fd()),
+            self.token(conn),
+            MioInterest::READABLE | MioInterest::WRITABLE,
+        )?;
+        self.slots.insert(conn.index(), conn);
+        Ok(stream)
+    }
+
+    fn stream<'a>(&self, socket: &'a UnixStream) -> &'a UnixStream {
+        socket
+    }
+
+    fn set_interest(&mut self, _conn: ConnId, _socket: &mut UnixStream, _interest: Interest) {
+        // Edge-triggered for both directions from registration on: the engine ignores
+        // readiness it did not ask for, and remembers what it was told.
+    }
+
+    fn deregister(&mut self, conn: ConnId, socket: UnixStream) {
+        if let Err(e) = self.registry.deregister(&mut SourceFd(&socket.as_raw_fd())) {
+            warn!(%conn, error = %e, "cannot deregister a socket");
+        }
+        if self.slots.get(&conn.index()) == Some(&conn) {
+            self.slots.remove(&conn.index());
+        }
+    }
+}
+
+/// A vsock device driven from the caller's mio loop.
+pub struct VsockMio {
+    device: VsockDevice,
+    host: Host<MioReactor>,
+    listener: Listener,
+    tokens: Tokens,
+    epoch: std::time::Instant,
+}
+
+impl VsockMio {
+    /// Binds the listener at `<uds_path>`, registers it, and builds the device.
+    ///
+    /// # Errors
+    ///
+    /// A bad path, a busy or unwritable listener path, a configuration the engine refuses.
+    pub fn new(config: MioConfig, registry: &Registry) -> io::Result<Self> {
+        let path = UdsPath::new(config.uds_path.clone())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let listener = Listener::bind(path.listener())?;
+        registry.register(
+            &mut SourceFd(&listener_fd(&listener)),
+            config.tokens.listener,
+            MioInterest::READABLE,
+        )?;
+        let epoch = std::time::Instant::now();
+        let device = VsockDevice::new(config.engine, Instant::ZERO)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let reactor = MioReactor {
+            registry: registry.try_clone()?,
+            first: config.tokens.first_conn,
+            slots: HashMap::new(),
+        };
+        Ok(VsockMio {
+            device,
+            host: Host::new(path, reactor),
+            listener,
+            tokens: config.tokens,
+            epoch,
+        })
+    }
+
+    /// The engine's clock: time since this driver was made.
+    pub fn now(&self) -> Instant {
+        Instant::from_nanos(self.epoch.elapsed().as_nanos() as u64)
+    }
+
+    /// The device (features, config space, activation, reset, save/restore, stats).
+    pub fn device(&self) -> &VsockDevice {
+        &self.device
+    }
+
+    /// The device (features, config space, activation, reset, save/restore, stats).
+    pub fn device_mut(&mut self) -> &mut VsockDevice {
+        &mut self.device
+    }
+
+    /// The host side (socket counters).
+    pub fn host(&self) -> &Host<MioReactor> {
+        &self.host
+    }
+
+    /// Whether `token` is one of this driver's.
+    pub fn owns(&self, token: Token) -> bool {
+        token == self.tokens.listener
+            || token
+                .0
+                .checked_sub(self.tokens.first_conn)
+                .is_some_and(|slot| slot < self.device.engine().config().max_connections)
+    }
+
+    /// Translates one event of the caller's poll into engine inputs. Returns `false` if the
+    /// token is not this driver's. Call [`serve`](Self::serve) after the batch.
+    pub fn handle_event(&mut self, event: &Event) -> bool {
+        let token = event.token();
+        if !self.owns(token) {
+            return false;
+        }
+        let now = self.now();
+        if token == self.tokens.listener {
+            self.accept_all(now);
+            return true;
+        }
+        let slot = (token.0 - self.tokens.first_conn) as u32;
+        let Some(&conn) = self.host.reactor().slots.get(&slot) else {
+            // A late event for a socket already closed.
+            return true;
+        };
+        let engine = self.device.engine_mut();
+        if event.is_error() {
+            let _ = engine.handle_host_event(now, conn, HostEvent::Error(SocketError(0)));
+            return true;
+        }
+        // A hang-up is reported as both, so the engine reads the end and writes the error.
+        if event.is_readable() || event.is_read_closed() {
+            let _ = engine.handle_host_event(now, conn, HostEvent::Readable);
+        }
+        if event.is_writable() || event.is_write_closed() {
+            let _ = engine.handle_host_event(now, conn, HostEvent::Writable);
+        }
+        true
+    }
+
+    fn accept_all(&mut self, now: Instant) {
+        loop {
+            match self.listener.accept() {
+                Ok(Some(stream)) => {
+                    let engine = self.device.engine_mut();
+                    if let Some(conn) = self.host.adopt_client(now, engine, stream) {
+                        debug!(%conn, "host client");
+                        // Its line may already be there; edge-triggered registration reports
+                        // it too, and a spurious readable is harmless.
+                        let _ = engine.handle_host_event(now, conn, HostEvent::Readable);
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    // EMFILE and friends: the client waits in the backlog; try again on the
+                    // next event rather than spin.
+                    warn!(error = %e, "accept failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Fires due deadlines and serves the queues (see `VsockDevice::serve`).
+    ///
+    /// # Errors
+    ///
+    /// As [`VsockDevice::serve`].
+    pub fn serve<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        queues: Queues<'_>,
+    ) -> Result<Served, DeviceError> {
+        let now = self.now();
+        let engine = self.device.engine_mut();
+        if engine.poll_timeout().is_some_and(|t| t <= now) {
+            engine.handle_timeout(now);
+        }
+        self.device.serve(now, mem, queues, &mut self.host)
+    }
+
+    /// How long the caller's poll may sleep before [`serve`](Self::serve) is due for a
+    /// deadline, or `None` if no deadline is pending.
+    pub fn timeout(&mut self) -> Option<Duration> {
+        let now = self.now();
+        self.device
+            .engine_mut()
+            .poll_timeout()
+            .map(|t| t.saturating_duration_since(now))
+    }
+}
+
+fn listener_fd(listener: &Listener) -> std::os::fd::RawFd {
+    use std::os::fd::AsFd;
+    listener.as_fd().as_raw_fd()
+}
