@@ -556,10 +556,7 @@ impl Engine {
         }
         match read {
             LineRead::Data(bytes) => {
-                let room = c.line.room();
-                if bytes.len() < room {
-                    c.readable = false;
-                }
+                // Readable until a read would block (see `RxRead::complete`).
                 match c.line.feed(bytes) {
                     ConnectStatus::Incomplete => {}
                     ConnectStatus::Complete(port) => self.host_request(idx, port),
@@ -1628,9 +1625,9 @@ impl RxRead<'_> {
                 Ok(Some(header))
             }
             Io::Done(n) => {
-                if n < self.max {
-                    c.readable = false;
-                }
+                // A short read does not prove the socket drained: the peer's end of file may
+                // sit behind the data, its edge already reported. Readiness is given up only
+                // on would-block, so edge-triggered callers never miss it.
                 let header = engine.header(idx, Op::Rw, 0, n as u32);
                 engine.rx_queue.rotate_left(1);
                 engine.delivered(idx, &header);

@@ -221,6 +221,29 @@ macro_rules! assert_stats {
     }};
 }
 
+/// After a short read the engine reads the socket again; this read finds it drained.
+fn read_would_block(e: &mut Engine, now: Instant, room: usize, conn: ConnId) {
+    match e.poll_rx(now, room) {
+        Some(RxGrant::Read(r)) => {
+            assert_eq!(r.conn(), conn, "read grant");
+            assert_eq!(r.complete(Io::WouldBlock), Ok(None));
+        }
+        Some(RxGrant::Packet(p)) => panic!("expected a read, got {:?}", p.header()),
+        None => panic!("expected a read, got nothing"),
+    }
+}
+
+/// After a read that did not fill its room, the engine reads again until the socket would
+/// block, and only then waits for readability.
+fn line_would_block(e: &mut Engine, now: Instant, conn: ConnId, max: usize) {
+    expect_actions(e, &[Action::ReadConnectLine { conn, max }]);
+    assert_eq!(
+        e.handle_connect_line(now, conn, LineRead::WouldBlock),
+        Ok(())
+    );
+    expect_actions(e, &[interest(conn, true, false)]);
+}
+
 /// The guest connects from `gp` to `hp` at `now`, the socket connects at once, the RESPONSE
 /// goes out. Counters: tx_packets 1, guest_connects 1, established 1, rx_packets 1.
 fn guest_connected(e: &mut Engine, now: Instant, gp: u32, hp: u32, guest_buf: u32) -> ConnId {
@@ -492,15 +515,13 @@ fn host_connect_line_becomes_request_and_ok_reply() {
         guest_pkt(Op::Response, 5000, HPF, 0, 0, GUEST_BUF, 0),
     );
     assert_eq!(e.conn_state(conn), Some(ConnState::Established));
-    expect_actions(
-        &mut e,
-        &[Action::Flush { conn }, interest(conn, true, false)],
-    );
+    // The socket has not reported would-block since the line: still known readable.
+    expect_actions(&mut e, &[Action::Flush { conn }]);
     let ok = format!("OK {HPF}\n");
     assert_eq!(flush_bytes(&e, conn), ok.as_bytes());
     // The socket takes 5 bytes, then the rest once writable.
     assert_eq!(e.handle_host_write(ms(2), conn, Io::Done(5)), Ok(()));
-    expect_actions(&mut e, &[interest(conn, true, true)]);
+    expect_actions(&mut e, &[interest(conn, false, true)]);
     assert_eq!(flush_bytes(&e, conn), &ok.as_bytes()[5..]);
     assert_eq!(
         e.handle_host_event(ms(3), conn, HostEvent::Writable),
@@ -508,13 +529,16 @@ fn host_connect_line_becomes_request_and_ok_reply() {
     );
     expect_actions(
         &mut e,
-        &[Action::Flush { conn }, interest(conn, true, false)],
+        &[Action::Flush { conn }, interest(conn, false, false)],
     );
     assert_eq!(
         e.handle_host_write(ms(3), conn, Io::Done(ok.len() - 5)),
         Ok(())
     );
     assert_eq!(flush_bytes(&e, conn), b"");
+    // The engine reads until the socket would block, then waits for readability.
+    read_would_block(&mut e, ms(3), 4052, conn);
+    expect_actions(&mut e, &[interest(conn, true, false)]);
     expect_nothing(&mut e, ms(3));
     assert_eq!(e.poll_timeout(), None);
     assert_stats!(e, host_accepts: 1, tx_packets: 1, rx_packets: 1, established: 1);
@@ -544,8 +568,7 @@ fn host_connect_line_split_over_single_bytes() {
             Ok(())
         );
         if i + 1 < line.len() {
-            // One byte short of the room: the socket is drained; wait for readability.
-            expect_actions(&mut e, &[interest(conn, true, false)]);
+            line_would_block(&mut e, now, conn, CONNECT_LINE_MAX - i - 1);
             expect_no_rx(&mut e, now);
             assert_eq!(e.conn_state(conn), Some(ConnState::ReadingConnectLine));
         }
@@ -561,10 +584,8 @@ fn host_connect_line_split_over_single_bytes() {
         now,
         guest_pkt(Op::Response, 5000, HPF, 0, 0, GUEST_BUF, 0),
     );
-    expect_actions(
-        &mut e,
-        &[Action::Flush { conn }, interest(conn, true, false)],
-    );
+    // The socket was readable when the line ended: no interest change is needed.
+    expect_actions(&mut e, &[Action::Flush { conn }]);
     assert_eq!(flush_bytes(&e, conn), format!("OK {HPF}\n").as_bytes());
     assert_stats!(e, host_accepts: 1, tx_packets: 1, rx_packets: 1, established: 1);
 }
@@ -603,6 +624,7 @@ fn stream_bytes_after_connect_line_reach_the_guest_first_after_response() {
     assert_eq!(payload, b"hello");
     let h = read(&mut e, ms(3), ROOM, conn, ROOM, 6);
     assert_eq!(h, host_pkt(Op::Rw, HPF, 5000, 6, 0, BUF, 0));
+    read_would_block(&mut e, ms(3), ROOM, conn);
     expect_no_rx(&mut e, ms(3));
     assert_eq!(flush_bytes(&e, conn), format!("OK {HPF}\n").as_bytes());
     assert_eq!(e.conn_stats(conn).map(|s| s.host_bytes), Some(11));
@@ -699,7 +721,7 @@ fn connect_line_too_long_closes_client() {
         e.handle_connect_line(ms(1), conn, LineRead::Data(&line[..40])),
         Ok(())
     );
-    expect_actions(&mut e, &[interest(conn, true, false)]);
+    line_would_block(&mut e, ms(1), conn, CONNECT_LINE_MAX - 40);
     assert_eq!(
         e.handle_host_event(ms(2), conn, HostEvent::Readable),
         Ok(())
@@ -733,7 +755,7 @@ fn connect_line_timeout_closes_client() {
         e.handle_connect_line(ms(1), conn, LineRead::Data(b"CONNECT 50")),
         Ok(())
     );
-    expect_actions(&mut e, &[interest(conn, true, false)]);
+    line_would_block(&mut e, ms(1), conn, CONNECT_LINE_MAX - 10);
     assert_eq!(e.poll_timeout(), Some(ms(5000)));
     e.handle_timeout(ms(4999));
     expect_nothing(&mut e, ms(4999));
@@ -973,7 +995,8 @@ fn host_data_read_is_bounded_by_room_credit_and_packet_size() {
     assert_eq!(h.len.get(), 1000);
     let h = read(&mut e, ms(1), ROOM, conn, 200, 150);
     assert_eq!(h, host_pkt(Op::Rw, 80, 1000, 150, 0, BUF, 0));
-    // A short read means the socket is drained.
+    // Only a read that would block proves the socket drained.
+    read_would_block(&mut e, ms(1), ROOM, conn);
     expect_actions(&mut e, &[interest(conn, true, false)]);
     expect_nothing(&mut e, ms(1));
     assert_eq!(e.conn_stats(conn).map(|s| s.host_bytes), Some(2450));
@@ -1071,6 +1094,7 @@ fn dropped_grant_changes_nothing() {
     assert_eq!(e.conn_stats(conn).map(|s| s.host_packets), Some(1));
     let h = read(&mut e, ms(2), ROOM, conn, ROOM, 10);
     assert_eq!(h, host_pkt(Op::Rw, 80, 1000, 10, 0, BUF, 0));
+    read_would_block(&mut e, ms(2), ROOM, conn);
     expect_actions(&mut e, &[interest(conn, true, false)]);
     assert_stats!(e, tx_packets: 1, guest_connects: 1, established: 1, rx_packets: 2,
         rx_bytes: 10);
@@ -1143,6 +1167,7 @@ fn guest_shutdown_send_waits_for_buffered_bytes_and_host_keeps_sending() {
     expect_actions(&mut e, &[interest(conn, false, false)]);
     let h = read(&mut e, ms(4), ROOM, conn, ROOM, 7);
     assert_eq!(h, host_pkt(Op::Rw, 80, 1000, 7, 0, BUF, 10));
+    read_would_block(&mut e, ms(4), ROOM, conn);
     expect_actions(&mut e, &[interest(conn, true, false)]);
     expect_nothing(&mut e, ms(4));
     assert_eq!(e.conn_state(conn), Some(ConnState::GuestSendShut));
@@ -1680,6 +1705,7 @@ fn owed_packets_go_out_in_priority_order() {
     );
     let h = read(&mut e, ms(2), ROOM, conn, ROOM, 10);
     assert_eq!(h, host_pkt(Op::Rw, 80, 1000, 10, 0, 8192, 3000));
+    read_would_block(&mut e, ms(2), ROOM, conn);
     expect_actions(&mut e, &[interest(conn, true, false)]);
     expect_nothing(&mut e, ms(2));
     // Without data to carry it, the CREDIT_UPDATE goes alone.
@@ -1792,6 +1818,8 @@ fn connections_with_data_take_turns() {
     let h = read(&mut e, ms(3), 100, a, 100, 1);
     assert_eq!(h.len.get(), 1);
     read(&mut e, ms(3), 100, b, 100, 100);
+    // A's next read finds its socket drained: it waits for readability.
+    read_would_block(&mut e, ms(3), 100, a);
     read(&mut e, ms(3), 100, b, 100, 100);
     expect_actions(&mut e, &[interest(a, true, false)]);
     assert_stats!(e, tx_packets: 2, guest_connects: 2, established: 2, rx_packets: 11,
@@ -2187,4 +2215,22 @@ fn reset_connection_sends_rst_and_closes() {
     let rst = expect_rx(&mut e, ms(2), Op::Rst);
     assert_eq!((rst.src_port.get(), rst.dst_port.get()), (80, 1000));
     assert_eq!(e.reset_connection(ms(3), conn), Err(ConnError::Stale));
+}
+
+#[test]
+fn end_of_file_behind_a_short_read_is_not_missed() {
+    // An edge-triggered caller reports the socket readable once, for data and the peer's
+    // shutdown together. The short read that takes the data must not be taken as "drained".
+    let mut e = engine();
+    let conn = guest_connected(&mut e, ms(0), 1000, 80, GUEST_BUF);
+    assert_eq!(
+        e.handle_host_event(ms(1), conn, HostEvent::Readable),
+        Ok(())
+    );
+    let h = read(&mut e, ms(1), 4052, conn, 4052, 5);
+    assert_eq!(h.len.get(), 5);
+    // No new event comes; the engine reads again and finds the end of file.
+    let h = read(&mut e, ms(1), 4052, conn, 4052, 0);
+    assert_eq!(h.op.get(), Op::Shutdown.to_u16());
+    assert_eq!(h.flags.get(), SHUTDOWN_SEND);
 }

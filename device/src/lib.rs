@@ -18,10 +18,12 @@ mod device;
 mod memory;
 #[cfg(feature = "test-utils")]
 pub mod testing;
+mod transport;
 
 pub use device::{
     DeviceError, DeviceState, DeviceStats, FeatureError, HostSockets, Queues, Served, VsockDevice,
 };
+pub use transport::Transport;
 pub use virtio_queue;
 pub use vm_memory;
 pub use vsock_core;

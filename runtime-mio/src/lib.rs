@@ -237,6 +237,40 @@ impl VsockMio {
         }
     }
 
+    /// Drains every pending event of `poll` (which must be the poll whose registry this
+    /// driver was built with) without blocking, handing each to [`handle_event`](Self::handle_event).
+    /// For adapters that wait on the poll's own file descriptor from another event loop
+    /// (tokio, smol): the poll is edge-triggered, so it is drained until a round comes back
+    /// short.
+    ///
+    /// # Errors
+    ///
+    /// The poll's error.
+    pub fn dispatch(&mut self, poll: &mut mio::Poll, events: &mut mio::Events) -> io::Result<()> {
+        loop {
+            match poll.poll(events, Some(Duration::ZERO)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            let mut n = 0;
+            for event in events.iter() {
+                n += 1;
+                self.handle_event(event);
+            }
+            if n < events.capacity() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Resets every connection (RST to the guest, sockets closed): for a clean shutdown. Call
+    /// [`serve`](Self::serve) afterwards so the RSTs reach the guest.
+    pub fn abort_all(&mut self) {
+        let now = self.now();
+        self.device.engine_mut().abort_all(now);
+    }
+
     /// Fires due deadlines and serves the queues (see `VsockDevice::serve`).
     ///
     /// # Errors
