@@ -22,8 +22,8 @@
 //!    the guest for each queue the returned [`Served`] names (and poll again at once if it says
 //!    `more`).
 //!
-//! A ready-made loop on a thread of its own, for callers without a loop, comes with the
-//! transport abstraction of the conformance suite.
+//! Callers without a loop of their own use [`MioLoop`]: the same driver on a thread of its
+//! own, fed by a [`Transport`](vsock_device::Transport) and a kick descriptor.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -289,6 +289,23 @@ impl VsockMio {
         self.device.serve(now, mem, queues, &mut self.host)
     }
 
+    /// One [`serve`](Self::serve) through a [`Transport`](vsock_device::Transport): the queues
+    /// and memory from it, the interrupts to it. Returns whether work is left (serve again
+    /// without waiting). A serve error is logged, not returned: the loop goes on.
+    pub fn serve_transport<T: vsock_device::Transport>(&mut self, transport: &mut T) -> bool {
+        match transport.with_queues(|mem, queues| self.serve(mem, queues)) {
+            Some(Ok(served)) => {
+                transport.notify(&served);
+                served.more
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "cannot serve the queues");
+                false
+            }
+            None => false,
+        }
+    }
+
     /// How long the caller's poll may sleep before [`serve`](Self::serve) is due for a
     /// deadline, or `None` if no deadline is pending.
     pub fn timeout(&mut self) -> Option<Duration> {
@@ -303,4 +320,140 @@ impl VsockMio {
 fn listener_fd(listener: &Listener) -> std::os::fd::RawFd {
     use std::os::fd::AsFd;
     listener.as_fd().as_raw_fd()
+}
+
+/// The token of the stop waker and of the kick descriptor in a [`MioLoop`]'s own poll.
+const LOOP_WAKER: Token = Token(usize::MAX);
+const LOOP_KICK: Token = Token(usize::MAX - 1);
+
+/// A ready-made loop on a thread of its own, for callers without a mio loop: the driver with
+/// its own poll, a kick descriptor and a stop waker.
+pub struct MioLoop {
+    poll: mio::Poll,
+    vsock: VsockMio,
+}
+
+impl MioLoop {
+    /// Binds the listener and builds the device, on a poll of its own. `config.tokens` must
+    /// stay clear of the two highest token values, which the loop keeps for itself.
+    ///
+    /// # Errors
+    ///
+    /// As [`VsockMio::new`].
+    pub fn new(config: MioConfig) -> io::Result<Self> {
+        let poll = mio::Poll::new()?;
+        let vsock = VsockMio::new(config, poll.registry())?;
+        Ok(MioLoop { poll, vsock })
+    }
+
+    /// The driver, for the device's features, config space and activation before the loop
+    /// starts.
+    pub fn driver_mut(&mut self) -> &mut VsockMio {
+        &mut self.vsock
+    }
+
+    /// Starts serving on a new thread. `kick` is a non-blocking descriptor that becomes
+    /// readable when the guest kicks a queue.
+    ///
+    /// # Errors
+    ///
+    /// The thread or the registrations could not be set up.
+    pub fn spawn<T: vsock_device::Transport + Send + 'static>(
+        self,
+        mut transport: T,
+        kick: std::os::fd::OwnedFd,
+    ) -> io::Result<MioThread> {
+        let MioLoop {
+            mut poll,
+            mut vsock,
+        } = self;
+        let waker = std::sync::Arc::new(mio::Waker::new(poll.registry(), LOOP_WAKER)?);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let kick = std::fs::File::from(kick);
+        poll.registry().register(
+            &mut SourceFd(&kick.as_raw_fd()),
+            LOOP_KICK,
+            MioInterest::READABLE,
+        )?;
+        let stopping = stop.clone();
+        let handle = std::thread::Builder::new().name("vsock-mio".into()).spawn(
+            move || -> io::Result<VsockMio> {
+                let mut events = mio::Events::with_capacity(256);
+                loop {
+                    let more = vsock.serve_transport(&mut transport);
+                    let timeout = if more {
+                        Some(Duration::ZERO)
+                    } else {
+                        vsock.timeout()
+                    };
+                    match poll.poll(&mut events, timeout) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(e),
+                    }
+                    for event in events.iter() {
+                        match event.token() {
+                            LOOP_WAKER => {}
+                            LOOP_KICK => drain_kick(&kick)?,
+                            _ => {
+                                vsock.handle_event(event);
+                            }
+                        }
+                    }
+                    if stopping.load(std::sync::atomic::Ordering::Acquire) {
+                        vsock.abort_all();
+                        vsock.serve_transport(&mut transport);
+                        return Ok(vsock);
+                    }
+                }
+            },
+        )?;
+        Ok(MioThread {
+            waker,
+            stop,
+            handle,
+        })
+    }
+}
+
+/// A [`MioLoop`] running on its thread.
+pub struct MioThread {
+    waker: std::sync::Arc<mio::Waker>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<io::Result<VsockMio>>,
+}
+
+impl MioThread {
+    /// Stops the loop: the guest's connections are reset (the RSTs delivered if it has rx
+    /// buffers) and every socket closed. Returns the driver; dropping it unlinks the listener.
+    ///
+    /// # Errors
+    ///
+    /// The loop's own failure, if it stopped on one.
+    pub fn stop(self) -> io::Result<VsockMio> {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.waker.wake()?;
+        self.handle
+            .join()
+            .map_err(|_| io::Error::other("the vsock loop panicked"))?
+    }
+}
+
+/// Reads a kick descriptor (an eventfd, a pipe, a socket) empty, without blocking.
+///
+/// # Errors
+///
+/// A read error other than would-block.
+pub fn drain_kick(mut fd: &std::fs::File) -> io::Result<()> {
+    use std::io::Read;
+    let mut buf = [0u8; 64];
+    loop {
+        match fd.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }

@@ -33,14 +33,13 @@
 
 use std::fs::File;
 use std::future::Future;
-use std::io::{self, ErrorKind, Read};
+use std::io;
 use std::os::fd::OwnedFd;
 use std::pin::pin;
 
 use async_io::{Async, Timer};
 use futures_lite::future;
 use mio::{Events, Poll, Registry};
-use tracing::warn;
 use vsock_device::Transport;
 use vsock_mio::{MioConfig, VsockMio};
 
@@ -104,7 +103,7 @@ impl VsockSmol {
         let mut shutdown = pin!(shutdown);
         loop {
             self.vsock.dispatch(&mut self.poll, &mut self.events)?;
-            if serve(&mut self.vsock, &mut transport) {
+            if self.vsock.serve_transport(&mut transport) {
                 future::yield_now().await;
                 continue;
             }
@@ -124,42 +123,13 @@ impl VsockSmol {
             };
             match future::or(stop, future::or(io, future::or(kicked, timed))).await? {
                 Wake::Stop => break,
-                Wake::Kick => drain(kick.get_ref())?,
+                Wake::Kick => vsock_mio::drain_kick(kick.get_ref())?,
                 Wake::Io | Wake::Timer => {}
             }
         }
         self.vsock.abort_all();
         self.vsock.dispatch(&mut self.poll, &mut self.events)?;
-        serve(&mut self.vsock, &mut transport);
+        self.vsock.serve_transport(&mut transport);
         Ok(self.vsock)
-    }
-}
-
-/// One serve call through the transport; returns whether work is left.
-fn serve<T: Transport>(vsock: &mut VsockMio, transport: &mut T) -> bool {
-    match transport.with_queues(|mem, queues| vsock.serve(mem, queues)) {
-        Some(Ok(served)) => {
-            transport.notify(&served);
-            served.more
-        }
-        Some(Err(e)) => {
-            warn!(error = %e, "cannot serve the queues");
-            false
-        }
-        None => false,
-    }
-}
-
-/// Reads a kick descriptor empty.
-fn drain(mut fd: &File) -> io::Result<()> {
-    let mut buf = [0u8; 64];
-    loop {
-        match fd.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(_) => continue,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
     }
 }

@@ -33,13 +33,12 @@
 
 use std::fs::File;
 use std::future::Future;
-use std::io::{self, ErrorKind, Read};
+use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use mio::{Events, Poll};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tracing::warn;
 use vsock_device::Transport;
 use vsock_mio::{MioConfig, VsockMio};
 
@@ -93,7 +92,7 @@ impl VsockTokio {
         tokio::pin!(shutdown);
         loop {
             self.vsock.dispatch(self.poll.get_mut(), &mut self.events)?;
-            let more = serve(&mut self.vsock, &mut transport);
+            let more = self.vsock.serve_transport(&mut transport);
             if more {
                 tokio::task::yield_now().await;
                 continue;
@@ -110,7 +109,7 @@ impl VsockTokio {
                 ready = self.poll.readable() => ready?.clear_ready(),
                 ready = kick.readable() => {
                     let mut ready = ready?;
-                    drain(ready.get_inner())?;
+                    vsock_mio::drain_kick(ready.get_inner())?;
                     ready.clear_ready();
                 }
                 () = sleep => {}
@@ -118,7 +117,7 @@ impl VsockTokio {
         }
         self.vsock.abort_all();
         self.vsock.dispatch(self.poll.get_mut(), &mut self.events)?;
-        serve(&mut self.vsock, &mut transport);
+        self.vsock.serve_transport(&mut transport);
         Ok(self.vsock)
     }
 }
@@ -130,33 +129,4 @@ fn watch<T: AsRawFd>(inner: T) -> io::Result<AsyncFd<T>> {
     // descriptor is open, and stays the same open file description, until the `AsyncFd` is
     // dropped, since nothing else can close or replace it.
     unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }.map_err(|e| e.into())
-}
-
-/// One serve call through the transport; returns whether work is left.
-fn serve<T: Transport>(vsock: &mut VsockMio, transport: &mut T) -> bool {
-    match transport.with_queues(|mem, queues| vsock.serve(mem, queues)) {
-        Some(Ok(served)) => {
-            transport.notify(&served);
-            served.more
-        }
-        Some(Err(e)) => {
-            warn!(error = %e, "cannot serve the queues");
-            false
-        }
-        None => false,
-    }
-}
-
-/// Reads a kick descriptor empty.
-fn drain(mut fd: &File) -> io::Result<()> {
-    let mut buf = [0u8; 64];
-    loop {
-        match fd.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(_) => continue,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
 }
