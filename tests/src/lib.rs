@@ -1,6 +1,240 @@
-//! The cross-runtime conformance suite.
+//! The cross-runtime conformance suite: one list of scenarios run on the mio, tokio and smol
+//! adapters alike (see `tests/conformance.rs`), with the Linux guest model over real virtqueue
+//! memory on the test thread, the device on the runtime's own thread, and real Unix sockets on
+//! the host side.
 //!
-//! This crate will hold the scenarios that every runtime must pass over real Unix sockets, a
-//! simulated guest driver over real virtqueue memory, the replay of recorded traces and the
-//! real-guest runs under QEMU.
+//! [`Rig`] starts one device on one runtime and drives its guest until a condition holds.
 #![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vsock_core::{Config, Instant};
+use vsock_device::testing::{Guest, Layout};
+use vsock_device::{Queues, Served, Transport};
+use vsock_mio::{MioConfig, MioLoop, MioThread, Tokens, VsockMio};
+
+/// The guest's CID in every scenario.
+pub const GUEST_CID: u64 = 3;
+
+/// The runtime under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runtime {
+    /// `vsock-mio`'s ready-made loop.
+    Mio,
+    /// `vsock-tokio` on a current-thread runtime of its own.
+    Tokio,
+    /// `vsock-smol` on a thread of its own.
+    Smol,
+}
+
+/// The VMM's side: guest memory shared with the guest model, and the device's queues.
+struct RigTransport {
+    mem: GuestMemoryMmap,
+    queues: [Queue; 3],
+}
+
+impl Transport for RigTransport {
+    type Memory = GuestMemoryMmap;
+
+    fn with_queues<R>(&mut self, f: impl FnOnce(&GuestMemoryMmap, Queues<'_>) -> R) -> Option<R> {
+        let [rx, tx, event] = &mut self.queues;
+        Some(f(&self.mem, Queues { rx, tx, event }))
+    }
+
+    fn notify(&mut self, _served: &Served) {
+        // The guest model polls its used rings.
+    }
+}
+
+/// A fresh directory for one scenario's sockets.
+pub fn temp_dir() -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "vsock-conf-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// One device on one runtime, its guest, and its socket directory.
+pub struct Rig {
+    /// The Linux-like guest, driven from the test thread.
+    pub guest: Guest,
+    /// The directory holding `vsock` (the listener) and `vsock_<port>` sockets.
+    pub dir: PathBuf,
+    kick: UnixStream,
+    running: Option<Stopper>,
+    started: std::time::Instant,
+}
+
+enum Stopper {
+    Mio(MioThread),
+    Tokio(
+        tokio::sync::oneshot::Sender<()>,
+        std::thread::JoinHandle<std::io::Result<VsockMio>>,
+    ),
+    Smol(
+        UnixStream,
+        std::thread::JoinHandle<std::io::Result<VsockMio>>,
+    ),
+}
+
+impl Rig {
+    /// Starts a device with `config` on `runtime`.
+    pub fn start(runtime: Runtime, config: Config) -> Rig {
+        let dir = temp_dir();
+        let mio_config = MioConfig {
+            engine: config,
+            uds_path: dir.join("vsock"),
+            tokens: Tokens {
+                listener: mio::Token(0),
+                first_conn: 1,
+            },
+        };
+        let mut guest = Guest::new(GUEST_CID);
+        guest.tx_layouts = vec![
+            Layout::Single,
+            Layout::HeaderThenData,
+            Layout::Cuts(vec![20, 44, 300]),
+        ];
+        let mut queues = guest.driver.device_queues(false);
+        let activate = |driver: &mut VsockMio, queues: &mut [Queue; 3]| {
+            let device = driver.device_mut();
+            device.ack_features(device.features()).unwrap();
+            let [rx, tx, event] = queues;
+            device.activate(Queues { rx, tx, event });
+        };
+        let (kick, theirs) = UnixStream::pair().unwrap();
+        kick.set_nonblocking(true).unwrap();
+        theirs.set_nonblocking(true).unwrap();
+        let theirs = OwnedFd::from(theirs);
+        let mem = guest.driver.mem.clone();
+        let running = match runtime {
+            Runtime::Mio => {
+                let mut lp = MioLoop::new(mio_config).unwrap();
+                activate(lp.driver_mut(), &mut queues);
+                Stopper::Mio(lp.spawn(RigTransport { mem, queues }, theirs).unwrap())
+            }
+            Runtime::Tokio => {
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+                let thread = std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    rt.block_on(async move {
+                        let mut vsock = vsock_tokio::VsockTokio::new(mio_config)?;
+                        activate(vsock.driver_mut(), &mut queues);
+                        ready_tx.send(()).unwrap();
+                        vsock
+                            .run(RigTransport { mem, queues }, theirs, async move {
+                                let _ = stopped.await;
+                            })
+                            .await
+                    })
+                });
+                ready_rx.recv().expect("tokio adapter started");
+                Stopper::Tokio(stop, thread)
+            }
+            Runtime::Smol => {
+                let mut vsock = vsock_smol::VsockSmol::new(mio_config).unwrap();
+                activate(vsock.driver_mut(), &mut queues);
+                // Stop: a byte on a socket the shutdown future waits for.
+                let (stop_sock, stop_wait) = UnixStream::pair().unwrap();
+                let thread = std::thread::spawn(move || {
+                    futures_lite::future::block_on(async move {
+                        let wait = async_io::Async::new(stop_wait).unwrap();
+                        vsock
+                            .run(RigTransport { mem, queues }, theirs, async move {
+                                let _ = wait.readable().await;
+                            })
+                            .await
+                    })
+                });
+                Stopper::Smol(stop_sock, thread)
+            }
+        };
+        Rig {
+            guest,
+            dir,
+            kick,
+            running: Some(running),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// The guest model's clock.
+    pub fn now(&self) -> Instant {
+        Instant::from_nanos(self.started.elapsed().as_nanos() as u64)
+    }
+
+    /// `<uds_path>`, where host clients connect.
+    pub fn listener(&self) -> PathBuf {
+        self.dir.join("vsock")
+    }
+
+    /// `<uds_path>_<port>`.
+    pub fn port_path(&self, port: u32) -> PathBuf {
+        self.dir.join(format!("vsock_{port}"))
+    }
+
+    /// One round of the guest driver; kicks the device if it did anything.
+    pub fn step(&mut self) {
+        let now = self.now();
+        if self.guest.step(now) {
+            let _ = self.kick.write(b"k");
+        }
+    }
+
+    /// Drives the guest until `done` holds, or panics after `limit`.
+    pub fn until(&mut self, what: &str, limit: Duration, mut done: impl FnMut(&mut Guest) -> bool) {
+        let start = std::time::Instant::now();
+        loop {
+            self.step();
+            if done(&mut self.guest) {
+                return;
+            }
+            assert!(start.elapsed() < limit, "gave up waiting for: {what}");
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Stops the runtime (a clean shutdown) and returns the driver for its counters.
+    pub fn stop(mut self) -> VsockMio {
+        let vsock = match self.running.take().expect("running") {
+            Stopper::Mio(t) => t.stop().unwrap(),
+            Stopper::Tokio(stop, thread) => {
+                let _ = stop.send(());
+                thread.join().unwrap().unwrap()
+            }
+            Stopper::Smol(mut sock, thread) => {
+                sock.write_all(b"s").unwrap();
+                thread.join().unwrap().unwrap()
+            }
+        };
+        self.step();
+        vsock
+    }
+}
+
+/// The number of open file descriptors of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Whether a path exists.
+pub fn exists(path: &Path) -> bool {
+    path.exists()
+}

@@ -1,0 +1,296 @@
+//! One list of scenarios, run on every runtime: each scenario is a function of the runtime,
+//! and the macro at the end makes a test per runtime (`mio::…`, `tokio::…`, `smol::…`).
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+
+use vsock_core::wire::SHUTDOWN_SEND;
+use vsock_core::Config;
+use vsock_tests::{open_fds, Rig, Runtime};
+
+const LONG: Duration = Duration::from_secs(30);
+
+fn config() -> Config {
+    Config::new(vsock_tests::GUEST_CID)
+}
+
+/// A host service at `path` that echoes each connection until end of file, then shuts its
+/// write side; returns the bytes it echoed.
+fn echo_service(listener: UnixListener) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 65536];
+        let mut total = 0;
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            s.write_all(&buf[..n]).unwrap();
+            total += n;
+        }
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        total
+    })
+}
+
+fn pattern(seed: u32, len: usize) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(31).wrapping_add(seed) % 251) as u8)
+        .collect()
+}
+
+fn guest_connects_and_echoes(rt: Runtime) {
+    let mut rig = Rig::start(rt, config());
+    let echo = echo_service(UnixListener::bind(rig.port_path(1234)).unwrap());
+    let key = rig.guest.stack.connect(1234);
+    rig.until("connected", LONG, |g| g.stack.conn(key).established);
+    let data = pattern(1, 300_000);
+    rig.guest.stack.write(key, &data);
+    rig.guest.stack.shutdown(key, SHUTDOWN_SEND);
+    rig.until("echo done", LONG, |g| {
+        g.stack.conn(key).peer_shut & SHUTDOWN_SEND != 0
+    });
+    assert_eq!(echo.join().unwrap(), data.len());
+    assert!(rig.guest.stack.conn(key).read == data, "echo differs");
+    rig.until("closed", LONG, |g| g.stack.conn(key).closed);
+    let vsock = rig.stop();
+    assert_eq!(vsock.device().engine().connections(), 0);
+}
+
+/// A host client connects, sends `first`, and reads everything until end of file.
+fn host_client(path: std::path::PathBuf, writes: Vec<Vec<u8>>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut c = UnixStream::connect(path).unwrap();
+        for w in writes {
+            c.write_all(&w).unwrap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        let _ = c.read_to_end(&mut got);
+        got
+    })
+}
+
+fn host_connect_gets_ok_and_talks(rt: Runtime, writes: Vec<Vec<u8>>, expect_guest: &[u8]) {
+    let mut rig = Rig::start(rt, config());
+    rig.guest.stack.listen(5000);
+    let client = host_client(rig.listener(), writes);
+    let want = expect_guest.to_vec();
+    rig.until("guest got the client's bytes and end of file", LONG, |g| {
+        g.stack
+            .conns
+            .values()
+            .any(|c| c.read == want && c.peer_shut & SHUTDOWN_SEND != 0)
+    });
+    let key = *rig.guest.stack.conns.keys().next().unwrap();
+    rig.guest.stack.write(key, b"pong");
+    rig.guest.stack.close(key);
+    rig.until("closed", LONG, |g| g.stack.conn(key).closed);
+    let got = String::from_utf8(client.join().unwrap()).unwrap();
+    assert!(
+        got.starts_with("OK ") && got.ends_with("\npong"),
+        "client read {got:?}"
+    );
+    rig.stop();
+}
+
+fn host_connect_and_ok(rt: Runtime) {
+    host_connect_gets_ok_and_talks(
+        rt,
+        vec![b"CONNECT 5000\n".to_vec(), b"ping".to_vec()],
+        b"ping",
+    );
+}
+
+fn connect_line_one_byte_at_a_time(rt: Runtime) {
+    let writes = b"CONNECT 5000\n".iter().map(|b| vec![*b]).collect();
+    host_connect_gets_ok_and_talks(rt, writes, b"");
+}
+
+fn connect_line_followed_by_data_in_one_write(rt: Runtime) {
+    host_connect_gets_ok_and_talks(
+        rt,
+        vec![b"CONNECT 5000\nstream bytes".to_vec()],
+        b"stream bytes",
+    );
+}
+
+fn guest_connect_without_listener_is_reset_within_50ms(rt: Runtime) {
+    let mut rig = Rig::start(rt, config());
+    let key = rig.guest.stack.connect(4444);
+    let start = std::time::Instant::now();
+    rig.until("reset", LONG, |g| g.stack.conn(key).reset);
+    let took = start.elapsed();
+    assert!(took < Duration::from_millis(50), "reset took {took:?}");
+    rig.stop();
+}
+
+fn host_connect_to_a_port_nobody_listens_on(rt: Runtime) {
+    let mut rig = Rig::start(rt, config());
+    let client = host_client(rig.listener(), vec![b"CONNECT 6000\n".to_vec()]);
+    rig.until("client done", LONG, |_| client.is_finished());
+    assert_eq!(client.join().unwrap(), b"", "closed without an OK");
+    rig.stop();
+}
+
+fn half_close_each_way_keeps_the_other_direction(rt: Runtime) {
+    let mut rig = Rig::start(rt, config());
+    let listener = UnixListener::bind(rig.port_path(80)).unwrap();
+    let key = rig.guest.stack.connect(80);
+    rig.until("connected", LONG, |g| g.stack.conn(key).established);
+    let (mut app, _) = listener.accept().unwrap();
+    // Guest sends and shuts its write side; the host reads to end of file, then answers.
+    rig.guest.stack.write(key, b"request");
+    rig.guest.stack.shutdown(key, SHUTDOWN_SEND);
+    let server = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        app.read_to_end(&mut got).unwrap();
+        app.write_all(b"response").unwrap();
+        app.shutdown(std::net::Shutdown::Write).unwrap();
+        got
+    });
+    rig.until("response and end of file", LONG, |g| {
+        g.stack.conn(key).peer_shut & SHUTDOWN_SEND != 0
+    });
+    assert_eq!(server.join().unwrap(), b"request");
+    assert_eq!(rig.guest.stack.conn(key).read, b"response");
+
+    // The mirror: the host sends and shuts first; the guest answers after end of file.
+    let key = rig.guest.stack.connect(80);
+    rig.until("connected", LONG, |g| g.stack.conn(key).established);
+    let (mut app, _) = listener.accept().unwrap();
+    app.write_all(b"hello").unwrap();
+    app.shutdown(std::net::Shutdown::Write).unwrap();
+    rig.until("host end of file", LONG, |g| {
+        g.stack.conn(key).peer_shut & SHUTDOWN_SEND != 0
+    });
+    assert_eq!(rig.guest.stack.conn(key).read, b"hello");
+    rig.guest.stack.write(key, b"still here");
+    rig.guest.stack.close(key);
+    rig.until("closed", LONG, |g| g.stack.conn(key).closed);
+    // The guest is done; what it sent is in the socket, then end of file.
+    let mut got = Vec::new();
+    app.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"still here");
+    rig.stop();
+}
+
+fn bad_connect_lines_are_closed(rt: Runtime) {
+    let mut c = config();
+    c.connect_line_timeout = Duration::from_millis(200);
+    let mut rig = Rig::start(rt, c);
+    let mut overlong = b"CONNECT ".to_vec();
+    overlong.extend(std::iter::repeat_n(b'1', 100));
+    let garbage = host_client(rig.listener(), vec![b"HELLO THERE\n".to_vec()]);
+    let long = host_client(rig.listener(), vec![overlong]);
+    // Never finished: connects, writes half a line, and waits.
+    let mut silent = UnixStream::connect(rig.listener()).unwrap();
+    silent.write_all(b"CONNECT 12").unwrap();
+    rig.until("garbage and overlong closed", LONG, |_| {
+        garbage.is_finished() && long.is_finished()
+    });
+    assert_eq!(garbage.join().unwrap(), b"");
+    assert_eq!(long.join().unwrap(), b"");
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 8];
+    let n = loop {
+        rig.step();
+        match silent.read(&mut buf) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
+                continue
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(n, 0, "the unfinished client is closed at its deadline");
+    let vsock = rig.stop();
+    let stats = vsock.device().engine().stats();
+    assert_eq!(stats.connect_line_garbage, 1);
+    assert_eq!(stats.connect_line_too_long, 1);
+    assert_eq!(stats.connect_line_timeout, 1);
+}
+
+fn connect_close_cycles_leak_no_descriptor(rt: Runtime) {
+    let mut rig = Rig::start(rt, config());
+    let listener = UnixListener::bind(rig.port_path(90)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let mut accepted = Vec::new();
+    // Warm up once so lazily opened descriptors are counted in the baseline.
+    let key = rig.guest.stack.connect(90);
+    rig.until("warm-up", LONG, |g| g.stack.conn(key).established);
+    rig.guest.stack.close(key);
+    while let Ok((s, _)) = listener.accept() {
+        accepted.push(s);
+    }
+    drop(accepted.drain(..));
+    rig.until("warm-up closed", LONG, |g| g.stack.conn(key).closed);
+    let before = open_fds();
+    for i in 0..100 {
+        let key = rig.guest.stack.connect(90);
+        rig.until("connected", LONG, |g| g.stack.conn(key).established);
+        rig.guest.stack.write(key, &pattern(i, 100));
+        rig.guest.stack.close(key);
+        // The host side closes its end once it has read the data.
+        let mut s = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(_) => rig.step(),
+            }
+        };
+        // Read to end of file while the guest keeps running.
+        s.set_nonblocking(true).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => rig.step(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, pattern(i, 100));
+        drop(s);
+        rig.until("closed", LONG, |g| g.stack.conn(key).closed);
+    }
+    let vsock = rig.stop();
+    assert_eq!(vsock.device().engine().connections(), 0);
+    drop(vsock);
+    let after = open_fds();
+    assert!(
+        after <= before,
+        "descriptors before {before}, after {after}"
+    );
+}
+
+macro_rules! conformance {
+    ($($scenario:ident),* $(,)?) => {
+        mod mio {
+            $( #[test] fn $scenario() { super::$scenario(super::Runtime::Mio) } )*
+        }
+        mod tokio {
+            $( #[test] fn $scenario() { super::$scenario(super::Runtime::Tokio) } )*
+        }
+        mod smol {
+            $( #[test] fn $scenario() { super::$scenario(super::Runtime::Smol) } )*
+        }
+    };
+}
+
+conformance!(
+    guest_connects_and_echoes,
+    host_connect_and_ok,
+    connect_line_one_byte_at_a_time,
+    connect_line_followed_by_data_in_one_write,
+    guest_connect_without_listener_is_reset_within_50ms,
+    host_connect_to_a_port_nobody_listens_on,
+    half_close_each_way_keeps_the_other_direction,
+    bad_connect_lines_are_closed,
+    connect_close_cycles_leak_no_descriptor,
+);
