@@ -269,6 +269,182 @@ fn connect_close_cycles_leak_no_descriptor(rt: Runtime) {
     );
 }
 
+fn rst_from_the_guest_mid_transfer_closes_the_host_socket(rt: Runtime) {
+    let mut rig = Rig::start(rt, config());
+    let listener = UnixListener::bind(rig.port_path(81)).unwrap();
+    let key = rig.guest.stack.connect(81);
+    rig.until("connected", LONG, |g| g.stack.conn(key).established);
+    let (mut app, _) = listener.accept().unwrap();
+    rig.guest.stack.write(key, &pattern(2, 100_000));
+    rig.until("some data out", LONG, |g| g.stack.conn(key).tx_cnt > 0);
+    rig.guest.stack.rst(key);
+    // The host application reads what arrived, then sees the socket end.
+    app.set_nonblocking(true).unwrap();
+    let mut buf = vec![0u8; 65536];
+    let mut got = 0;
+    loop {
+        match app.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => rig.step(),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(got <= 100_000);
+    let vsock = rig.stop();
+    assert_eq!(vsock.device().engine().stats().rst_received, 1);
+}
+
+fn host_peer_closing_with_unread_data_resets_the_guest(rt: Runtime) {
+    let mut rig = Rig::start(rt, config());
+    let listener = UnixListener::bind(rig.port_path(82)).unwrap();
+    let key = rig.guest.stack.connect(82);
+    rig.until("connected", LONG, |g| g.stack.conn(key).established);
+    let (app, _) = listener.accept().unwrap();
+    drop(app);
+    // The guest keeps sending into a socket nobody reads: the write fails, the guest is reset.
+    rig.guest.stack.write(key, &pattern(3, 1 << 20));
+    rig.until("reset", LONG, |g| g.stack.conn(key).rst_received);
+    rig.stop();
+}
+
+fn a_guest_that_stops_posting_rx_buffers_loses_nothing(rt: Runtime) {
+    let mut rig = Rig::start(rt, config());
+    let listener = UnixListener::bind(rig.port_path(83)).unwrap();
+    let key = rig.guest.stack.connect(83);
+    rig.until("connected", LONG, |g| g.stack.conn(key).established);
+    let (app, _) = listener.accept().unwrap();
+    let data = pattern(4, 2 << 20);
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || {
+        let mut app = app;
+        app.write_all(&sent).unwrap();
+        app
+    });
+    // Stop posting rx buffers for a while: the host writer blocks, nothing is lost.
+    rig.guest.rx_paused = true;
+    let pause = std::time::Instant::now();
+    while pause.elapsed() < Duration::from_millis(300) {
+        rig.step();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(rig.guest.stack.conn(key).read.len() < data.len());
+    rig.guest.rx_paused = false;
+    rig.until("all read", LONG, |g| {
+        g.stack.conn(key).read.len() >= data.len()
+    });
+    let _app = writer.join().unwrap();
+    assert!(rig.guest.stack.conn(key).read == data, "stream differs");
+    rig.stop();
+}
+
+fn a_host_reader_that_stalls_loses_nothing(rt: Runtime) {
+    let mut rig = Rig::start(rt, config());
+    let listener = UnixListener::bind(rig.port_path(84)).unwrap();
+    let key = rig.guest.stack.connect(84);
+    rig.until("connected", LONG, |g| g.stack.conn(key).established);
+    let (mut app, _) = listener.accept().unwrap();
+    let data = pattern(5, 4 << 20);
+    rig.guest.stack.write(key, &data);
+    rig.guest.stack.shutdown(key, SHUTDOWN_SEND);
+    // The reader stalls for a second while the guest pushes; the engine holds at most its
+    // buffer, the guest waits on credit.
+    let stall = std::time::Instant::now();
+    while stall.elapsed() < Duration::from_secs(1) {
+        rig.step();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        rig.guest.stack.conn(key).tx_cnt < data.len() as u32,
+        "credit held the guest back"
+    );
+    app.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match app.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => rig.step(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(
+        got == data,
+        "stream differs ({} of {} bytes)",
+        got.len(),
+        data.len()
+    );
+    let vsock = rig.stop();
+    assert!(vsock.device().engine().buffer_memory() <= 256 * 256 * 1024);
+}
+
+fn sixty_four_mib_each_way_with_a_checksum(rt: Runtime) {
+    let mut rig = Rig::start(rt, config());
+    let echo = echo_service(UnixListener::bind(rig.port_path(85)).unwrap());
+    let key = rig.guest.stack.connect(85);
+    rig.until("connected", LONG, |g| g.stack.conn(key).established);
+    let data = pattern(6, 64 << 20);
+    rig.guest.stack.write(key, &data);
+    rig.guest.stack.shutdown(key, SHUTDOWN_SEND);
+    rig.until("echo done", Duration::from_secs(300), |g| {
+        g.stack.conn(key).peer_shut & SHUTDOWN_SEND != 0
+    });
+    assert_eq!(echo.join().unwrap(), data.len());
+    let read = &rig.guest.stack.conn(key).read;
+    assert_eq!(read.len(), data.len());
+    assert_eq!(fnv(read), fnv(&data), "checksums differ");
+    rig.stop();
+}
+
+fn a_thousand_concurrent_connections_each_move_data(rt: Runtime) {
+    let mut rig = Rig::start(rt, config());
+    let listener = UnixListener::bind(rig.port_path(86)).unwrap();
+    const N: usize = 1000;
+    const EACH: usize = 1000;
+    let service = std::thread::spawn(move || {
+        // Accept them all, then echo each one's bytes back.
+        let mut socks = Vec::new();
+        for _ in 0..N {
+            socks.push(listener.accept().unwrap().0);
+        }
+        for s in &mut socks {
+            let mut buf = vec![0u8; EACH];
+            s.read_exact(&mut buf).unwrap();
+            s.write_all(&buf).unwrap();
+        }
+        socks
+    });
+    let keys: Vec<_> = (0..N).map(|_| rig.guest.stack.connect(86)).collect();
+    rig.until("all connected", LONG, |g| {
+        keys.iter().all(|k| g.stack.conn(*k).established)
+    });
+    for (i, k) in keys.iter().enumerate() {
+        rig.guest.stack.write(*k, &pattern(i as u32, EACH));
+    }
+    rig.until("all echoed", LONG, |g| {
+        keys.iter().all(|k| g.stack.conn(*k).read.len() == EACH)
+    });
+    for (i, k) in keys.iter().enumerate() {
+        assert_eq!(
+            rig.guest.stack.conn(*k).read,
+            pattern(i as u32, EACH),
+            "connection {i}"
+        );
+    }
+    let socks = service.join().unwrap();
+    drop(socks);
+    rig.stop();
+}
+
+/// FNV-1a, 64 bits: a checksum of a stream.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
 macro_rules! conformance {
     ($($scenario:ident),* $(,)?) => {
         mod mio {
@@ -293,4 +469,10 @@ conformance!(
     half_close_each_way_keeps_the_other_direction,
     bad_connect_lines_are_closed,
     connect_close_cycles_leak_no_descriptor,
+    rst_from_the_guest_mid_transfer_closes_the_host_socket,
+    host_peer_closing_with_unread_data_resets_the_guest,
+    a_guest_that_stops_posting_rx_buffers_loses_nothing,
+    a_host_reader_that_stalls_loses_nothing,
+    sixty_four_mib_each_way_with_a_checksum,
+    a_thousand_concurrent_connections_each_move_data,
 );
