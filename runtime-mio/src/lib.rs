@@ -22,6 +22,49 @@
 //!    the guest for each queue the returned [`Served`] names (and poll again at once if it says
 //!    `more`).
 //!
+//! ```no_run
+//! use std::time::Duration;
+//! use mio::{Events, Poll, Token};
+//! use vsock_mio::{MioConfig, Tokens, VsockMio};
+//! # use vm_memory::GuestMemoryMmap;
+//! # fn vmm_queues() -> [virtio_queue::Queue; 3] { panic!("provided by the VMM") }
+//! # fn vmm_memory() -> GuestMemoryMmap { panic!("provided by the VMM") }
+//! # fn interrupt(_queue: u16) {}
+//!
+//! # fn main() -> std::io::Result<()> {
+//! let mut poll = Poll::new()?;
+//! let mut vsock = VsockMio::new(
+//!     MioConfig {
+//!         engine: vsock_core::Config::new(3),
+//!         uds_path: "/run/vm0/vsock".into(),
+//!         // The VMM's own sources use tokens below 100.
+//!         tokens: Tokens { listener: Token(100), first_conn: 101 },
+//!     },
+//!     poll.registry(),
+//! )?;
+//! let (mem, mut queues) = (vmm_memory(), vmm_queues());
+//! // ... the driver acks features and activates the device on its queues ...
+//! let mut events = Events::with_capacity(256);
+//! loop {
+//!     poll.poll(&mut events, vsock.timeout().or(Some(Duration::from_secs(1))))?;
+//!     for event in events.iter() {
+//!         if !vsock.handle_event(event) {
+//!             // One of the VMM's own sources, such as a queue kick.
+//!         }
+//!     }
+//!     let [rx, tx, event] = &mut queues;
+//!     match vsock.serve(&mem, vsock_device::Queues { rx, tx, event }) {
+//!         Ok(served) => {
+//!             if served.notify_rx { interrupt(0) }
+//!             if served.notify_tx { interrupt(1) }
+//!             if served.notify_event { interrupt(2) }
+//!         }
+//!         Err(e) => eprintln!("vsock: {e}"),
+//!     }
+//! }
+//! # }
+//! ```
+//!
 //! Callers without a loop of their own use [`MioLoop`]: the same driver on a thread of its
 //! own, fed by a [`Transport`](vsock_device::Transport) and a kick descriptor.
 #![forbid(unsafe_code)]
