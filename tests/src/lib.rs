@@ -210,7 +210,13 @@ impl Rig {
     }
 
     /// Stops the runtime (a clean shutdown) and returns the driver for its counters.
-    pub fn stop(mut self) -> VsockMio {
+    pub fn stop(self) -> VsockMio {
+        self.stop_with_guest().1
+    }
+
+    /// Stops the runtime (a clean shutdown); returns the guest, after one more look at its
+    /// rings, and the driver.
+    pub fn stop_with_guest(mut self) -> (Guest, VsockMio) {
         let vsock = match self.running.take().expect("running") {
             Stopper::Mio(t) => t.stop().unwrap(),
             Stopper::Tokio(stop, thread) => {
@@ -223,7 +229,8 @@ impl Rig {
             }
         };
         self.step();
-        vsock
+        let Rig { guest, .. } = self;
+        (guest, vsock)
     }
 }
 

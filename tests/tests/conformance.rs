@@ -438,6 +438,30 @@ fn a_thousand_concurrent_connections_each_move_data(rt: Runtime) {
     rig.stop();
 }
 
+fn shutdown_resets_connections_closes_sockets_and_unlinks_the_listener(rt: Runtime) {
+    let mut rig = Rig::start(rt, config());
+    let listener = UnixListener::bind(rig.port_path(87)).unwrap();
+    let key = rig.guest.stack.connect(87);
+    rig.until("connected", LONG, |g| g.stack.conn(key).established);
+    let (mut app, _) = listener.accept().unwrap();
+    let path = rig.listener();
+    assert!(path.exists());
+    let (guest, vsock) = rig.stop_with_guest();
+    assert!(
+        guest.stack.conn(key).rst_received,
+        "the guest saw the reset"
+    );
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        app.read(&mut buf).unwrap(),
+        0,
+        "the host application sees the close"
+    );
+    assert_eq!(vsock.host().len(), 0);
+    drop(vsock);
+    assert!(!path.exists(), "the listener path is unlinked");
+}
+
 /// FNV-1a, 64 bits: a checksum of a stream.
 fn fnv(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -475,4 +499,5 @@ conformance!(
     a_host_reader_that_stalls_loses_nothing,
     sixty_four_mib_each_way_with_a_checksum,
     a_thousand_concurrent_connections_each_move_data,
+    shutdown_resets_connections_closes_sockets_and_unlinks_the_listener,
 );
