@@ -336,16 +336,51 @@ impl VsockMio {
     /// and memory from it, the interrupts to it. Returns whether work is left (serve again
     /// without waiting). A serve error is logged, not returned: the loop goes on.
     pub fn serve_transport<T: vsock_device::Transport>(&mut self, transport: &mut T) -> bool {
+        while let Some(request) = transport.take_request() {
+            self.apply(request, transport);
+        }
         match transport.with_queues(|mem, queues| self.serve(mem, queues)) {
             Some(Ok(served)) => {
                 transport.notify(&served);
                 served.more
             }
+            // Between a reset and the next activation there is nothing to serve.
+            Some(Err(DeviceError::NotActivated)) => false,
             Some(Err(e)) => {
                 warn!(error = %e, "cannot serve the queues");
                 false
             }
             None => false,
+        }
+    }
+
+    fn apply<T: vsock_device::Transport>(
+        &mut self,
+        request: vsock_device::DeviceRequest,
+        transport: &mut T,
+    ) {
+        let now = self.now();
+        match request {
+            vsock_device::DeviceRequest::Reset => {
+                debug!("device reset requested");
+                self.device.reset(now);
+                // Close the dropped connections' sockets now, not at the next activation.
+                if let Some(Err(e)) = transport
+                    .with_queues(|mem, queues| self.device.serve(now, mem, queues, &mut self.host))
+                {
+                    if !matches!(e, DeviceError::NotActivated) {
+                        warn!(error = %e, "serving after reset");
+                    }
+                }
+            }
+            vsock_device::DeviceRequest::Activate { features } => {
+                if let Err(e) = self.device.ack_features(features) {
+                    warn!(error = %e, "refused the driver's features");
+                    return;
+                }
+                let device = &mut self.device;
+                transport.with_queues(|_, queues| device.activate(queues));
+            }
         }
     }
 

@@ -13,11 +13,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vsock_core::{Config, Instant};
 use vsock_device::testing::{Guest, Layout};
-use vsock_device::{Queues, Served, Transport};
+
+use vsock_device::{DeviceRequest, Queues, Served, Transport};
 use vsock_mio::{MioConfig, MioLoop, MioThread, Tokens, VsockMio};
 
 /// The guest's CID in every scenario.
@@ -34,22 +37,33 @@ pub enum Runtime {
     Smol,
 }
 
-/// The VMM's side: guest memory shared with the guest model, and the device's queues.
-struct RigTransport {
+/// What the VMM shares with the runtime thread: guest memory (also the guest model's), the
+/// device's queues, and lifecycle requests.
+struct Shared {
     mem: GuestMemoryMmap,
     queues: [Queue; 3],
+    requests: VecDeque<DeviceRequest>,
 }
+
+/// The VMM's side of the transport.
+struct RigTransport(Arc<Mutex<Shared>>);
 
 impl Transport for RigTransport {
     type Memory = GuestMemoryMmap;
 
     fn with_queues<R>(&mut self, f: impl FnOnce(&GuestMemoryMmap, Queues<'_>) -> R) -> Option<R> {
-        let [rx, tx, event] = &mut self.queues;
-        Some(f(&self.mem, Queues { rx, tx, event }))
+        let mut shared = self.0.lock().unwrap();
+        let Shared { mem, queues, .. } = &mut *shared;
+        let [rx, tx, event] = queues;
+        Some(f(mem, Queues { rx, tx, event }))
     }
 
     fn notify(&mut self, _served: &Served) {
         // The guest model polls its used rings.
+    }
+
+    fn take_request(&mut self) -> Option<DeviceRequest> {
+        self.0.lock().unwrap().requests.pop_front()
     }
 }
 
@@ -74,6 +88,8 @@ pub struct Rig {
     kick: UnixStream,
     running: Option<Stopper>,
     started: std::time::Instant,
+    shared: Arc<Mutex<Shared>>,
+    features: u64,
 }
 
 enum Stopper {
@@ -112,17 +128,31 @@ impl Rig {
             device.ack_features(device.features()).unwrap();
             let [rx, tx, event] = queues;
             device.activate(Queues { rx, tx, event });
+            device.features()
         };
         let (kick, theirs) = UnixStream::pair().unwrap();
         kick.set_nonblocking(true).unwrap();
         theirs.set_nonblocking(true).unwrap();
         let theirs = OwnedFd::from(theirs);
         let mem = guest.driver.mem.clone();
-        let running = match runtime {
+        let features = Arc::new(Mutex::new(0u64));
+        let feats = features.clone();
+        let activate = move |driver: &mut VsockMio, queues: &mut [Queue; 3]| {
+            *feats.lock().unwrap() = activate(driver, queues);
+        };
+        // The queues move into the state shared with the runtime thread once activated.
+        let running;
+        let shared;
+        match runtime {
             Runtime::Mio => {
                 let mut lp = MioLoop::new(mio_config).unwrap();
                 activate(lp.driver_mut(), &mut queues);
-                Stopper::Mio(lp.spawn(RigTransport { mem, queues }, theirs).unwrap())
+                shared = Arc::new(Mutex::new(Shared {
+                    mem,
+                    queues,
+                    requests: VecDeque::new(),
+                }));
+                running = Stopper::Mio(lp.spawn(RigTransport(shared.clone()), theirs).unwrap());
             }
             Runtime::Tokio => {
                 let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -135,41 +165,55 @@ impl Rig {
                     rt.block_on(async move {
                         let mut vsock = vsock_tokio::VsockTokio::new(mio_config)?;
                         activate(vsock.driver_mut(), &mut queues);
-                        ready_tx.send(()).unwrap();
+                        let shared = Arc::new(Mutex::new(Shared {
+                            mem,
+                            queues,
+                            requests: VecDeque::new(),
+                        }));
+                        ready_tx.send(shared.clone()).unwrap();
                         vsock
-                            .run(RigTransport { mem, queues }, theirs, async move {
+                            .run(RigTransport(shared), theirs, async move {
                                 let _ = stopped.await;
                             })
                             .await
                     })
                 });
-                ready_rx.recv().expect("tokio adapter started");
-                Stopper::Tokio(stop, thread)
+                shared = ready_rx.recv().expect("tokio adapter started");
+                running = Stopper::Tokio(stop, thread);
             }
             Runtime::Smol => {
                 let mut vsock = vsock_smol::VsockSmol::new(mio_config).unwrap();
                 activate(vsock.driver_mut(), &mut queues);
+                shared = Arc::new(Mutex::new(Shared {
+                    mem,
+                    queues,
+                    requests: VecDeque::new(),
+                }));
+                let transport = RigTransport(shared.clone());
                 // Stop: a byte on a socket the shutdown future waits for.
                 let (stop_sock, stop_wait) = UnixStream::pair().unwrap();
                 let thread = std::thread::spawn(move || {
                     futures_lite::future::block_on(async move {
                         let wait = async_io::Async::new(stop_wait).unwrap();
                         vsock
-                            .run(RigTransport { mem, queues }, theirs, async move {
+                            .run(transport, theirs, async move {
                                 let _ = wait.readable().await;
                             })
                             .await
                     })
                 });
-                Stopper::Smol(stop_sock, thread)
+                running = Stopper::Smol(stop_sock, thread);
             }
-        };
+        }
+        let features = *features.lock().unwrap();
         Rig {
             guest,
             dir,
             kick,
             running: Some(running),
             started: std::time::Instant::now(),
+            shared,
+            features,
         }
     }
 
@@ -207,6 +251,32 @@ impl Rig {
             assert!(start.elapsed() < limit, "gave up waiting for: {what}");
             std::thread::sleep(Duration::from_micros(200));
         }
+    }
+
+    /// The guest's driver resets the device: every connection is dropped, and the guest
+    /// model starts over with fresh memory and rings, which it then activates again (as a
+    /// driver does after a reset).
+    pub fn reset_device(&mut self) {
+        self.shared
+            .lock()
+            .unwrap()
+            .requests
+            .push_back(DeviceRequest::Reset);
+        let _ = self.kick.write(b"r");
+        let mut guest = Guest::new(GUEST_CID);
+        guest.tx_layouts = self.guest.tx_layouts.clone();
+        let queues = guest.driver.device_queues(false);
+        {
+            let mut shared = self.shared.lock().unwrap();
+            // The reset goes first: the new rings are activated only after it is carried out.
+            shared.mem = guest.driver.mem.clone();
+            shared.queues = queues;
+            shared.requests.push_back(DeviceRequest::Activate {
+                features: self.features,
+            });
+        }
+        self.guest = guest;
+        let _ = self.kick.write(b"a");
     }
 
     /// Stops the runtime (a clean shutdown) and returns the driver for its counters.

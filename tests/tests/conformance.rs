@@ -462,6 +462,41 @@ fn shutdown_resets_connections_closes_sockets_and_unlinks_the_listener(rt: Runti
     assert!(!path.exists(), "the listener path is unlinked");
 }
 
+fn device_reset_mid_transfer_closes_everything_and_serves_again(rt: Runtime) {
+    let mut rig = Rig::start(rt, config());
+    let listener = UnixListener::bind(rig.port_path(88)).unwrap();
+    let key = rig.guest.stack.connect(88);
+    rig.until("connected", LONG, |g| g.stack.conn(key).established);
+    let (mut app, _) = listener.accept().unwrap();
+    rig.guest.stack.write(key, &pattern(7, 2 << 20));
+    rig.until("transfer under way", LONG, |g| g.stack.conn(key).tx_cnt > 0);
+    rig.reset_device();
+    // The host application sees its socket end (after whatever had arrived).
+    app.set_nonblocking(true).unwrap();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match app.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => rig.step(),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // The new driver connects again and is served.
+    let echo = echo_service(listener);
+    let key = rig.guest.stack.connect(88);
+    rig.until("connected again", LONG, |g| g.stack.conn(key).established);
+    rig.guest.stack.write(key, b"after reset");
+    rig.guest.stack.shutdown(key, SHUTDOWN_SEND);
+    rig.until("echo", LONG, |g| {
+        g.stack.conn(key).peer_shut & SHUTDOWN_SEND != 0
+    });
+    assert_eq!(rig.guest.stack.conn(key).read, b"after reset");
+    assert_eq!(echo.join().unwrap(), 11);
+    rig.stop();
+}
+
 /// FNV-1a, 64 bits: a checksum of a stream.
 fn fnv(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -500,4 +535,5 @@ conformance!(
     sixty_four_mib_each_way_with_a_checksum,
     a_thousand_concurrent_connections_each_move_data,
     shutdown_resets_connections_closes_sockets_and_unlinks_the_listener,
+    device_reset_mid_transfer_closes_everything_and_serves_again,
 );
