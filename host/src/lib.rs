@@ -389,6 +389,8 @@ where
     }
 
     fn perform(&mut self, now: Instant, engine: &mut Engine, action: Action) {
+        // Everything logged while carrying out an action names its connection.
+        let _span = tracing::trace_span!("vsock_conn", conn = %action.conn()).entered();
         match action {
             Action::Connect { conn, port } => self.connect(now, engine, conn, port),
             Action::ReadConnectLine { conn, max } => self.read_line(now, engine, conn, max),

@@ -242,6 +242,7 @@ impl VsockMio {
             // A late event for a socket already closed.
             return true;
         };
+        let _span = tracing::trace_span!("vsock_conn", %conn).entered();
         let engine = self.device.engine_mut();
         if event.is_error() {
             let _ = engine.handle_host_event(now, conn, HostEvent::Error(SocketError(0)));
