@@ -126,10 +126,25 @@ impl Listener {
         let socket = match UnixListener::bind(path) {
             Ok(s) => s,
             Err(e) if e.kind() == ErrorKind::AddrInUse => {
-                if UnixStream::connect(path).is_ok() {
+                // Something answers (or its backlog is full): a live listener. Only a refused
+                // connect means a file left behind. The probe never blocks.
+                let live = match mio::net::UnixStream::connect(path) {
+                    Ok(_) => true,
+                    Err(e) => e.kind() == ErrorKind::WouldBlock,
+                };
+                if live {
                     return Err(io::Error::new(
                         ErrorKind::AddrInUse,
                         format!("{} is in use by a live listener", path.display()),
+                    ));
+                }
+                // Never remove anything but a socket file.
+                let is_socket = std::fs::symlink_metadata(path)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+                if !is_socket {
+                    return Err(io::Error::new(
+                        ErrorKind::AlreadyExists,
+                        format!("{} exists and is not a socket", path.display()),
                     ));
                 }
                 debug!(path = %path.display(), "replacing a stale socket file");

@@ -140,6 +140,12 @@ fn listener_accepts_replaces_stale_files_refuses_live_ones_and_unlinks() {
     assert!(path.exists());
     let again = Listener::bind(&path).unwrap();
     assert_eq!(again.path(), path);
+    drop(again);
+    // A file that is not a socket is never removed.
+    std::fs::write(&path, b"precious").unwrap();
+    let refused = Listener::bind(&path).unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::AlreadyExists);
+    assert_eq!(std::fs::read(&path).unwrap(), b"precious");
 }
 
 #[test]
