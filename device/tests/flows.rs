@@ -4,14 +4,12 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::Write;
 use std::net::Shutdown;
-use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 
 use common::*;
 use vsock_core::wire::{Op, SocketType, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND};
-use vsock_core::{ConnId, Direction};
+use vsock_core::Direction;
 use vsock_device::testing::Layout;
 
 const PORT: u32 = 1234;
@@ -21,24 +19,6 @@ fn bed() -> Bed {
     let mut bed = Bed::new();
     bed.post_rx(8, &Layout::Single);
     bed
-}
-
-/// What the host application can read now, and whether it then saw end of file.
-fn app_read(app: &mut UnixStream) -> (Vec<u8>, bool) {
-    app.set_nonblocking(true).unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 65536];
-    let eof = loop {
-        match app.read(&mut buf) {
-            Ok(0) => break true,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break false,
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => break true,
-            Err(e) => panic!("app read: {e}"),
-        }
-    };
-    app.set_nonblocking(false).unwrap();
-    (out, eof)
 }
 
 /// The guest's payload bytes on `gp`, checking every packet is RW with a matching length.
@@ -220,24 +200,6 @@ fn guest_rst_closes_the_host_socket_silently() {
     assert!(eof, "the host application sees the close");
     assert_eq!(bed.device.engine().connections(), 0);
     assert_eq!(bed.device.engine().stats().rst_received, 1);
-}
-
-/// Shrinks the engine's end of a connection's socket so a guest burst overflows it.
-fn small_send_buffer(bed: &Bed, conn: ConnId) {
-    let fd = bed.host.socks[&conn.to_raw()].as_raw_fd();
-    let size: libc::c_int = 4096;
-    // SAFETY: `fd` is an open socket owned by the test host for the duration of the call, and
-    // the option value points at a live c_int of the size passed.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(r, 0, "setsockopt(SO_SNDBUF)");
 }
 
 #[test]

@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
-use std::os::fd::AsRawFd;
+use std::io::Write;
 
 use common::*;
 use virtio_queue::QueueT;
@@ -18,41 +17,9 @@ const PORT: u32 = 1234;
 
 /// Reads what the host application has, and whether the socket then reported end of file.
 fn app_drain(bed: &mut Bed, conn: ConnId) -> (Vec<u8>, bool) {
-    let app = bed.host.app(conn);
-    app.set_nonblocking(true).unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 65536];
-    let eof = loop {
-        match app.read(&mut buf) {
-            Ok(0) => break true,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break false,
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => break true,
-            Err(e) => panic!("app read: {e}"),
-        }
-    };
-    app.set_nonblocking(false).unwrap();
-    (out, eof)
+    app_read(bed.host.app(conn))
 }
 
-fn small_send_buffer(bed: &Bed, conn: ConnId) {
-    let fd = bed.host.socks[&conn.to_raw()].as_raw_fd();
-    let size: libc::c_int = 4096;
-    // SAFETY: `fd` is an open socket owned by the test host for the duration of the call, and
-    // the option value points at a live c_int of the size passed.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(r, 0, "setsockopt(SO_SNDBUF)");
-}
-
-/// The device holds no descriptor of any queue: everything it popped, it returned.
 fn assert_holds_nothing(bed: &Bed, when: &str) {
     for (q, queue) in bed.queues.iter().enumerate() {
         assert_eq!(

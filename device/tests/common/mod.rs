@@ -318,6 +318,43 @@ pub fn op_of(h: &Header) -> Op {
     Op::from_u16(h.op.get()).expect("known op")
 }
 
+/// What the host application can read now, and whether it then saw end of file (or a reset).
+pub fn app_read(app: &mut UnixStream) -> (Vec<u8>, bool) {
+    app.set_nonblocking(true).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    let eof = loop {
+        match app.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break false,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break true,
+            Err(e) => panic!("app read: {e}"),
+        }
+    };
+    app.set_nonblocking(false).unwrap();
+    (out, eof)
+}
+
+/// Shrinks the engine's end of a connection's socket so a guest burst overflows it.
+pub fn small_send_buffer(bed: &Bed, conn: ConnId) {
+    use std::os::fd::AsRawFd;
+    let fd = bed.host.socks[&conn.to_raw()].as_raw_fd();
+    let size: libc::c_int = 4096;
+    // SAFETY: `fd` is an open socket owned by the test host for the duration of the call, and
+    // the option value points at a live c_int of the size passed.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "setsockopt(SO_SNDBUF)");
+}
+
 /// Reads whatever the host application can get without blocking.
 pub fn app_read_all(app: &mut UnixStream) -> Vec<u8> {
     app.set_nonblocking(true).unwrap();
