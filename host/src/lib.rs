@@ -108,6 +108,50 @@ impl UdsPath {
     }
 }
 
+/// Binds a Unix listening socket at `path` (blocking, as the standard library makes it). A
+/// socket file left by a process that died is replaced; a path where something still listens
+/// is refused with `AddrInUse`, and a path that holds anything but a socket with
+/// `AlreadyExists`. The daemon binds its vhost-user socket with it too.
+///
+/// # Errors
+///
+/// The bind's error, with the path in the message.
+pub fn bind_unix_listener(path: &Path) -> io::Result<UnixListener> {
+    match UnixListener::bind(path) {
+        Ok(s) => Ok(s),
+        Err(e) if e.kind() == ErrorKind::AddrInUse => {
+            // Something answers (or its backlog is full): a live listener. Only a refused
+            // connect means a file left behind. The probe never blocks.
+            let live = match mio::net::UnixStream::connect(path) {
+                Ok(_) => true,
+                Err(e) => e.kind() == ErrorKind::WouldBlock,
+            };
+            if live {
+                return Err(io::Error::new(
+                    ErrorKind::AddrInUse,
+                    format!("{} is in use by a live listener", path.display()),
+                ));
+            }
+            // Never remove anything but a socket file.
+            let is_socket = std::fs::symlink_metadata(path)
+                .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+            if !is_socket {
+                return Err(io::Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", path.display()),
+                ));
+            }
+            debug!(path = %path.display(), "replacing a stale socket file");
+            std::fs::remove_file(path)?;
+            UnixListener::bind(path)
+        }
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("cannot bind {}: {e}", path.display()),
+        )),
+    }
+}
+
 /// The listening socket for host clients. Dropping it unlinks its path.
 #[derive(Debug)]
 pub struct Listener {
@@ -123,41 +167,7 @@ impl Listener {
     ///
     /// The bind's error, with the path in the message.
     pub fn bind(path: &Path) -> io::Result<Listener> {
-        let socket = match UnixListener::bind(path) {
-            Ok(s) => s,
-            Err(e) if e.kind() == ErrorKind::AddrInUse => {
-                // Something answers (or its backlog is full): a live listener. Only a refused
-                // connect means a file left behind. The probe never blocks.
-                let live = match mio::net::UnixStream::connect(path) {
-                    Ok(_) => true,
-                    Err(e) => e.kind() == ErrorKind::WouldBlock,
-                };
-                if live {
-                    return Err(io::Error::new(
-                        ErrorKind::AddrInUse,
-                        format!("{} is in use by a live listener", path.display()),
-                    ));
-                }
-                // Never remove anything but a socket file.
-                let is_socket = std::fs::symlink_metadata(path)
-                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
-                if !is_socket {
-                    return Err(io::Error::new(
-                        ErrorKind::AlreadyExists,
-                        format!("{} exists and is not a socket", path.display()),
-                    ));
-                }
-                debug!(path = %path.display(), "replacing a stale socket file");
-                std::fs::remove_file(path)?;
-                UnixListener::bind(path)?
-            }
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("cannot bind {}: {e}", path.display()),
-                ))
-            }
-        };
+        let socket = bind_unix_listener(path)?;
         socket.set_nonblocking(true)?;
         Ok(Listener {
             socket,

@@ -1,0 +1,348 @@
+//! The vhost-user side: the backend `vhost-user-backend` calls on its threads, and the
+//! [`Transport`] the runtime serves through.
+//!
+//! The two meet in [`Shared`]. The backend's callbacks only record what changed (the vring
+//! handles, the driver's features, a stop or a reset) and wake the runtime through the kick
+//! socket; the runtime takes the queues under the shared lock for one synchronous section at a
+//! time. Holding that lock is also what makes [`VhostUserBackend::stop_vring`] wait: once it has
+//! the lock, the runtime is outside the queues and will not enter them again until the frontend
+//! starts the rings anew.
+
+use std::io::{self, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tracing::{debug, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+use vsock_device::{DeviceRequest, Queues, Served, Transport};
+
+/// The guest memory of a vhost-user frontend: its regions mapped from the file descriptors it
+/// sent.
+pub type Memory = GuestMemoryMmap<()>;
+
+/// The replaceable view of [`Memory`] that `vhost-user-backend` updates on `SET_MEM_TABLE`.
+pub type MemoryAtomic = GuestMemoryAtomic<Memory>;
+
+/// Queue 0: packets to the guest.
+const RX: usize = 0;
+/// Queue 1: packets from the guest.
+const TX: usize = 1;
+/// The device has three queues, but vhost-user frontends keep the event queue (2) to
+/// themselves: QEMU only hands the rx and tx rings to the backend.
+const NUM_QUEUES: usize = 3;
+/// The one worker thread watches the kicks of rx and tx.
+const WORKER_QUEUES: u64 = 1 << RX | 1 << TX;
+
+/// What the backend's threads and the runtime share.
+pub struct Shared {
+    state: Mutex<State>,
+    /// Written to wake the runtime; its peer is the runtime's kick descriptor.
+    kick: UnixStream,
+    guest_cid: u64,
+    /// The virtio features the device offers.
+    device_features: u64,
+}
+
+struct State {
+    /// The current frontend's memory.
+    mem: MemoryAtomic,
+    /// The rx and tx rings, once a worker has handed them over.
+    vrings: Option<[VringRwLock; 2]>,
+    /// Features the driver acknowledged, not yet handed to the device.
+    pending_features: Option<u64>,
+    /// The device was handed its features and may serve the queues.
+    activated: bool,
+    /// The device must drop its connections before anything else.
+    reset_owed: bool,
+    /// Stands in for the event queue the frontend keeps: never ready, so never touched.
+    event: Queue,
+}
+
+impl Shared {
+    /// Shared state for a device with guest CID `guest_cid` offering `device_features`.
+    /// `kick` wakes the runtime: the runtime polls the other end of the pair.
+    ///
+    /// # Errors
+    ///
+    /// `kick` cannot be made non-blocking.
+    pub fn new(guest_cid: u64, device_features: u64, kick: UnixStream) -> io::Result<Arc<Self>> {
+        kick.set_nonblocking(true)?;
+        let event = Queue::new(1).map_err(|e| io::Error::other(format!("{e:?}")))?;
+        Ok(Arc::new(Shared {
+            state: Mutex::new(State {
+                mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+                vrings: None,
+                pending_features: None,
+                activated: false,
+                reset_owed: false,
+                event,
+            }),
+            kick,
+            guest_cid,
+            device_features,
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind: keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the runtime. A full kick socket already holds a wake-up.
+    fn wake(&self) {
+        match (&self.kick).write(&[1]) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => warn!(error = %e, "cannot wake the runtime"),
+        }
+    }
+
+    /// A backend for the next frontend connection, with fresh (empty) memory, and that memory
+    /// for `VhostUserDaemon::new`.
+    pub fn connection(self: &Arc<Self>, max_queue_size: usize) -> (VsockBackend, MemoryAtomic) {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        self.lock().mem = mem.clone();
+        let backend = VsockBackend {
+            shared: self.clone(),
+            max_queue_size,
+        };
+        (backend, mem)
+    }
+
+    /// The frontend went away: its rings and memory are gone, and the device drops every
+    /// connection (resetting the host sockets) until the next frontend activates it.
+    pub fn disconnected(&self) {
+        let mut state = self.lock();
+        state.vrings = None;
+        state.mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        state.pending_features = None;
+        state.activated = false;
+        state.reset_owed = true;
+        drop(state);
+        self.wake();
+    }
+
+    /// The rings stop (`GET_VRING_BASE`, `RESET_DEVICE`): the driver reset the device or the
+    /// VM stopped. Returns once the runtime is out of the queues.
+    fn stop(&self) {
+        let mut state = self.lock();
+        if state.activated {
+            state.activated = false;
+            state.reset_owed = true;
+            debug!("rings stopped: the device resets its connections");
+        }
+        state.pending_features = None;
+        drop(state);
+        self.wake();
+    }
+
+    fn features_acked(&self, features: u64) {
+        let protocol = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let unknown = features & !(self.device_features | protocol);
+        if unknown != 0 {
+            warn!(
+                unknown = format_args!("{unknown:#x}"),
+                "the frontend acked features we never offered; ignored"
+            );
+        }
+        let mut state = self.lock();
+        if state.activated {
+            // A new negotiation without a stop in between: the driver started over.
+            state.activated = false;
+            state.reset_owed = true;
+        }
+        state.pending_features = Some(features & self.device_features);
+        drop(state);
+        self.wake();
+    }
+
+    fn vrings_seen(&self, vrings: &[VringRwLock]) {
+        if let [rx, tx, ..] = vrings {
+            let mut state = self.lock();
+            if state.vrings.is_none() {
+                state.vrings = Some([rx.clone(), tx.clone()]);
+            }
+        }
+        self.wake();
+    }
+}
+
+fn ring_ready(vring: &VringRwLock) -> bool {
+    let state = vring.get_ref();
+    state.get_queue().ready() && state.is_enabled()
+}
+
+/// The [`Transport`] the runtime serves through: the frontend's rings and memory, under the
+/// shared lock.
+pub struct VhostTransport {
+    shared: Arc<Shared>,
+}
+
+impl VhostTransport {
+    /// The transport over `shared`.
+    pub fn new(shared: Arc<Shared>) -> Self {
+        VhostTransport { shared }
+    }
+}
+
+impl Transport for VhostTransport {
+    type Memory = Memory;
+
+    fn with_queues<R>(&mut self, f: impl FnOnce(&Memory, Queues<'_>) -> R) -> Option<R> {
+        let mut state = self.shared.lock();
+        if !state.activated {
+            return None;
+        }
+        let State {
+            mem, vrings, event, ..
+        } = &mut *state;
+        let [rx, tx] = vrings.as_ref()?;
+        // Always rx before tx, the one order any thread takes both in.
+        let mut rx = rx.get_mut();
+        let mut tx = tx.get_mut();
+        // A wake-up may arrive after the frontend stopped a ring.
+        if !(rx.get_queue().ready() && rx.is_enabled() && tx.get_queue().ready() && tx.is_enabled())
+        {
+            return None;
+        }
+        let mem = mem.memory();
+        Some(f(
+            &mem,
+            Queues {
+                rx: rx.get_queue_mut(),
+                tx: tx.get_queue_mut(),
+                event,
+            },
+        ))
+    }
+
+    fn notify(&mut self, served: &Served) {
+        let Some([rx, tx]) = self.shared.lock().vrings.clone() else {
+            return;
+        };
+        for (wanted, vring, name) in [(served.notify_rx, rx, "rx"), (served.notify_tx, tx, "tx")] {
+            if wanted {
+                if let Err(e) = vring.signal_used_queue() {
+                    debug!(queue = name, error = %e, "cannot interrupt the guest");
+                }
+            }
+        }
+    }
+
+    fn take_request(&mut self) -> Option<DeviceRequest> {
+        let mut state = self.shared.lock();
+        if state.reset_owed {
+            state.reset_owed = false;
+            return Some(DeviceRequest::Reset);
+        }
+        if state.activated {
+            return None;
+        }
+        let features = state.pending_features?;
+        let [rx, tx] = state.vrings.as_ref()?;
+        if !(ring_ready(rx) && ring_ready(tx)) {
+            return None;
+        }
+        state.pending_features = None;
+        state.activated = true;
+        Some(DeviceRequest::Activate { features })
+    }
+}
+
+/// The device as `vhost-user-backend` sees it. Every callback is short: it records the change
+/// in [`Shared`] and wakes the runtime, which does the work.
+#[derive(Clone)]
+pub struct VsockBackend {
+    shared: Arc<Shared>,
+    max_queue_size: usize,
+}
+
+impl VhostUserBackend for VsockBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        NUM_QUEUES
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.max_queue_size
+    }
+
+    fn features(&self) -> u64 {
+        self.shared.device_features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        debug!(features = format_args!("{features:#x}"), "features acked");
+        self.shared.features_acked(features);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn reset_device(&self) {
+        debug!("frontend reset the device");
+        self.shared.stop();
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // The device reads EVENT_IDX from the acked features when it activates.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // The vsock config space is the guest CID, 8 bytes little-endian.
+        let config = self.shared.guest_cid.to_le_bytes();
+        let start = (offset as usize).min(config.len());
+        let end = start.saturating_add(size as usize).min(config.len());
+        config[start..end].to_vec()
+    }
+
+    fn update_memory(&self, mem: MemoryAtomic) -> io::Result<()> {
+        self.shared.lock().mem = mem;
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        vec![WORKER_QUEUES]
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Without it, dropping the daemon would wait forever for the worker to end.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                warn!(error = %e, "cannot make the worker's exit event");
+                None
+            }
+        }
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        debug!(queue = queue_index, "ring stopped");
+        self.shared.stop();
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        _device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        // The kick is consumed already; the runtime does the work.
+        self.shared.vrings_seen(vrings);
+        Ok(())
+    }
+}

@@ -1,0 +1,225 @@
+//! `vhost-user-vsock`: serves the hybrid vsock device to vhost-user frontends such as QEMU.
+
+use std::error::Error;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use clap::Parser;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use tracing::{error, info, warn};
+use vhost_user_backend::VhostUserDaemon;
+use vsock_core::Instant;
+use vsock_device::VsockDevice;
+use vsock_mio::{MioConfig, Tokens, VsockMio};
+use vsock_vhost_user::{RuntimeKind, Shared, VhostTransport};
+
+/// Serves a virtio-vsock device to a vhost-user frontend (QEMU's vhost-user-vsock-pci), and
+/// relays the guest's stream connections to host Unix sockets.
+///
+/// A guest connecting to vsock port P reaches the Unix socket `<uds-path>_P`. A host program
+/// connects to `<uds-path>`, writes `CONNECT <port>\n`, reads `OK <host_port>\n`, and is then
+/// joined to the guest listening on that port.
+///
+/// The daemon serves one VM at a time and waits for the next when it disconnects. SIGINT or
+/// SIGTERM resets the guest's connections, removes both socket paths, prints the counters
+/// and exits. Logs go to stderr; RUST_LOG sets the level (default `info`).
+#[derive(Debug, Parser)]
+#[command(name = "vhost-user-vsock", version, verbatim_doc_comment)]
+struct Args {
+    /// The vhost-user socket the daemon listens on; QEMU connects to it
+    /// (`-chardev socket,path=PATH`).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+
+    /// The guest's context ID (3 to 4294967294). QEMU reads it from the device's config
+    /// space.
+    #[arg(long, value_name = "N", default_value_t = 3,
+          value_parser = clap::value_parser!(u64).range(3..=0xFFFF_FFFE))]
+    guest_cid: u64,
+
+    /// The base path of the host sockets: host programs connect to PATH, guest connections to
+    /// port P go to PATH_P.
+    #[arg(long, value_name = "PATH")]
+    uds_path: PathBuf,
+
+    /// Bytes of guest data each connection may have in flight towards its host socket: the
+    /// receive buffer the device advertises to the guest.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024)]
+    tx_buffer_size: u32,
+
+    /// The largest virtqueue the driver may set up (a power of two, at most 32768).
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    queue_size: u16,
+
+    /// The event loop that serves the device.
+    #[arg(long, value_enum, default_value_t = RuntimeKind::Mio)]
+    runtime: RuntimeKind,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vhost-user-vsock: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn Error>> {
+    if !args.queue_size.is_power_of_two() || args.queue_size > 32768 {
+        return Err(format!(
+            "--queue-size {} is not a power of two up to 32768",
+            args.queue_size
+        )
+        .into());
+    }
+    check_socket_path("--socket", &args.socket)?;
+
+    let mut engine = vsock_core::Config::new(args.guest_cid);
+    engine.buffer_size = args.tx_buffer_size;
+    // Refuses a configuration the engine cannot run, before anything is bound.
+    let device_features = VsockDevice::new(engine.clone(), Instant::ZERO)
+        .map_err(|e| format!("bad configuration: {e}"))?
+        .features();
+
+    // Registered before any thread starts, so every thread leaves the signals to this one.
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+
+    let listener = vsock_host::bind_unix_listener(&args.socket)
+        .map_err(|e| format!("vhost-user socket: {e}"))?;
+    let _socket = RemoveOnDrop(args.socket.clone());
+
+    let (wake, kick) = UnixStream::pair()?;
+    kick.set_nonblocking(true)?;
+    let shared = Shared::new(args.guest_cid, device_features, wake)?;
+    let config = MioConfig {
+        engine,
+        uds_path: args.uds_path.clone(),
+        tokens: Tokens {
+            listener: mio::Token(0),
+            first_conn: 1,
+        },
+    };
+    let running = vsock_vhost_user::start(
+        args.runtime,
+        config,
+        VhostTransport::new(shared.clone()),
+        OwnedFd::from(kick),
+    )
+    .map_err(|e| format!("host socket {}: {e}", args.uds_path.display()))?;
+    info!(
+        socket = %args.socket.display(),
+        uds_path = %args.uds_path.display(),
+        guest_cid = args.guest_cid,
+        runtime = ?args.runtime,
+        "serving"
+    );
+
+    let queue_size = usize::from(args.queue_size);
+    thread::Builder::new()
+        .name("vhost-user-accept".into())
+        .spawn(move || serve_frontends(listener, shared, queue_size))?;
+
+    if let Some(signal) = signals.forever().next() {
+        info!(signal, "shutting down");
+    }
+    let vsock = running.stop()?;
+    print_stats(&vsock);
+    // Dropping the driver unlinks `<uds_path>`; `_socket` unlinks the vhost-user socket.
+    drop(vsock);
+    Ok(())
+}
+
+/// Serves one frontend after another, for as long as the daemon runs.
+fn serve_frontends(listener: UnixListener, shared: Arc<Shared>, queue_size: usize) {
+    let mut listener = vhost::vhost_user::Listener::from(listener);
+    loop {
+        let (backend, mem) = shared.connection(queue_size);
+        let mut daemon = match VhostUserDaemon::new("vhost-user-vsock".into(), backend, mem) {
+            Ok(daemon) => daemon,
+            Err(e) => {
+                error!(error = %e, "cannot set up the vhost-user handler");
+                thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        if let Err(e) = daemon.start(&mut listener) {
+            // EMFILE and friends: the frontend waits in the backlog.
+            warn!(error = %e, "cannot accept a frontend");
+            thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        info!("frontend connected");
+        match daemon.wait() {
+            Ok(()) => info!("frontend disconnected"),
+            Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => info!("frontend disconnected"),
+            Err(e) => warn!(error = %e, "frontend connection ended"),
+        }
+        // Dropping the daemon stops its worker thread; only then may the next frontend's
+        // rings take the place of this one's.
+        drop(daemon);
+        shared.disconnected();
+    }
+}
+
+/// Unix socket paths are limited to 107 bytes.
+fn check_socket_path(flag: &str, path: &Path) -> Result<(), String> {
+    let len = path.as_os_str().len();
+    if len == 0 {
+        return Err(format!("{flag}: the path is empty"));
+    }
+    if len > vsock_host::MAX_SOCKET_PATH {
+        return Err(format!(
+            "{flag} {}: {len} bytes, longer than the {} a Unix socket path may have",
+            path.display(),
+            vsock_host::MAX_SOCKET_PATH
+        ));
+    }
+    Ok(())
+}
+
+fn print_stats(vsock: &VsockMio) {
+    let engine = vsock.device().engine().stats();
+    eprintln!(
+        "vhost-user-vsock: guest->host {} bytes in {} packets, host->guest {} bytes in {} packets",
+        engine.tx_bytes, engine.tx_packets, engine.rx_bytes, engine.rx_packets
+    );
+    eprintln!(
+        "vhost-user-vsock: connections: {} from the guest, {} from host clients, {} established, \
+         {} closed; resets: {} sent, {} received",
+        engine.guest_connects,
+        engine.host_accepts,
+        engine.established,
+        engine.closed,
+        engine.rst_sent,
+        engine.rst_received
+    );
+    eprintln!("vhost-user-vsock: engine {engine:?}");
+    eprintln!("vhost-user-vsock: device {:?}", vsock.device().stats());
+    eprintln!("vhost-user-vsock: host {:?}", vsock.host().stats());
+}
+
+/// Removes a path when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
