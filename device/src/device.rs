@@ -445,6 +445,13 @@ impl VsockDevice {
         Ok(served)
     }
 
+    /// Carries out the socket actions the engine owes, without the queues: after a
+    /// [`reset`](Self::reset), this closes the dropped connections' sockets at once, even when
+    /// the queues are gone with the frontend that owned them. Returns whether there were any.
+    pub fn perform_actions<H: HostSockets>(&mut self, now: Instant, host: &mut H) -> bool {
+        self.drain_actions(now, host)
+    }
+
     fn drain_actions<H: HostSockets>(&mut self, now: Instant, host: &mut H) -> bool {
         let mut acted = false;
         while let Some(action) = self.engine.poll_action() {

@@ -30,12 +30,18 @@ struct Recorder {
     registered: Vec<ConnId>,
     interest: Vec<(ConnId, Interest)>,
     deregistered: Vec<ConnId>,
+    /// Fail every registration with this OS error, as a full epoll set would.
+    refuse: Option<i32>,
 }
 
 impl Reactor for Recorder {
     type Socket = UnixStream;
 
     fn register(&mut self, conn: ConnId, stream: UnixStream) -> std::io::Result<UnixStream> {
+        if let Some(errno) = self.refuse {
+            // The stream is dropped here, as a real reactor drops what it cannot watch.
+            return Err(std::io::Error::from_raw_os_error(errno));
+        }
         stream.set_nonblocking(true)?;
         self.registered.push(conn);
         Ok(stream)
@@ -287,6 +293,107 @@ fn a_full_table_refuses_clients_and_closes_them() {
         0,
         "refused client sees the close"
     );
+}
+
+/// `ENOSPC`: what `epoll_ctl` returns when `max_user_watches` is reached.
+const ENOSPC: i32 = 28;
+
+#[test]
+fn guest_connect_to_a_path_that_is_no_listening_socket_is_reset_at_once() {
+    let (dir, mut engine, mut host) = setup();
+    let port_path = |port: u32| dir.join(format!("vsock_{port}"));
+    // A regular file, a directory, a dangling symlink, a socket file nobody listens on any
+    // more, a datagram socket.
+    std::fs::write(port_path(1), b"not a socket").unwrap();
+    std::fs::create_dir(port_path(2)).unwrap();
+    std::os::unix::fs::symlink(dir.join("nowhere"), port_path(3)).unwrap();
+    drop(UnixListener::bind(port_path(4)).unwrap());
+    let _datagram = std::os::unix::net::UnixDatagram::bind(port_path(5)).unwrap();
+    // What connect(2) says to each (the datagram socket: EPROTOTYPE).
+    let refused = |port| UnixStream::connect(port_path(port)).unwrap_err().kind();
+    assert_eq!(refused(1), ErrorKind::ConnectionRefused);
+    assert_eq!(refused(2), ErrorKind::ConnectionRefused);
+    assert_eq!(refused(3), ErrorKind::NotFound);
+    assert_eq!(refused(4), ErrorKind::ConnectionRefused);
+    assert!(UnixStream::connect(port_path(5)).is_err());
+
+    let now = Instant::from_millis(1);
+    for port in 1..=5 {
+        let gp = 50_000 + port;
+        assert!(matches!(
+            engine.handle_tx(now, &guest(Op::Request, gp, port, 0)),
+            Tx::Done
+        ));
+        // The reset comes out of the same round, with no time passing: no deadline involved.
+        let got = drain(&mut engine, &mut host, now);
+        assert_eq!(got.len(), 1, "port {port}: {got:?}");
+        assert_eq!(got[0].op.get(), Op::Rst.to_u16(), "port {port}");
+        assert_eq!(got[0].dst_port.get(), gp);
+        assert_eq!(got[0].src_port.get(), port);
+    }
+    assert_eq!(host.stats().connect_failures, 5);
+    assert_eq!(engine.stats().connect_failed, 5);
+    assert_eq!(host.stats().connects, 0);
+    assert!(host.is_empty());
+    assert!(host.reactor().registered.is_empty());
+    assert_eq!(engine.connections(), 0);
+    // Nothing at those paths was touched.
+    assert_eq!(std::fs::read(port_path(1)).unwrap(), b"not a socket");
+    assert!(port_path(2).is_dir());
+}
+
+#[test]
+fn a_connected_socket_that_cannot_be_watched_is_closed_and_the_guest_reset() {
+    let (dir, mut engine, mut host) = setup();
+    host.reactor_mut().refuse = Some(ENOSPC);
+    let service = UnixListener::bind(dir.join("vsock_1234")).unwrap();
+    let now = Instant::from_millis(1);
+    assert!(matches!(
+        engine.handle_tx(now, &guest(Op::Request, 50_000, 1234, 0)),
+        Tx::Done
+    ));
+    let got = drain(&mut engine, &mut host, now);
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].op.get(), Op::Rst.to_u16());
+    assert_eq!(host.stats().register_failures, 1);
+    assert_eq!(host.stats().connects, 0);
+    assert_eq!(engine.stats().connect_failed, 1);
+    assert!(host.is_empty());
+    assert_eq!(engine.connections(), 0);
+    // The connect had reached the service; the socket was closed, not leaked.
+    let (mut app, _) = service.accept().unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(app.read(&mut buf).unwrap(), 0);
+}
+
+#[test]
+fn a_host_client_that_cannot_be_watched_is_closed_and_forgotten() {
+    let (dir, mut engine, mut host) = setup();
+    host.reactor_mut().refuse = Some(ENOSPC);
+    let listener = Listener::bind(&dir.join("vsock")).unwrap();
+    let mut client = UnixStream::connect(dir.join("vsock")).unwrap();
+    client.write_all(b"CONNECT 5000\n").unwrap();
+    let now = Instant::from_millis(1);
+    let stream = listener.accept().unwrap().expect("a pending client");
+    assert_eq!(host.adopt_client(now, &mut engine, stream), None);
+    // The guest never hears of it; the engine's slot is free again.
+    let got = drain(&mut engine, &mut host, now);
+    assert!(got.is_empty(), "{got:?}");
+    assert_eq!(engine.connections(), 0);
+    assert_eq!(host.stats().register_failures, 1);
+    assert!(host.is_empty());
+    // Closed without a reply: its line unread, so a reset rather than a plain end of file.
+    let mut buf = [0u8; 8];
+    match client.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        other => panic!("the client should see its socket closed, got {other:?}"),
+    }
+    // The listener serves the next client.
+    host.reactor_mut().refuse = None;
+    let _next = UnixStream::connect(dir.join("vsock")).unwrap();
+    let stream = listener.accept().unwrap().expect("the next client");
+    assert!(host.adopt_client(now, &mut engine, stream).is_some());
 }
 
 fn host_conns(host: &Host<Recorder>) -> Vec<u64> {

@@ -155,6 +155,11 @@ impl Reactor for MioReactor {
     }
 }
 
+/// How long after a failed accept (`EMFILE` and friends) the listener is tried again. It is
+/// watched edge-triggered, so the clients left in its backlog raise no new event: without a
+/// retry they would wait for the next client to connect, however long that takes.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
 /// A vsock device driven from the caller's mio loop.
 pub struct VsockMio {
     device: VsockDevice,
@@ -162,6 +167,8 @@ pub struct VsockMio {
     listener: Listener,
     tokens: Tokens,
     epoch: std::time::Instant,
+    /// When to accept again after an accept failed with clients possibly still waiting.
+    accept_retry: Option<Instant>,
 }
 
 impl VsockMio {
@@ -193,6 +200,7 @@ impl VsockMio {
             listener,
             tokens: config.tokens,
             epoch,
+            accept_retry: None,
         })
     }
 
@@ -270,14 +278,29 @@ impl VsockMio {
                         let _ = engine.handle_host_event(now, conn, HostEvent::Readable);
                     }
                 }
-                Ok(None) => return,
+                Ok(None) => {
+                    self.accept_retry = None;
+                    return;
+                }
                 Err(e) => {
-                    // EMFILE and friends: the client waits in the backlog; try again on the
-                    // next event rather than spin.
-                    warn!(error = %e, "accept failed");
+                    // EMFILE and friends: the client waits in the backlog. Rather than spin,
+                    // try again after a pause (see `retry_accept`), or at the next event.
+                    if self.accept_retry.is_none() {
+                        warn!(error = %e, "accept failed; retrying");
+                    } else {
+                        debug!(error = %e, "accept failed again");
+                    }
+                    self.accept_retry = Some(now + ACCEPT_RETRY);
                     return;
                 }
             }
+        }
+    }
+
+    /// Accepts the clients a failed accept left in the backlog, once the retry is due.
+    fn retry_accept(&mut self, now: Instant) {
+        if self.accept_retry.is_some_and(|t| t <= now) {
+            self.accept_all(now);
         }
     }
 
@@ -315,7 +338,8 @@ impl VsockMio {
         self.device.engine_mut().abort_all(now);
     }
 
-    /// Fires due deadlines and serves the queues (see `VsockDevice::serve`).
+    /// Fires due deadlines (the engine's, and the retry of a failed accept) and serves the
+    /// queues (see `VsockDevice::serve`).
     ///
     /// # Errors
     ///
@@ -326,6 +350,7 @@ impl VsockMio {
         queues: Queues<'_>,
     ) -> Result<Served, DeviceError> {
         let now = self.now();
+        self.retry_accept(now);
         let engine = self.device.engine_mut();
         if engine.poll_timeout().is_some_and(|t| t <= now) {
             engine.handle_timeout(now);
@@ -337,6 +362,8 @@ impl VsockMio {
     /// and memory from it, the interrupts to it. Returns whether work is left (serve again
     /// without waiting). A serve error is logged, not returned: the loop goes on.
     pub fn serve_transport<T: vsock_device::Transport>(&mut self, transport: &mut T) -> bool {
+        // Due even when the transport has no queues to serve, or `timeout` would keep saying so.
+        self.retry_accept(self.now());
         while let Some(request) = transport.take_request() {
             self.apply(request, transport);
         }
@@ -365,14 +392,9 @@ impl VsockMio {
             vsock_device::DeviceRequest::Reset => {
                 debug!("device reset requested");
                 self.device.reset(now);
-                // Close the dropped connections' sockets now, not at the next activation.
-                if let Some(Err(e)) = transport
-                    .with_queues(|mem, queues| self.device.serve(now, mem, queues, &mut self.host))
-                {
-                    if !matches!(e, DeviceError::NotActivated) {
-                        warn!(error = %e, "serving after reset");
-                    }
-                }
+                // Close the dropped connections' sockets now, not at the next activation:
+                // the queues may be gone with the frontend that owned them.
+                self.device.perform_actions(now, &mut self.host);
             }
             vsock_device::DeviceRequest::Activate { features } => {
                 if let Err(e) = self.device.ack_features(features) {
@@ -386,13 +408,16 @@ impl VsockMio {
     }
 
     /// How long the caller's poll may sleep before [`serve`](Self::serve) is due for a
-    /// deadline, or `None` if no deadline is pending.
+    /// deadline (the engine's, or the retry of a failed accept), or `None` if no deadline is
+    /// pending.
     pub fn timeout(&mut self) -> Option<Duration> {
         let now = self.now();
-        self.device
-            .engine_mut()
-            .poll_timeout()
-            .map(|t| t.saturating_duration_since(now))
+        let engine = self.device.engine_mut().poll_timeout();
+        let next = match (engine, self.accept_retry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        next.map(|t| t.saturating_duration_since(now))
     }
 }
 
