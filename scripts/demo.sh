@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# The main demo. Until the vhost-user daemon lands, it runs a whole session through the
-# engine with the guest and the host simulated in memory, and prints what happened.
+# The main demo: builds the vhost-user daemon, boots a Debian guest under QEMU against it,
+# moves 64 MiB each way between the guest's AF_VSOCK sockets and host Unix sockets, and prints
+# the throughput and the daemon's counters. Installs what it needs (QEMU, the guest kernel).
+# usage: scripts/demo.sh [mio|tokio|smol]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo run --release -p vsock-core --example session
+./scripts/guest/build.sh
+cargo build --release -p vsock-vhost-user -p vsock-tests --bin vhost-user-vsock --bin vsock-demo
+exec ./target/release/vsock-demo "$@"

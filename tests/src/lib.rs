@@ -6,6 +6,8 @@
 //! [`Rig`] starts one device on one runtime and drives its guest until a condition holds.
 #![forbid(unsafe_code)]
 
+pub mod guest;
+
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;

@@ -1,0 +1,558 @@
+//! A real Linux guest as the judge: boots Debian's kernel under QEMU (TCG) against the
+//! `vhost-user-vsock` daemon, runs a shell script in the guest against the in-kernel
+//! virtio-vsock driver, and gives the host side of each check real Unix sockets.
+//!
+//! [`Daemon`] runs the daemon binary, [`Vm`] one guest, and the free functions are the host
+//! peers: listeners on `<uds_path>_<port>`, `CONNECT` clients that retry until the guest
+//! listens, and a seeded byte stream with its SHA-256.
+//!
+//! The guest image comes from `scripts/guest/build.sh` (in `target/guest`, or
+//! `$VSOCK_GUEST_DIR`); the daemon from `cargo build --release -p vsock-vhost-user` (or
+//! `$VSOCK_DAEMON`). Without them the tests say they skip, unless `VSOCK_REQUIRE_GUEST=1`
+//! (set by `scripts/test.sh`) makes that a failure.
+
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+/// The guest's CID, as the daemon is told.
+pub const GUEST_CID: u64 = 3;
+
+/// Guest memory, MiB. The checks keep up to about 100 MiB in the guest's tmpfs.
+const GUEST_MEM_MIB: u32 = 768;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate sits in the workspace")
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"))
+}
+
+/// What a real-guest test needs: the kernel, the initramfs and the daemon binary.
+#[derive(Clone, Debug)]
+pub struct Image {
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    daemon: PathBuf,
+}
+
+impl Image {
+    /// Finds the guest image, QEMU and the daemon, or says what is missing.
+    ///
+    /// # Errors
+    ///
+    /// A sentence naming the missing part and how to make it.
+    pub fn find() -> Result<Image, String> {
+        let dir = std::env::var_os("VSOCK_GUEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| target_dir().join("guest"));
+        let kernel = dir.join("vmlinuz");
+        let initramfs = dir.join("initramfs.cpio.gz");
+        if !kernel.is_file() || !initramfs.is_file() {
+            return Err(format!(
+                "no guest image in {} (scripts/guest/build.sh makes it)",
+                dir.display()
+            ));
+        }
+        let qemu = Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !qemu.is_ok_and(|s| s.success()) {
+            return Err("qemu-system-x86_64 is not installed".into());
+        }
+        let daemon = std::env::var_os("VSOCK_DAEMON")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| target_dir().join("release/vhost-user-vsock"));
+        if !daemon.is_file() {
+            return Err(format!(
+                "no daemon at {} (cargo build --release -p vsock-vhost-user)",
+                daemon.display()
+            ));
+        }
+        Ok(Image {
+            kernel,
+            initramfs,
+            daemon,
+        })
+    }
+
+    /// The image, or `None` after saying why the test `name` skips. With
+    /// `VSOCK_REQUIRE_GUEST=1` a missing part fails the test instead.
+    pub fn or_skip(name: &str) -> Option<Image> {
+        match Image::find() {
+            Ok(image) => Some(image),
+            Err(why) if std::env::var_os("VSOCK_REQUIRE_GUEST").is_some_and(|v| v == "1") => {
+                panic!("{name}: the real-guest test cannot run: {why}")
+            }
+            Err(why) => {
+                eprintln!(
+                    "SKIPPED {name}: {why}. ./scripts/test.sh sets it all up and runs these tests."
+                );
+                None
+            }
+        }
+    }
+}
+
+/// A scratch directory, removed on drop. Kept short: Unix socket paths are limited.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(what: &str) -> Scratch {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("vsock-{what}-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("scratch directory");
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The `vhost-user-vsock` daemon, running as a child process.
+pub struct Daemon {
+    child: Child,
+    /// The vhost-user socket QEMU connects to.
+    pub socket: PathBuf,
+    /// The host socket base path `<uds_path>`.
+    pub uds: PathBuf,
+    log: PathBuf,
+    _dir: Scratch,
+}
+
+impl Daemon {
+    /// Starts the daemon on `runtime` (`mio`, `tokio` or `smol`) and waits for its socket.
+    pub fn start(image: &Image, runtime: &str) -> Daemon {
+        let dir = Scratch::new("d");
+        let socket = dir.0.join("vhost.sock");
+        let uds = dir.0.join("vm.vsock");
+        let log = dir.0.join("daemon.log");
+        let child = Command::new(&image.daemon)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--uds-path")
+            .arg(&uds)
+            .arg("--guest-cid")
+            .arg(GUEST_CID.to_string())
+            .arg("--runtime")
+            .arg(runtime)
+            .env(
+                "RUST_LOG",
+                std::env::var("VSOCK_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("daemon log"))
+            .spawn()
+            .expect("start the daemon");
+        let mut daemon = Daemon {
+            child,
+            socket,
+            uds,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !daemon.socket.exists() {
+            assert!(
+                daemon.running(),
+                "the daemon exited at start:\n{}",
+                daemon.log()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the daemon never bound its socket"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        daemon
+    }
+
+    /// `<uds_path>_<port>`.
+    pub fn port_path(&self, port: u32) -> PathBuf {
+        let mut path = self.uds.clone().into_os_string();
+        path.push(format!("_{port}"));
+        path.into()
+    }
+
+    /// Whether the process still runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// What the daemon logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit. Returns the status and the whole log (its
+    /// counters last).
+    pub fn terminate(mut self) -> (ExitStatus, String) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the daemon") {
+                return (status, self.log());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("the daemon ignored SIGTERM for 20 s:\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One VM at a time: TCG guests on a two-core machine slow each other down past their
+/// timeouts.
+static ONE_VM: Mutex<()> = Mutex::new(());
+
+/// A guest running a script.
+pub struct Vm {
+    child: Child,
+    serial: PathBuf,
+    _dir: Scratch,
+    _turn: MutexGuard<'static, ()>,
+}
+
+/// How a guest ended.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The script's exit status, from the `GUEST-EXIT-STATUS` line.
+    pub status: Option<i32>,
+    /// The serial console.
+    pub serial: String,
+}
+
+impl Outcome {
+    /// The serial lines that start with `prefix`.
+    pub fn lines<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.serial
+            .lines()
+            .map(|l| l.trim_end_matches('\r'))
+            .filter(move |l| l.starts_with(prefix))
+    }
+
+    /// The first serial line that starts with `prefix`, without the prefix.
+    pub fn line(&self, prefix: &str) -> Option<&str> {
+        self.serial
+            .lines()
+            .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix))
+    }
+}
+
+impl Vm {
+    /// Boots a guest with the device at `vhost_socket`, running `script` as `/guest/run.sh`.
+    pub fn boot(image: &Image, vhost_socket: &Path, script: &str) -> Vm {
+        let turn = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = Scratch::new("vm");
+        let serial = dir.0.join("serial.log");
+        // The kernel unpacks concatenated archives in turn: the script rides in a second one.
+        let mut initrd = fs::read(&image.initramfs).expect("read the initramfs");
+        // An uncompressed archive must start 4-byte aligned; zeros in between are skipped.
+        initrd.resize(initrd.len().next_multiple_of(4), 0);
+        initrd.extend(cpio(&[
+            ("guest", None),
+            ("guest/run.sh", Some(script.as_bytes())),
+        ]));
+        let initrd_path = dir.0.join("initrd");
+        fs::write(&initrd_path, initrd).expect("write the initrd");
+        let child = Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg,thread=multi", "-cpu", "max"])
+            .args(["-machine", "q35,memory-backend=mem"])
+            .arg("-object")
+            .arg(format!(
+                "memory-backend-memfd,id=mem,size={GUEST_MEM_MIB}M,share=on"
+            ))
+            .arg("-m")
+            .arg(format!("{GUEST_MEM_MIB}M"))
+            .args(["-smp", "1", "-nodefaults", "-no-user-config"])
+            .args(["-display", "none", "-vga", "none", "-no-reboot"])
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("-kernel")
+            .arg(&image.kernel)
+            .arg("-initrd")
+            .arg(&initrd_path)
+            .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=4"])
+            .arg("-chardev")
+            .arg(format!("socket,id=vsock0,path={}", vhost_socket.display()))
+            .args(["-device", "vhost-user-vsock-pci,chardev=vsock0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.0.join("qemu.log")).expect("qemu log"))
+            .spawn()
+            .expect("start qemu-system-x86_64");
+        Vm {
+            child,
+            serial,
+            _dir: dir,
+            _turn: turn,
+        }
+    }
+
+    /// The serial console so far.
+    pub fn serial(&self) -> String {
+        fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    /// Waits until a serial line starts with `prefix`, or panics after `timeout`.
+    pub fn wait_for_line(&mut self, prefix: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let serial = self.serial();
+            if serial
+                .lines()
+                .any(|l| l.trim_end_matches('\r').starts_with(prefix))
+            {
+                return;
+            }
+            let exited = matches!(self.child.try_wait(), Ok(Some(_)));
+            assert!(
+                !exited && Instant::now() < deadline,
+                "the guest never printed {prefix:?}:\n{serial}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the guest to power off (killing it after `timeout`) and returns how it ended.
+    pub fn wait(mut self, timeout: Duration) -> Outcome {
+        let deadline = Instant::now() + timeout;
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let serial = self.serial();
+        let status = serial
+            .lines()
+            .filter_map(|l| l.trim_end_matches('\r').strip_prefix("GUEST-EXIT-STATUS: "))
+            .find_map(|s| s.trim().parse().ok());
+        Outcome { status, serial }
+    }
+
+    /// Kills QEMU at once, as a crash would.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `newc` cpio archive of directories (`None`) and executable files.
+fn cpio(entries: &[(&str, Option<&[u8]>)]) -> Vec<u8> {
+    fn entry(out: &mut Vec<u8>, ino: usize, name: &str, mode: u32, data: &[u8]) {
+        let fields = [
+            ino as u32,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len() as u32,
+            0,
+            0,
+            0,
+            0,
+            name.len() as u32 + 1,
+            0,
+        ];
+        out.extend_from_slice(b"070701");
+        for field in fields {
+            out.extend_from_slice(format!("{field:08x}").as_bytes());
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+        out.extend_from_slice(data);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+    }
+    let mut out = Vec::new();
+    for (i, (name, data)) in entries.iter().enumerate() {
+        match data {
+            None => entry(&mut out, i + 1, name, 0o040_755, &[]),
+            Some(data) => entry(&mut out, i + 1, name, 0o100_755, data),
+        }
+    }
+    entry(&mut out, 0, "TRAILER!!!", 0, &[]);
+    out
+}
+
+/// Binds a host listener at `path` (a guest port's `<uds_path>_<port>`), polled so that
+/// [`accept`] can give up.
+pub fn listen(path: &Path) -> UnixListener {
+    let listener = UnixListener::bind(path).expect("bind a host listener");
+    listener.set_nonblocking(true).expect("non-blocking");
+    listener
+}
+
+/// The next client of `listener`, or `None` once `stop` is set.
+pub fn accept(listener: &UnixListener, stop: &AtomicBool) -> Option<UnixStream> {
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false).expect("blocking");
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(120)))
+                    .expect("read timeout");
+                return Some(stream);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if stop.load(Ordering::Relaxed) {
+                    return None;
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+/// Connects to the guest's `port` through `<uds_path>`: `CONNECT`, then `OK`. A refusal
+/// (the guest does not listen yet) is retried every 50 ms until `stop` is set.
+pub fn connect(uds: &Path, port: u32, stop: &AtomicBool) -> Option<UnixStream> {
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok(stream) = try_connect(uds, port) {
+            return Some(stream);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+fn try_connect(uds: &Path, port: u32) -> io::Result<UnixStream> {
+    let mut stream = UnixStream::connect(uds)?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    // Byte by byte: whatever follows the line is the guest's.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        if stream.read(&mut byte)? == 0 {
+            return Err(io::ErrorKind::ConnectionReset.into());
+        }
+        line.push(byte[0]);
+    }
+    if line.starts_with(b"OK ") {
+        Ok(stream)
+    } else {
+        Err(io::Error::other(format!("bad reply {line:?}")))
+    }
+}
+
+/// Reads `stream` to its end: the byte count and the SHA-256 in hex.
+///
+/// # Errors
+///
+/// A read error (a reset, the two-minute read timeout).
+pub fn drain(stream: &mut UnixStream) -> io::Result<(u64, String)> {
+    let mut hash = Sha256::new();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok((total, hex(&hash.finalize()))),
+            Ok(n) => {
+                hash.update(&buf[..n]);
+                total += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Writes `len` bytes of a stream seeded by `seed`; returns their SHA-256 in hex.
+///
+/// # Errors
+///
+/// A write error.
+pub fn send(stream: &mut UnixStream, len: u64, seed: u64) -> io::Result<String> {
+    let mut hash = Sha256::new();
+    let mut state = seed | 1;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        for chunk in buf[..n].chunks_mut(8) {
+            // xorshift64: cheap bytes no compressor or dedup would flatter.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+        }
+        stream.write_all(&buf[..n])?;
+        hash.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(hex(&hash.finalize()))
+}
+
+/// Sends, half-closes, and reads the reply to its end.
+///
+/// # Errors
+///
+/// A read or write error.
+pub fn send_then_read(
+    stream: &mut UnixStream,
+    len: u64,
+    seed: u64,
+) -> io::Result<(String, String)> {
+    let sent = send(stream, len, seed)?;
+    stream.shutdown(Shutdown::Write)?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply)?;
+    Ok((sent, reply.trim_end().to_string()))
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The value of the `key=value` word of `line`.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
