@@ -80,7 +80,8 @@ fn demo(image: &Image, runtime: &str) -> Result<(), String> {
          echo \"SHA g2h $(sha256sum /tmp/blob | cut -d' ' -f1)\"\n\
          socat -u -b 65536 OPEN:/tmp/blob VSOCK-CONNECT:2:5001\n\
          rm /tmp/blob\n\
-         echo \"SHA h2g $(socat -u -b 65536 VSOCK-LISTEN:5002 STDOUT | sha256sum | cut -d' ' -f1)\"\n\
+         socat -u -b 65536 VSOCK-LISTEN:5002 CREATE:/tmp/in\n\
+         echo \"SHA h2g $(sha256sum /tmp/in | cut -d' ' -f1)\"\n\
          t0=$(cut -d' ' -f1 /proc/uptime)\n\
          socat -u OPEN:/dev/null VSOCK-CONNECT:2:5999 2>/dev/null\n\
          rc=$?\n\
