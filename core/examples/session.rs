@@ -111,7 +111,7 @@ impl World {
                         let n = r.max().min(s.unread.len());
                         let data: Vec<u8> = s.unread.drain(..n).collect();
                         let io = if n > 0 { Io::Done(n) } else { Io::WouldBlock };
-                        match r.complete(io).unwrap() {
+                        match r.complete(io, &mut &data[..]).unwrap() {
                             Some(h) => (h, data),
                             None => continue,
                         }

@@ -12,6 +12,7 @@ use crate::buf::Pool;
 use crate::config::{Config, ConfigError};
 use crate::conn::{owed_act, owed_rx, Conn, ConnId, ConnState, Key, Origin, Phase};
 use crate::io::{Action, Direction, GuestBytes, HostEvent, Interest, Io, LineRead};
+use crate::record::{Event, Grant, Recorder};
 use crate::stats::{ConnStats, Stats};
 use crate::time::Instant;
 use crate::wire::{
@@ -63,6 +64,8 @@ pub struct Engine {
     /// Host clients still sending their `CONNECT` line.
     reading_line: usize,
     stats: Stats,
+    /// Told of every input and output, when attached.
+    recorder: Option<Box<dyn Recorder>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -126,6 +129,7 @@ impl Engine {
             reading_line: 0,
             stats: Stats::default(),
             config,
+            recorder: None,
         })
     }
 
@@ -221,6 +225,49 @@ impl Engine {
         }
     }
 
+    /// Attaches a recorder, which is first told the configuration (see [`crate::record`]), or
+    /// detaches it. Returns the one attached before.
+    pub fn set_recorder(
+        &mut self,
+        recorder: Option<Box<dyn Recorder>>,
+    ) -> Option<Box<dyn Recorder>> {
+        let old = std::mem::replace(&mut self.recorder, recorder);
+        if let Some(r) = self.recorder.as_mut() {
+            r.event(self.now, None, &Event::Start(&self.config));
+        }
+        old
+    }
+
+    /// Whether a recorder is attached.
+    pub fn is_recording(&self) -> bool {
+        self.recorder.is_some()
+    }
+
+    /// Reports `event` to the recorder, if any.
+    fn note(&mut self, now: Instant, event: &Event<'_>) {
+        if self.recorder.is_none() {
+            return;
+        }
+        let ports = event.conn().and_then(|conn| self.conn_ports(conn));
+        if let Some(r) = self.recorder.as_mut() {
+            r.event(now, ports, event);
+        }
+    }
+
+    /// Reports a packet to the recorder, if any.
+    fn note_packet(
+        &mut self,
+        now: Instant,
+        to_guest: bool,
+        header: &Header,
+        payload: &mut dyn GuestBytes,
+        available: usize,
+    ) {
+        if let Some(r) = self.recorder.as_mut() {
+            r.packet(now, to_guest, header, payload, available);
+        }
+    }
+
     // ---------------------------------------------------------------------------------------
     // Inputs: the guest
 
@@ -232,6 +279,28 @@ impl Engine {
     /// there straight from guest memory and only the remainder is copied. Whatever the outcome,
     /// the caller returns the guest's buffer to the used ring.
     pub fn handle_tx(&mut self, now: Instant, header: &Header) -> Tx<'_> {
+        match self.decide_tx(now, header) {
+            Some((idx, conn, len, direct)) => Tx::Data(TxData {
+                engine: self,
+                idx,
+                conn,
+                len,
+                direct,
+                done: false,
+                header: *header,
+                now,
+            }),
+            None => {
+                // No payload goes anywhere: the packet's story ends here.
+                self.note_packet(now, false, header, &mut &[][..], 0);
+                Tx::Done
+            }
+        }
+    }
+
+    /// Handles a guest packet; returns the payload's destination `(idx, conn, len, direct)`
+    /// when it carries data for a socket.
+    fn decide_tx(&mut self, now: Instant, header: &Header) -> Option<(usize, ConnId, usize, bool)> {
         self.advance(now);
         self.stats.tx_packets += 1;
         let raw_op = header.op.get();
@@ -245,7 +314,7 @@ impl Engine {
                 dst = dst_cid,
                 "dropped packet with reserved CID bits"
             );
-            return Tx::Done;
+            return None;
         }
         if src_cid != self.config.guest_cid || dst_cid != HOST_CID {
             self.stats.wrong_cid += 1;
@@ -254,14 +323,14 @@ impl Engine {
                 dst = dst_cid,
                 "dropped packet with wrong CID"
             );
-            return Tx::Done;
+            return None;
         }
         // No credit we ever advertise lets a packet carry more than our buffer.
         let pkt = match Packet::parse(header, self.config.buffer_size) {
             Ok(p) => p,
             Err(e) => {
                 self.bad_header(header, e);
-                return Tx::Done;
+                return None;
             }
         };
         if pkt.socket_type != SocketType::Stream {
@@ -269,7 +338,7 @@ impl Engine {
             if raw_op != Op::Rst.to_u16() {
                 self.reply_rst(header);
             }
-            return Tx::Done;
+            return None;
         }
         let key = Key {
             socket_type: pkt.socket_type,
@@ -280,11 +349,11 @@ impl Engine {
         match pkt.op {
             Op::Request => {
                 self.guest_request(key, &pkt);
-                Tx::Done
+                None
             }
             Op::Rst => {
                 self.guest_rst(key);
-                Tx::Done
+                None
             }
             _ => self.guest_on_conn(key, &pkt, header),
         }
@@ -367,18 +436,23 @@ impl Engine {
         }
     }
 
-    fn guest_on_conn(&mut self, key: Key, pkt: &Packet, header: &Header) -> Tx<'_> {
+    fn guest_on_conn(
+        &mut self,
+        key: Key,
+        pkt: &Packet,
+        header: &Header,
+    ) -> Option<(usize, ConnId, usize, bool)> {
         let Some(&idx) = self.map.get(&key) else {
             self.stats.unknown_connection += 1;
             debug!(?key, op = ?pkt.op, "packet for no connection");
             self.reply_rst(header);
-            return Tx::Done;
+            return None;
         };
         let idx = idx as usize;
         let c = &mut self.conns[idx];
         if c.phase == Phase::Resetting {
             // An RST is already on its way; the guest has not seen it yet.
-            return Tx::Done;
+            return None;
         }
         c.stats.guest_packets += 1;
         if c.peer_buf_alloc != pkt.buf_alloc || c.peer_fwd_cnt != pkt.fwd_cnt {
@@ -426,20 +500,13 @@ impl Engine {
                 } else if pkt.len > 0 {
                     let direct = c.host_pending() == 0 && c.writable && c.socket_open;
                     let conn = ConnId::new(idx as u32, c.generation);
-                    return Tx::Data(TxData {
-                        engine: self,
-                        idx,
-                        conn,
-                        len: pkt.len as usize,
-                        direct,
-                        done: false,
-                    });
+                    return Some((idx, conn, pkt.len as usize, direct));
                 }
             }
             Op::Request | Op::Rst => unreachable!("handled before the connection lookup"),
         }
         self.reconcile(idx);
-        Tx::Done
+        None
     }
 
     fn tx_complete(
@@ -510,6 +577,12 @@ impl Engine {
     /// The engine will ask for its `CONNECT` line with [`Action::ReadConnectLine`] once the
     /// socket is readable. On `Err`, close the socket: the table is full (counted).
     pub fn handle_accept(&mut self, now: Instant) -> Result<ConnId, TableFull> {
+        let accepted = self.accept(now);
+        self.note(now, &Event::Accept(accepted));
+        accepted
+    }
+
+    fn accept(&mut self, now: Instant) -> Result<ConnId, TableFull> {
         self.advance(now);
         if self.conns.len() >= self.config.max_connections
             || self.reading_line >= self.config.max_pending_host_clients
@@ -548,6 +621,7 @@ impl Engine {
         conn: ConnId,
         read: LineRead<'_>,
     ) -> Result<(), ConnError> {
+        self.note(now, &Event::ConnectLine(conn, read));
         self.advance(now);
         let idx = self.lookup(conn)?;
         let c = &mut self.conns[idx];
@@ -651,6 +725,7 @@ impl Engine {
         conn: ConnId,
         event: HostEvent,
     ) -> Result<(), ConnError> {
+        self.note(now, &Event::Host(conn, event));
         self.advance(now);
         let idx = self.lookup(conn)?;
         let c = &mut self.conns[idx];
@@ -730,6 +805,7 @@ impl Engine {
         conn: ConnId,
         result: Io,
     ) -> Result<(), ConnError> {
+        self.note(now, &Event::HostWrite(conn, result));
         self.advance(now);
         let idx = self.lookup(conn)?;
         let c = &mut self.conns[idx];
@@ -779,6 +855,7 @@ impl Engine {
 
     /// Fires every deadline at or before `now`. Early and repeated calls are harmless.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.note(now, &Event::Timeout);
         self.advance(now);
         while let Some(&Reverse((at, index, generation))) = self.timers.peek() {
             if at > self.now {
@@ -836,6 +913,7 @@ impl Engine {
     ///
     /// [`ConnError::Stale`] for a dead handle.
     pub fn reset_connection(&mut self, now: Instant, conn: ConnId) -> Result<(), ConnError> {
+        self.note(now, &Event::ResetConnection(conn));
         self.advance(now);
         let idx = self.lookup(conn)?;
         self.stats.resets_by_caller += 1;
@@ -846,6 +924,7 @@ impl Engine {
     /// Resets every connection: each gets an RST to the guest and its socket closed. For a
     /// clean shutdown of a running device.
     pub fn abort_all(&mut self, now: Instant) {
+        self.note(now, &Event::AbortAll);
         self.advance(now);
         for idx in 0..self.conns.capacity() {
             let Some(c) = self.conns.get(idx) else {
@@ -866,6 +945,7 @@ impl Engine {
     /// them too (a device reset, or a restore that sends a transport reset). Every socket gets
     /// its [`Action::Close`]; pending RST replies are dropped.
     pub fn reset(&mut self, now: Instant) {
+        self.note(now, &Event::Reset);
         self.advance(now);
         self.resets.clear();
         for idx in 0..self.conns.capacity() {
@@ -893,6 +973,16 @@ impl Engine {
     /// The next socket action, if any. Drain after every input.
     #[must_use]
     pub fn poll_action(&mut self) -> Option<Action> {
+        // A poll with no connection to look at changes nothing, and is not worth a record.
+        let looked = !self.act_queue.is_empty();
+        let action = self.next_action();
+        if looked {
+            self.note(self.now, &Event::Action(action));
+        }
+        action
+    }
+
+    fn next_action(&mut self) -> Option<Action> {
         let mut budget = self.act_queue.len();
         while budget > 0 {
             budget -= 1;
@@ -972,6 +1062,40 @@ impl Engine {
     /// on the next call.
     #[must_use]
     pub fn poll_rx(&mut self, now: Instant, room: usize) -> Option<RxGrant<'_>> {
+        // A poll that finds no connection to look at and no time passed changes nothing.
+        let looked = now > self.now || !self.resets.is_empty() || !self.rx_queue.is_empty();
+        let decision = self.next_rx_grant(now, room);
+        if looked {
+            let grant = match decision {
+                None => Grant::Nothing,
+                Some(RxDecision::Orphan(_) | RxDecision::Packet { .. }) => Grant::Packet,
+                Some(RxDecision::Read { conn, .. }) => Grant::Read(conn),
+            };
+            self.note(now, &Event::PollRx { room, grant });
+        }
+        Some(match decision? {
+            RxDecision::Orphan(header) => RxGrant::Packet(RxPacket {
+                engine: self,
+                source: Source::Orphan,
+                header,
+                held: 0,
+            }),
+            RxDecision::Packet { idx, header, held } => RxGrant::Packet(RxPacket {
+                engine: self,
+                source: Source::Conn(idx),
+                header,
+                held,
+            }),
+            RxDecision::Read { idx, conn, max } => RxGrant::Read(RxRead {
+                engine: self,
+                idx,
+                conn,
+                max,
+            }),
+        })
+    }
+
+    fn next_rx_grant(&mut self, now: Instant, room: usize) -> Option<RxDecision> {
         self.advance(now);
         if let Some(r) = self.resets.front() {
             let header = Packet {
@@ -989,12 +1113,7 @@ impl Engine {
             .to_header();
             let mut header = header;
             header.type_ = r.raw_type.into();
-            return Some(RxGrant::Packet(RxPacket {
-                engine: self,
-                source: Source::Orphan,
-                header,
-                held: 0,
-            }));
+            return Some(RxDecision::Orphan(header));
         }
         let mut budget = self.rx_queue.len();
         while budget > 0 {
@@ -1009,21 +1128,11 @@ impl Engine {
             match self.next_rx(idx, room) {
                 Next::Packet { op, flags, held } => {
                     let header = self.header(idx, op, flags, held as u32);
-                    return Some(RxGrant::Packet(RxPacket {
-                        engine: self,
-                        source: Source::Conn(idx),
-                        header,
-                        held,
-                    }));
+                    return Some(RxDecision::Packet { idx, header, held });
                 }
                 Next::Read(max) => {
                     let conn = ConnId::new(index, generation);
-                    return Some(RxGrant::Read(RxRead {
-                        engine: self,
-                        idx,
-                        conn,
-                        max,
-                    }));
+                    return Some(RxDecision::Read { idx, conn, max });
                 }
                 Next::Blocked => {
                     self.rx_queue.rotate_left(1);
@@ -1408,6 +1517,21 @@ enum Next {
     Nothing,
 }
 
+/// What `poll_rx` decided, before it borrows the engine for the grant.
+enum RxDecision {
+    Orphan(Header),
+    Packet {
+        idx: usize,
+        header: Header,
+        held: usize,
+    },
+    Read {
+        idx: usize,
+        conn: ConnId,
+        max: usize,
+    },
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Source {
     Orphan,
@@ -1453,6 +1577,9 @@ pub struct TxData<'a> {
     len: usize,
     direct: bool,
     done: bool,
+    /// The packet, for the recorder.
+    header: Header,
+    now: Instant,
 }
 
 impl TxData<'_> {
@@ -1487,6 +1614,11 @@ impl TxData<'_> {
     pub fn complete(mut self, written: Io, payload: &mut dyn GuestBytes) -> Result<(), ConnError> {
         self.done = true;
         let written = if self.direct { written } else { Io::Done(0) };
+        if self.engine.recorder.is_some() {
+            let (now, header, len) = (self.now, self.header, self.len);
+            self.engine.note_packet(now, false, &header, payload, len);
+            self.engine.note(now, &Event::TxWritten(Some(written)));
+        }
         self.engine
             .tx_complete(self.idx, self.len, self.direct, written, payload)
     }
@@ -1495,6 +1627,12 @@ impl TxData<'_> {
 impl Drop for TxData<'_> {
     fn drop(&mut self) {
         if !self.done {
+            if self.engine.recorder.is_some() {
+                let (now, header) = (self.now, self.header);
+                self.engine
+                    .note_packet(now, false, &header, &mut &[][..], 0);
+                self.engine.note(now, &Event::TxWritten(None));
+            }
             debug!(conn = %self.conn, "tx payload abandoned; resetting");
             self.engine.stats.payload_faults += 1;
             self.engine.reset_conn(self.idx);
@@ -1546,6 +1684,21 @@ impl RxPacket<'_> {
     /// The packet is in the guest's buffer: commit it. Returns the header.
     pub fn send(self) -> Header {
         let header = self.header;
+        if self.engine.recorder.is_some() {
+            let payload = match self.source {
+                Source::Conn(idx) => &self.engine.conns[idx].line.leftover()[..self.held],
+                Source::Orphan => &[],
+            };
+            if let Some(r) = self.engine.recorder.as_mut() {
+                r.packet(
+                    self.engine.now,
+                    true,
+                    &header,
+                    &mut &payload[..],
+                    payload.len(),
+                );
+            }
+        }
         match self.source {
             Source::Orphan => {
                 self.engine.resets.pop_front();
@@ -1606,17 +1759,41 @@ impl RxRead<'_> {
     ///
     /// [`ConnError::Overrun`] if `read` claims more than [`max`](Self::max) bytes; the
     /// connection is reset and nothing is published.
-    pub fn complete(self, read: Io) -> Result<Option<Header>, ConnError> {
+    pub fn complete(
+        self,
+        read: Io,
+        payload: &mut dyn GuestBytes,
+    ) -> Result<Option<Header>, ConnError> {
         let engine = self.engine;
         let idx = self.idx;
+        if engine.recorder.is_none() {
+            return Self::finish(engine, idx, self.conn, self.max, read);
+        }
+        let now = engine.now;
+        engine.note(now, &Event::RxRead(self.conn, read));
+        let result = Self::finish(engine, idx, self.conn, self.max, read);
+        if let Ok(Some(header)) = &result {
+            let n = header.len.get() as usize;
+            engine.note_packet(now, true, header, payload, n);
+        }
+        result
+    }
+
+    fn finish(
+        engine: &mut Engine,
+        idx: usize,
+        conn: ConnId,
+        max: usize,
+        read: Io,
+    ) -> Result<Option<Header>, ConnError> {
         let c = &mut engine.conns[idx];
         match read {
-            Io::Done(n) if n > self.max => {
+            Io::Done(n) if n > max => {
                 engine.reset_conn(idx);
                 Err(ConnError::Overrun)
             }
             Io::Done(0) => {
-                debug!(conn = %self.conn, "host end of file");
+                debug!(conn = %conn, "host end of file");
                 c.host_eof = true;
                 c.readable = false;
                 let header = engine.header(idx, Op::Shutdown, SHUTDOWN_SEND, 0);
@@ -1639,7 +1816,7 @@ impl RxRead<'_> {
                 Ok(None)
             }
             Io::Error(e) => {
-                debug!(conn = %self.conn, error = %e, "host read failed");
+                debug!(conn = %conn, error = %e, "host read failed");
                 engine.stats.host_errors += 1;
                 engine.reset_conn(idx);
                 Ok(None)

@@ -127,7 +127,7 @@
 //!                     let n = unread.len().min(r.max());
 //!                     let data: Vec<u8> = unread.drain(..n).collect();
 //!                     let io = if n == 0 { Io::WouldBlock } else { Io::Done(n) };
-//!                     if let Some(h) = r.complete(io).unwrap() {
+//!                     if let Some(h) = r.complete(io, &mut &data[..]).unwrap() {
 //!                         to_guest.push((h, data));
 //!                     }
 //!                 }
@@ -199,6 +199,7 @@ mod config;
 mod conn;
 mod engine;
 mod io;
+pub mod record;
 mod stats;
 #[cfg(feature = "test-utils")]
 pub mod testing;

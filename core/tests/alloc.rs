@@ -110,7 +110,7 @@ impl Bench {
                 RxGrant::Packet(p) => Some(p.send()),
                 RxGrant::Read(r) => {
                     let n = r.max().min(1000);
-                    r.complete(Io::Done(n)).unwrap()
+                    r.complete(Io::Done(n), &mut &[0u8; 1000][..]).unwrap()
                 }
             });
             let Some(h) = got else { break };

@@ -162,7 +162,7 @@ fn expect_read(e: &mut Engine, now: Instant, room: usize, conn: ConnId, max: usi
 /// A read grant for `conn` of `max` bytes, completed with `n` bytes read: the header sent.
 fn read(e: &mut Engine, now: Instant, room: usize, conn: ConnId, max: usize, n: usize) -> Header {
     let r = expect_read(e, now, room, conn, max);
-    r.complete(Io::Done(n))
+    r.complete(Io::Done(n), &mut &vec![0u8; n][..])
         .expect("read within the grant")
         .expect("a packet for the guest")
 }
@@ -226,7 +226,7 @@ fn read_would_block(e: &mut Engine, now: Instant, room: usize, conn: ConnId) {
     match e.poll_rx(now, room) {
         Some(RxGrant::Read(r)) => {
             assert_eq!(r.conn(), conn, "read grant");
-            assert_eq!(r.complete(Io::WouldBlock), Ok(None));
+            assert_eq!(r.complete(Io::WouldBlock, &mut &[][..]), Ok(None));
         }
         Some(RxGrant::Packet(p)) => panic!("expected a read, got {:?}", p.header()),
         None => panic!("expected a read, got nothing"),
@@ -1110,7 +1110,7 @@ fn would_block_read_sends_nothing() {
     );
     expect_actions(&mut e, &[interest(conn, false, false)]);
     let r = expect_read(&mut e, ms(1), ROOM, conn, ROOM);
-    assert_eq!(r.complete(Io::WouldBlock), Ok(None));
+    assert_eq!(r.complete(Io::WouldBlock, &mut &[][..]), Ok(None));
     expect_actions(&mut e, &[interest(conn, true, false)]);
     expect_nothing(&mut e, ms(1));
     assert_eq!(e.conn_state(conn), Some(ConnState::Established));
@@ -1182,7 +1182,7 @@ fn host_eof(e: &mut Engine, now: Instant) -> ConnId {
     expect_actions(e, &[interest(conn, false, false)]);
     let r = expect_read(e, now, ROOM, conn, ROOM);
     assert_eq!(
-        r.complete(Io::Done(0)),
+        r.complete(Io::Done(0), &mut &[][..]),
         Ok(Some(host_pkt(
             Op::Shutdown,
             80,
@@ -1268,7 +1268,7 @@ fn both_directions_shut_resets_and_closes() {
     expect_actions(&mut e, &[interest(conn, false, false)]);
     let r = expect_read(&mut e, ms(2), ROOM, conn, ROOM);
     assert_eq!(
-        r.complete(Io::Done(0)),
+        r.complete(Io::Done(0), &mut &[][..]),
         Ok(Some(host_pkt(
             Op::Shutdown,
             80,
@@ -1402,7 +1402,10 @@ fn host_socket_errors_reset_the_guest() {
     assert_eq!(e.handle_host_event(ms(2), b, HostEvent::Readable), Ok(()));
     expect_actions(&mut e, &[interest(b, false, false)]);
     let r = expect_read(&mut e, ms(2), ROOM, b, ROOM);
-    assert_eq!(r.complete(Io::Error(SocketError(ECONNRESET))), Ok(None));
+    assert_eq!(
+        r.complete(Io::Error(SocketError(ECONNRESET)), &mut &[][..]),
+        Ok(None)
+    );
     assert_eq!(
         expect_rx(&mut e, ms(2), Op::Rst),
         host_pkt(Op::Rst, 80, 1001, 0, 0, BUF, 0)

@@ -800,7 +800,9 @@ impl VsockDevice {
                         },
                         None => Io::Error(SocketError(libc::EBADF)),
                     };
-                    match read.complete(io) {
+                    // The recorder, if any, reads the bytes back from the buffer.
+                    let mut bytes = PayloadBytes { mem, span: data };
+                    match read.complete(io, &mut bytes) {
                         Ok(Some(header)) => {
                             // Publish the header only now that the data is in.
                             if all.write(mem, 0, header.as_bytes()).is_err() {

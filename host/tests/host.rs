@@ -89,7 +89,7 @@ fn drain(engine: &mut Engine, host: &mut Host<Recorder>, now: Instant) -> Vec<He
             match grant {
                 RxGrant::Packet(p) => out.push(p.send()),
                 RxGrant::Read(r) => {
-                    let _ = r.complete(Io::WouldBlock);
+                    let _ = r.complete(Io::WouldBlock, &mut &[][..]);
                 }
             }
         }

@@ -109,6 +109,16 @@ enum Stopper {
 impl Rig {
     /// Starts a device with `config` on `runtime`.
     pub fn start(runtime: Runtime, config: Config) -> Rig {
+        Rig::start_recorded(runtime, config, None)
+    }
+
+    /// Starts a device with `config` on `runtime`, with `recorder` attached to its engine
+    /// before anything happens.
+    pub fn start_recorded(
+        runtime: Runtime,
+        config: Config,
+        recorder: Option<Box<dyn vsock_core::record::Recorder>>,
+    ) -> Rig {
         let dir = temp_dir();
         let mio_config = MioConfig {
             engine: config,
@@ -125,7 +135,10 @@ impl Rig {
             Layout::Cuts(vec![20, 44, 300]),
         ];
         let mut queues = guest.driver.device_queues(false);
-        let activate = |driver: &mut VsockMio, queues: &mut [Queue; 3]| {
+        let activate = move |driver: &mut VsockMio, queues: &mut [Queue; 3]| {
+            if recorder.is_some() {
+                driver.device_mut().engine_mut().set_recorder(recorder);
+            }
             let device = driver.device_mut();
             device.ack_features(device.features()).unwrap();
             let [rx, tx, event] = queues;

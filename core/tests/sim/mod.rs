@@ -485,7 +485,9 @@ impl Sim {
                     let (bytes, io) = sock.read(r.max());
                     let more = sock.readable();
                     let conn = r.conn();
-                    let h = r.complete(io).expect("read within the grant");
+                    let h = r
+                        .complete(io, &mut &bytes[..])
+                        .expect("read within the grant");
                     if more && matches!(io, Io::Done(n) if n > 0) {
                         // Short read that left data: the next chunk "arrives".
                         self.pending_events.push_back((conn, HostEvent::Readable));

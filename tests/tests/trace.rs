@@ -1,0 +1,192 @@
+//! Recording on every runtime, and replay: a session recorded through `vsock_trace::TraceWriter`
+//! attached to the engine replays exactly through a fresh engine; the same trace mutated is
+//! caught, with the record that differs named.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vsock_core::wire::SHUTDOWN_SEND;
+use vsock_core::Config;
+use vsock_tests::{Rig, Runtime};
+use vsock_trace::pcapng::Reader;
+use vsock_trace::replay::{read, Item};
+use vsock_trace::{replay, ReplayError, TraceWriter, PACKETS};
+
+const LONG: Duration = Duration::from_secs(30);
+
+/// A trace written into memory the test keeps a handle on.
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Shared {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A guest connection echoed by a host service, and a host client's `CONNECT` answered by a
+/// guest listener, each closed from its own side; returns the trace.
+fn record_session(rt: Runtime, snap: usize) -> Vec<u8> {
+    let out = Shared::default();
+    let writer = TraceWriter::new(out.clone(), snap, 1_700_000_000).unwrap();
+    let mut rig = Rig::start_recorded(
+        rt,
+        Config::new(vsock_tests::GUEST_CID),
+        Some(Box::new(writer)),
+    );
+
+    // The guest connects to an echo service.
+    let listener = UnixListener::bind(rig.port_path(1234)).unwrap();
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).unwrap();
+        s.write_all(&all).unwrap();
+    });
+    let key = rig.guest.stack.connect(1234);
+    rig.until("connected", LONG, |g| g.stack.conn(key).established);
+    let data: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+    rig.guest.stack.write(key, &data);
+    rig.guest.stack.shutdown(key, SHUTDOWN_SEND);
+    rig.until("echoed", LONG, |g| {
+        g.stack.conn(key).peer_shut & SHUTDOWN_SEND != 0
+    });
+    echo.join().unwrap();
+    assert!(rig.guest.stack.conn(key).read == data);
+    rig.until("closed", LONG, |g| g.stack.conn(key).closed);
+
+    // A host client reaches the guest's listener.
+    rig.guest.stack.listen(5000);
+    let path = rig.listener();
+    let client = std::thread::spawn(move || {
+        let mut c = UnixStream::connect(path).unwrap();
+        c.write_all(b"CONNECT 5000\nping").unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        let _ = c.read_to_end(&mut got);
+        got
+    });
+    rig.until("ping", LONG, |g| {
+        g.stack
+            .conns
+            .values()
+            .any(|c| c.read == b"ping" && c.peer_shut & SHUTDOWN_SEND != 0)
+    });
+    let key = *rig
+        .guest
+        .stack
+        .conns
+        .iter()
+        .find(|(_, c)| c.read == b"ping")
+        .unwrap()
+        .0;
+    rig.guest.stack.write(key, b"pong");
+    rig.guest.stack.close(key);
+    rig.until("closed", LONG, |g| g.stack.conn(key).closed);
+    let got = String::from_utf8(client.join().unwrap()).unwrap();
+    assert!(got.starts_with("OK ") && got.ends_with("\npong"), "{got:?}");
+    // Dropping the driver drops the engine and its recorder.
+    drop(rig.stop());
+    let bytes = out.0.lock().unwrap().clone();
+    bytes
+}
+
+fn recorded_session_replays_exactly(rt: Runtime) {
+    let trace = record_session(rt, usize::MAX);
+    let replayed = replay(&trace).unwrap_or_else(|e| panic!("{e}"));
+    assert!(replayed.from_guest >= 4, "{replayed:?}");
+    assert!(replayed.to_guest > 10, "{replayed:?}");
+    assert!(replayed.actions > 5, "{replayed:?}");
+    // Both directions' data are in the packets.
+    let entries = read(&trace).unwrap();
+    let payload = |to_guest: bool| -> usize {
+        entries
+            .iter()
+            .map(|e| match &e.item {
+                Item::Packet {
+                    to_guest: t,
+                    header,
+                    payload,
+                } if *t == to_guest && header.op.get() == 5 => {
+                    assert_eq!(payload.len(), header.len.get() as usize);
+                    payload.len()
+                }
+                _ => 0,
+            })
+            .sum()
+    };
+    assert_eq!(payload(false), 20_000 + 4);
+    assert_eq!(payload(true), 20_000 + 4);
+}
+
+/// With a snap length, payloads are cut but lengths are kept, and the replay still matches.
+fn snapped_session_replays(rt: Runtime) {
+    let trace = record_session(rt, 16);
+    let full = record_session(rt, usize::MAX);
+    assert!(
+        trace.len() < full.len() / 2,
+        "{} vs {}",
+        trace.len(),
+        full.len()
+    );
+    replay(&trace).unwrap_or_else(|e| panic!("{e}"));
+    for e in read(&trace).unwrap() {
+        if let Item::Packet { payload, .. } = e.item {
+            assert!(payload.len() <= 16);
+        }
+    }
+}
+
+/// Flips one byte of the `fwd_cnt` of a packet to the guest: the report names that record.
+fn mutated_output_is_caught(rt: Runtime) {
+    let mut trace = record_session(rt, usize::MAX);
+    let entries = read(&trace).unwrap();
+    let target = entries
+        .iter()
+        .filter(|e| matches!(e.item, Item::Packet { to_guest: true, .. }))
+        .nth(5)
+        .expect("enough packets to the guest")
+        .number;
+    // Find the record's bytes: the EPB data starts 28 bytes into the block.
+    let mut reader = Reader::new(&trace).unwrap();
+    let mut offset = None;
+    for n in 1..=target {
+        let p = reader.next_packet().unwrap().unwrap();
+        if n == target {
+            assert_eq!(p.interface, PACKETS);
+            offset = Some(p.offset + 28);
+        }
+    }
+    // fwd_cnt: the last 4 bytes of the virtio header (32 + 40).
+    trace[offset.unwrap() + 72] ^= 0x40;
+    match replay(&trace) {
+        Err(ReplayError::Diverged(d)) => {
+            assert_eq!(d.number, target, "{d}");
+            assert_ne!(d.expected, d.actual);
+            let report = d.to_string();
+            assert!(report.contains("fwd_cnt"), "{report}");
+        }
+        other => panic!("the mutation went unnoticed: {other:?}"),
+    }
+}
+
+macro_rules! on_each_runtime {
+    ($($check:ident),* $(,)?) => {
+        mod mio { $( #[test] fn $check() { super::$check(vsock_tests::Runtime::Mio) } )* }
+        mod tokio { $( #[test] fn $check() { super::$check(vsock_tests::Runtime::Tokio) } )* }
+        mod smol { $( #[test] fn $check() { super::$check(vsock_tests::Runtime::Smol) } )* }
+    };
+}
+
+on_each_runtime!(
+    recorded_session_replays_exactly,
+    snapped_session_replays,
+    mutated_output_is_caught
+);

@@ -1,0 +1,470 @@
+//! Interface 1: the host side's inputs and the engine's socket actions, one record each, in
+//! an encoding of ours (described in `docs/trace-format.md`) on link type `LINKTYPE_USER0`.
+//!
+//! Every record starts with a 32-byte little-endian header; kind-specific bytes follow.
+
+use std::fmt;
+use std::time::Duration;
+
+use vsock_core::record::{Event, Grant};
+use vsock_core::{
+    Action, Config, ConnId, Direction, HostEvent, Interest, Io, LineRead, SocketError, TableFull,
+};
+
+/// `LINKTYPE_USER0`.
+pub const LINKTYPE_EVENTS: u16 = 147;
+/// The encoding's version, in every record's first byte.
+pub const VERSION: u8 = 1;
+/// The length of the record header.
+pub const HEADER_LEN: usize = 32;
+/// The length of a `START` record's configuration.
+pub const CONFIG_LEN: usize = 96;
+
+/// No connection.
+const NO_CONN: u64 = u64::MAX;
+
+/// Record kinds.
+pub mod kind {
+    /// The configuration; always the first record.
+    pub const START: u8 = 1;
+    /// The fate of the payload of the guest packet just before.
+    pub const TX_WRITTEN: u8 = 2;
+    /// A host client accepted.
+    pub const ACCEPT: u8 = 3;
+    /// Bytes of a host client's `CONNECT` line, or why there were none.
+    pub const CONNECT_LINE: u8 = 4;
+    /// A socket event.
+    pub const HOST: u8 = 5;
+    /// The result of a flush.
+    pub const HOST_WRITE: u8 = 6;
+    /// Deadlines fired.
+    pub const TIMEOUT: u8 = 7;
+    /// The embedder reset one connection.
+    pub const RESET_CONNECTION: u8 = 8;
+    /// The embedder reset every connection.
+    pub const ABORT_ALL: u8 = 9;
+    /// The device was reset.
+    pub const RESET: u8 = 10;
+    /// A guest rx buffer offered, and what it was granted.
+    pub const POLL_RX: u8 = 11;
+    /// The result of a read from a socket into a guest buffer.
+    pub const RX_READ: u8 = 12;
+    /// A socket action (or none).
+    pub const ACTION: u8 = 13;
+}
+
+/// An event read back from a record: [`Event`] with owned configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decoded<'a> {
+    /// [`Event::Start`].
+    Start(Config),
+    /// Any other event.
+    Event(Event<'a>),
+}
+
+/// Why a record is not an event of this encoding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventError {
+    /// Shorter than its header or than its kind needs.
+    Short,
+    /// Another version of the encoding.
+    Version(u8),
+    /// An unknown kind or code.
+    Unknown {
+        /// The kind.
+        kind: u8,
+        /// The code.
+        code: u32,
+    },
+}
+
+impl fmt::Display for EventError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EventError::Short => f.write_str("event record too short"),
+            EventError::Version(v) => write!(f, "event encoding version {v}, not {VERSION}"),
+            EventError::Unknown { kind, code } => {
+                write!(f, "unknown event kind {kind} code {code}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for EventError {}
+
+fn io_code(io: Io) -> (u32, u64) {
+    match io {
+        Io::Done(n) => (0, n as u64),
+        Io::WouldBlock => (1, 0),
+        Io::Error(e) => (2, e.0 as u32 as u64),
+    }
+}
+
+fn io_from(kind: u8, code: u32, value: u64) -> Result<Io, EventError> {
+    Ok(match code {
+        0 => Io::Done(value as usize),
+        1 => Io::WouldBlock,
+        2 => Io::Error(SocketError(value as u32 as i32)),
+        _ => return Err(EventError::Unknown { kind, code }),
+    })
+}
+
+/// Writes the record of `event` into `out` (cleared first): header, then data. `ports` are
+/// the connection's `(guest, host)` ports, if known. A `CONNECT` read is kept whole (at most
+/// a line's worth of bytes): the engine hands what follows the line to the guest, so replay
+/// needs every byte.
+pub fn encode(out: &mut Vec<u8>, ports: Option<(u32, u32)>, event: &Event<'_>) {
+    let mut conn = event.conn().map_or(NO_CONN, ConnId::to_raw);
+    let (kind, code, value): (u8, u32, u64) = match *event {
+        Event::Start(_) => (kind::START, 0, 0),
+        Event::TxWritten(Some(io)) => {
+            let (c, v) = io_code(io);
+            (kind::TX_WRITTEN, c, v)
+        }
+        Event::TxWritten(None) => (kind::TX_WRITTEN, 3, 0),
+        Event::Accept(Ok(_)) => (kind::ACCEPT, 0, 0),
+        Event::Accept(Err(TableFull)) => (kind::ACCEPT, 1, 0),
+        Event::ConnectLine(_, read) => match read {
+            LineRead::Data(bytes) => (kind::CONNECT_LINE, 0, bytes.len() as u64),
+            LineRead::Eof => (kind::CONNECT_LINE, 1, 0),
+            LineRead::WouldBlock => (kind::CONNECT_LINE, 2, 0),
+            LineRead::Error(e) => (kind::CONNECT_LINE, 3, e.0 as u32 as u64),
+        },
+        Event::Host(_, ev) => match ev {
+            HostEvent::Connected => (kind::HOST, 0, 0),
+            HostEvent::ConnectFailed(e) => (kind::HOST, 1, e.0 as u32 as u64),
+            HostEvent::Readable => (kind::HOST, 2, 0),
+            HostEvent::Writable => (kind::HOST, 3, 0),
+            HostEvent::Error(e) => (kind::HOST, 4, e.0 as u32 as u64),
+        },
+        Event::HostWrite(_, io) => {
+            let (c, v) = io_code(io);
+            (kind::HOST_WRITE, c, v)
+        }
+        Event::Timeout => (kind::TIMEOUT, 0, 0),
+        Event::ResetConnection(_) => (kind::RESET_CONNECTION, 0, 0),
+        Event::AbortAll => (kind::ABORT_ALL, 0, 0),
+        Event::Reset => (kind::RESET, 0, 0),
+        Event::PollRx { room, grant } => {
+            let code = match grant {
+                Grant::Nothing => 0,
+                Grant::Packet => 1,
+                Grant::Read(_) => 2,
+            };
+            (kind::POLL_RX, code, room as u64)
+        }
+        Event::RxRead(_, io) => {
+            let (c, v) = io_code(io);
+            (kind::RX_READ, c, v)
+        }
+        Event::Action(action) => match action {
+            None => (kind::ACTION, 0, 0),
+            Some(Action::Connect { port, .. }) => (kind::ACTION, 1, u64::from(port)),
+            Some(Action::ReadConnectLine { max, .. }) => (kind::ACTION, 2, max as u64),
+            Some(Action::Flush { .. }) => (kind::ACTION, 3, 0),
+            Some(Action::Shutdown { direction, .. }) => (
+                kind::ACTION,
+                4,
+                match direction {
+                    Direction::Read => 0,
+                    Direction::Write => 1,
+                },
+            ),
+            Some(Action::Interest { interest, .. }) => (
+                kind::ACTION,
+                5,
+                u64::from(interest.readable) | u64::from(interest.writable) << 1,
+            ),
+            Some(Action::Close { .. }) => (kind::ACTION, 6, 0),
+        },
+    };
+    if matches!(event, Event::Accept(Err(_))) {
+        conn = NO_CONN;
+    }
+    let (guest_port, host_port) = ports.unwrap_or((0, 0));
+    out.clear();
+    out.push(VERSION);
+    out.push(kind);
+    out.extend_from_slice(&(HEADER_LEN as u16).to_le_bytes());
+    out.extend_from_slice(&(conn as u32).to_le_bytes());
+    out.extend_from_slice(&((conn >> 32) as u32).to_le_bytes());
+    out.extend_from_slice(&code.to_le_bytes());
+    out.extend_from_slice(&value.to_le_bytes());
+    out.extend_from_slice(&guest_port.to_le_bytes());
+    out.extend_from_slice(&host_port.to_le_bytes());
+    match *event {
+        Event::Start(config) => encode_config(out, config),
+        Event::ConnectLine(_, LineRead::Data(bytes)) => {
+            out.extend_from_slice(bytes);
+        }
+        _ => {}
+    }
+}
+
+fn encode_config(out: &mut Vec<u8>, c: &Config) {
+    let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    for v in [
+        c.guest_cid,
+        u64::from(c.buffer_size),
+        u64::from(c.max_packet_payload),
+        c.max_connections as u64,
+        c.max_pending_host_clients as u64,
+        nanos(c.connect_line_timeout),
+        nanos(c.connect_timeout),
+        nanos(c.close_timeout),
+        u64::from(c.host_port_first),
+        u64::from(c.credit_update_threshold),
+        c.max_pending_resets as u64,
+        c.pooled_buffers as u64,
+    ] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn decode_config(data: &[u8]) -> Result<Config, EventError> {
+    if data.len() < CONFIG_LEN {
+        return Err(EventError::Short);
+    }
+    let v = |i: usize| u64::from_le_bytes(data[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    let mut c = Config::new(v(0));
+    c.buffer_size = v(1) as u32;
+    c.max_packet_payload = v(2) as u32;
+    c.max_connections = v(3) as usize;
+    c.max_pending_host_clients = v(4) as usize;
+    c.connect_line_timeout = Duration::from_nanos(v(5));
+    c.connect_timeout = Duration::from_nanos(v(6));
+    c.close_timeout = Duration::from_nanos(v(7));
+    c.host_port_first = v(8) as u32;
+    c.credit_update_threshold = v(9) as u32;
+    c.max_pending_resets = v(10) as usize;
+    c.pooled_buffers = v(11) as usize;
+    Ok(c)
+}
+
+/// The fields of a record header, as the dissector shows them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fields {
+    /// The kind.
+    pub kind: u8,
+    /// The connection, if the event names one.
+    pub conn: Option<ConnId>,
+    /// The kind-specific code.
+    pub code: u32,
+    /// The kind-specific value.
+    pub value: u64,
+    /// The connection's guest port (0 if unknown).
+    pub guest_port: u32,
+    /// The connection's host port (0 if unknown).
+    pub host_port: u32,
+}
+
+/// Reads a record header.
+///
+/// # Errors
+///
+/// [`EventError::Short`], [`EventError::Version`].
+pub fn fields(record: &[u8]) -> Result<(Fields, &[u8]), EventError> {
+    if record.len() < HEADER_LEN {
+        return Err(EventError::Short);
+    }
+    if record[0] != VERSION {
+        return Err(EventError::Version(record[0]));
+    }
+    let hdr_len = usize::from(u16::from_le_bytes([record[2], record[3]]));
+    if hdr_len < HEADER_LEN || hdr_len > record.len() {
+        return Err(EventError::Short);
+    }
+    let u32_at = |at: usize| u32::from_le_bytes(record[at..at + 4].try_into().expect("4"));
+    let raw = u64::from(u32_at(4)) | u64::from(u32_at(8)) << 32;
+    let fields = Fields {
+        kind: record[1],
+        conn: (raw != NO_CONN).then(|| ConnId::from_raw(raw)),
+        code: u32_at(12),
+        value: u64::from_le_bytes(record[16..24].try_into().expect("8")),
+        guest_port: u32_at(24),
+        host_port: u32_at(28),
+    };
+    Ok((fields, &record[hdr_len..]))
+}
+
+/// Decodes a record.
+///
+/// # Errors
+///
+/// [`EventError`].
+pub fn decode(record: &[u8]) -> Result<Decoded<'_>, EventError> {
+    let (f, data) = fields(record)?;
+    let unknown = || EventError::Unknown {
+        kind: f.kind,
+        code: f.code,
+    };
+    let conn = || f.conn.ok_or(EventError::Short);
+    let errno = SocketError(f.value as u32 as i32);
+    let event = match f.kind {
+        kind::START => return Ok(Decoded::Start(decode_config(data)?)),
+        kind::TX_WRITTEN if f.code == 3 => Event::TxWritten(None),
+        kind::TX_WRITTEN => Event::TxWritten(Some(io_from(f.kind, f.code, f.value)?)),
+        kind::ACCEPT => match f.code {
+            0 => Event::Accept(Ok(conn()?)),
+            1 => Event::Accept(Err(TableFull)),
+            _ => return Err(unknown()),
+        },
+        kind::CONNECT_LINE => Event::ConnectLine(
+            conn()?,
+            match f.code {
+                0 => LineRead::Data(data),
+                1 => LineRead::Eof,
+                2 => LineRead::WouldBlock,
+                3 => LineRead::Error(errno),
+                _ => return Err(unknown()),
+            },
+        ),
+        kind::HOST => Event::Host(
+            conn()?,
+            match f.code {
+                0 => HostEvent::Connected,
+                1 => HostEvent::ConnectFailed(errno),
+                2 => HostEvent::Readable,
+                3 => HostEvent::Writable,
+                4 => HostEvent::Error(errno),
+                _ => return Err(unknown()),
+            },
+        ),
+        kind::HOST_WRITE => Event::HostWrite(conn()?, io_from(f.kind, f.code, f.value)?),
+        kind::TIMEOUT => Event::Timeout,
+        kind::RESET_CONNECTION => Event::ResetConnection(conn()?),
+        kind::ABORT_ALL => Event::AbortAll,
+        kind::RESET => Event::Reset,
+        kind::POLL_RX => Event::PollRx {
+            room: f.value as usize,
+            grant: match f.code {
+                0 => Grant::Nothing,
+                1 => Grant::Packet,
+                2 => Grant::Read(conn()?),
+                _ => return Err(unknown()),
+            },
+        },
+        kind::RX_READ => Event::RxRead(conn()?, io_from(f.kind, f.code, f.value)?),
+        kind::ACTION => Event::Action(match f.code {
+            0 => None,
+            1 => Some(Action::Connect {
+                conn: conn()?,
+                port: f.value as u32,
+            }),
+            2 => Some(Action::ReadConnectLine {
+                conn: conn()?,
+                max: f.value as usize,
+            }),
+            3 => Some(Action::Flush { conn: conn()? }),
+            4 => Some(Action::Shutdown {
+                conn: conn()?,
+                direction: if f.value == 0 {
+                    Direction::Read
+                } else {
+                    Direction::Write
+                },
+            }),
+            5 => Some(Action::Interest {
+                conn: conn()?,
+                interest: Interest {
+                    readable: f.value & 1 != 0,
+                    writable: f.value & 2 != 0,
+                },
+            }),
+            6 => Some(Action::Close { conn: conn()? }),
+            _ => return Err(unknown()),
+        }),
+        _ => return Err(unknown()),
+    };
+    Ok(Decoded::Event(event))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_event_round_trips() {
+        let c = ConnId::from_raw(7 << 32 | 3);
+        let e = SocketError(104);
+        let events = [
+            Event::TxWritten(Some(Io::Done(5))),
+            Event::TxWritten(Some(Io::WouldBlock)),
+            Event::TxWritten(Some(Io::Error(e))),
+            Event::TxWritten(None),
+            Event::Accept(Ok(c)),
+            Event::Accept(Err(TableFull)),
+            Event::ConnectLine(c, LineRead::Data(b"CONNECT 5\n")),
+            Event::ConnectLine(c, LineRead::Eof),
+            Event::ConnectLine(c, LineRead::WouldBlock),
+            Event::ConnectLine(c, LineRead::Error(e)),
+            Event::Host(c, HostEvent::Connected),
+            Event::Host(c, HostEvent::ConnectFailed(e)),
+            Event::Host(c, HostEvent::Readable),
+            Event::Host(c, HostEvent::Writable),
+            Event::Host(c, HostEvent::Error(e)),
+            Event::HostWrite(c, Io::Done(1 << 20)),
+            Event::Timeout,
+            Event::ResetConnection(c),
+            Event::AbortAll,
+            Event::Reset,
+            Event::PollRx {
+                room: 4052,
+                grant: Grant::Nothing,
+            },
+            Event::PollRx {
+                room: 0,
+                grant: Grant::Packet,
+            },
+            Event::PollRx {
+                room: 9,
+                grant: Grant::Read(c),
+            },
+            Event::RxRead(c, Io::Done(0)),
+            Event::Action(None),
+            Event::Action(Some(Action::Connect { conn: c, port: 80 })),
+            Event::Action(Some(Action::ReadConnectLine { conn: c, max: 64 })),
+            Event::Action(Some(Action::Flush { conn: c })),
+            Event::Action(Some(Action::Shutdown {
+                conn: c,
+                direction: Direction::Write,
+            })),
+            Event::Action(Some(Action::Interest {
+                conn: c,
+                interest: Interest {
+                    readable: true,
+                    writable: false,
+                },
+            })),
+            Event::Action(Some(Action::Close { conn: c })),
+        ];
+        let mut buf = Vec::new();
+        for event in events {
+            encode(&mut buf, Some((1, 2)), &event);
+            assert_eq!(decode(&buf), Ok(Decoded::Event(event)), "{event:?}");
+            let (f, _) = fields(&buf).unwrap();
+            assert_eq!((f.guest_port, f.host_port), (1, 2));
+        }
+        let mut config = Config::new(42);
+        config.connect_timeout = Duration::from_millis(1234);
+        config.pooled_buffers = 3;
+        encode(&mut buf, None, &Event::Start(&config));
+        assert_eq!(buf.len(), HEADER_LEN + CONFIG_LEN);
+        assert_eq!(decode(&buf), Ok(Decoded::Start(config)));
+    }
+
+    #[test]
+    fn bad_records_are_named() {
+        assert_eq!(decode(&[1; 10]), Err(EventError::Short));
+        let mut buf = Vec::new();
+        encode(&mut buf, None, &Event::Timeout);
+        buf[0] = 2;
+        assert_eq!(decode(&buf), Err(EventError::Version(2)));
+        buf[0] = 1;
+        buf[1] = 200;
+        assert!(matches!(
+            decode(&buf),
+            Err(EventError::Unknown { kind: 200, .. })
+        ));
+    }
+}
