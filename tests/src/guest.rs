@@ -145,11 +145,21 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon on `runtime` (`mio`, `tokio` or `smol`) and waits for its socket.
     pub fn start(image: &Image, runtime: &str) -> Daemon {
+        Daemon::start_with(image, runtime, false)
+    }
+
+    /// Starts the daemon on `runtime`, recording the session if `record` is set (see
+    /// [`Exit::trace`]).
+    pub fn start_with(image: &Image, runtime: &str, record: bool) -> Daemon {
         let dir = Scratch::new("d");
         let socket = dir.0.join("vhost.sock");
         let uds = dir.0.join("vm.vsock");
         let log = dir.0.join("daemon.log");
-        let child = Command::new(&image.daemon)
+        let mut command = Command::new(&image.daemon);
+        if record {
+            command.arg("--record").arg(dir.0.join("trace.pcapng"));
+        }
+        let child = command
             .arg("--socket")
             .arg(&socket)
             .arg("--uds-path")
@@ -209,13 +219,23 @@ impl Daemon {
 
     /// Sends SIGTERM and waits for the exit. Returns the status and the whole log (its
     /// counters last).
-    pub fn terminate(mut self) -> (ExitStatus, String) {
+    pub fn terminate(self) -> (ExitStatus, String) {
+        let exit = self.stop();
+        (exit.status, exit.log)
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn stop(mut self) -> Exit {
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait for the daemon") {
-                return (status, self.log());
+                return Exit {
+                    status,
+                    log: self.log(),
+                    trace: fs::read(self._dir.0.join("trace.pcapng")).ok(),
+                };
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
@@ -224,6 +244,17 @@ impl Daemon {
             thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// How the daemon ended.
+#[derive(Debug)]
+pub struct Exit {
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// Everything it logged, its counters last.
+    pub log: String,
+    /// The trace it recorded, if started with recording.
+    pub trace: Option<Vec<u8>>,
 }
 
 impl Drop for Daemon {

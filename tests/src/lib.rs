@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod guest;
+pub mod tshark;
 
 use std::io::Write;
 use std::os::fd::OwnedFd;

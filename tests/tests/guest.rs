@@ -277,6 +277,77 @@ fn guest_killed(runtime: &str) {
     );
 }
 
+/// The daemon records a session with the real driver: the trace replays exactly through a
+/// fresh engine, stays small, and tshark reads it cleanly. `VSOCK_SAVE_TRACES=DIR` keeps a
+/// copy (how the regression traces in `tests/traces` are made).
+fn recorded_trace(runtime: &str) {
+    let name = format!("recorded_trace_{runtime}");
+    let Some(image) = Image::or_skip(&name) else {
+        return;
+    };
+    let daemon = Daemon::start_with(&image, runtime, true);
+    let stop = Arc::new(AtomicBool::new(false));
+    let l = guest::listen(&daemon.port_path(5001));
+    let echo = peer(&stop, move |stop| {
+        let mut s = guest::accept(&l, stop)?;
+        let mut line = Vec::new();
+        s.read_to_end(&mut line).ok()?;
+        s.write_all(&line).ok()
+    });
+    let l = guest::listen(&daemon.port_path(5002));
+    let sink = peer(&stop, move |stop| {
+        let mut s = guest::accept(&l, stop)?;
+        guest::drain(&mut s).ok()
+    });
+    let u = daemon.uds.clone();
+    let talk = peer(&stop, move |stop| {
+        let mut s = guest::connect(&u, 5003, stop)?;
+        guest::send_then_read(&mut s, 16 * 1024, 77).ok()
+    });
+    let script = "echo \"ECHO $(echo hello-vsock | socat -t 10 - VSOCK-CONNECT:2:5001)\"\n\
+                  head -c 65536 /dev/urandom > /tmp/blob\n\
+                  echo \"SHA $(sha256sum /tmp/blob | cut -d' ' -f1)\"\n\
+                  socat -u OPEN:/tmp/blob VSOCK-CONNECT:2:5002\n\
+                  socat -u OPEN:/dev/null VSOCK-CONNECT:2:5999 2>/dev/null\n\
+                  echo \"NOLISTEN rc=$?\"\n\
+                  socat -t 10 VSOCK-LISTEN:5003 EXEC:sha256sum\n";
+    let vm = Vm::boot(&image, &daemon.socket, script);
+    let out = vm.wait(Duration::from_secs(300));
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(out.status, Some(0), "{}", out.serial);
+    assert_eq!(out.line("ECHO "), Some("hello-vsock"), "{}", out.serial);
+    assert!(echo.join().unwrap().is_some());
+    let (_, digest) = sink.join().unwrap().expect("guest->host stream");
+    assert_eq!(out.line("SHA "), Some(digest.as_str()));
+    assert_ne!(out.line("NOLISTEN "), Some("rc=0"));
+    let (sent, reply) = talk.join().unwrap().expect("host->guest half-close");
+    assert!(reply.starts_with(&sent));
+
+    let exit = daemon.stop();
+    assert!(exit.status.success(), "{}", exit.log);
+    let trace = exit.trace.expect("the daemon wrote its trace");
+    assert!(trace.len() < 1 << 20, "{} bytes", trace.len());
+    let replayed = vsock_trace::replay(&trace).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        replayed.to_guest > 10 && replayed.from_guest > 10,
+        "{replayed:?}"
+    );
+    let dir = std::env::var_os("VSOCK_SAVE_TRACES").map(std::path::PathBuf::from);
+    let path = match &dir {
+        Some(dir) => dir.join(format!("guest-{runtime}.pcapng")),
+        None => vsock_tests::temp_dir().join("guest.pcapng"),
+    };
+    std::fs::write(&path, &trace).unwrap();
+    if vsock_tests::tshark::available() {
+        vsock_tests::tshark::check(&path).unwrap_or_else(|e| panic!("{e}"));
+    } else {
+        assert!(
+            std::env::var_os("VSOCK_REQUIRE_GUEST").is_none_or(|v| v != "1"),
+            "tshark is required (scripts/test.sh installs it)"
+        );
+    }
+}
+
 macro_rules! on_each_runtime {
     ($($check:ident),* $(,)?) => {
         mod mio { $( #[test] fn $check() { super::$check("mio") } )* }
@@ -285,4 +356,4 @@ macro_rules! on_each_runtime {
     };
 }
 
-on_each_runtime!(all_checks, guest_killed);
+on_each_runtime!(all_checks, guest_killed, recorded_trace);

@@ -177,7 +177,7 @@ impl<W: Write> Writer<W> {
             options.add(EPB_FLAGS, &way.flags().to_le_bytes());
         }
         if let Some(q) = queue {
-            options.add(EPB_QUEUE, &u64::from(q).to_le_bytes());
+            options.add(EPB_QUEUE, &q.to_le_bytes());
         }
         options.end();
         let total = (32 + captured + pad4(captured) + options.0.len()) as u32;
@@ -432,10 +432,7 @@ impl<'a> Reader<'a> {
                     for (code, value) in options(&body[opts_at..]) {
                         match (code, value.len()) {
                             (EPB_FLAGS, 4) => packet.way = Way::from_flags(u32_at(value, 0)),
-                            (EPB_QUEUE, 8) => {
-                                packet.queue =
-                                    Some(u64::from_le_bytes(value.try_into().expect("8 bytes")))
-                            }
+                            (EPB_QUEUE, 4) => packet.queue = Some(u64::from(u32_at(value, 0))),
                             (OPT_COMMENT, _) | (_, _) => {}
                         }
                     }

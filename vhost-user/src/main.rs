@@ -59,6 +59,17 @@ struct Args {
     /// The event loop that serves the device.
     #[arg(long, value_enum, default_value_t = RuntimeKind::Mio)]
     runtime: RuntimeKind,
+
+    /// Record the session into FILE: a pcapng trace that Wireshark opens (the guest's packets
+    /// as vsock, the host side's events next to them) and `vsock-replay` replays. Written as
+    /// the device runs; complete once the daemon exits.
+    #[arg(long, value_name = "FILE")]
+    record: Option<PathBuf>,
+
+    /// Keep at most BYTES of each packet's payload in the recording (lengths are always
+    /// kept, and replay still checks them).
+    #[arg(long, value_name = "BYTES", requires = "record")]
+    record_snaplen: Option<usize>,
 }
 
 fn main() -> ExitCode {
@@ -114,11 +125,24 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
             first_conn: 1,
         },
     };
+    let recorder = match &args.record {
+        Some(path) => {
+            let wall_clock = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let snap = args.record_snaplen.unwrap_or(usize::MAX);
+            let writer = vsock_trace::TraceWriter::create(path, snap, wall_clock)
+                .map_err(|e| format!("--record: {e}"))?;
+            Some(Box::new(writer) as Box<dyn vsock_core::record::Recorder>)
+        }
+        None => None,
+    };
     let running = vsock_vhost_user::start(
         args.runtime,
         config,
         VhostTransport::new(shared.clone()),
         OwnedFd::from(kick),
+        recorder,
     )
     .map_err(|e| format!("host socket {}: {e}", args.uds_path.display()))?;
     info!(
@@ -126,6 +150,7 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         uds_path = %args.uds_path.display(),
         guest_cid = args.guest_cid,
         runtime = ?args.runtime,
+        record = ?args.record,
         "serving"
     );
 

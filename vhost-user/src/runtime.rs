@@ -6,6 +6,7 @@ use std::os::fd::OwnedFd;
 use std::sync::mpsc;
 use std::thread;
 
+use vsock_core::record::Recorder;
 use vsock_mio::{MioConfig, MioLoop, VsockMio};
 
 use crate::VhostTransport;
@@ -39,7 +40,8 @@ impl Running {
 }
 
 /// Binds the listener and starts serving on `kind`, on a new thread. `kick` becomes readable
-/// when the backend has news for the runtime.
+/// when the backend has news for the runtime; `recorder`, if any, is attached to the engine
+/// before the first event.
 ///
 /// # Errors
 ///
@@ -50,10 +52,19 @@ pub fn start(
     config: MioConfig,
     transport: VhostTransport,
     kick: OwnedFd,
+    recorder: Option<Box<dyn Recorder>>,
 ) -> io::Result<Running> {
+    // Attached before the loop starts, so the trace holds the whole session.
+    let attach = move |driver: &mut VsockMio| {
+        if recorder.is_some() {
+            driver.device_mut().engine_mut().set_recorder(recorder);
+        }
+    };
     match kind {
         RuntimeKind::Mio => {
-            let thread = MioLoop::new(config)?.spawn(transport, kick)?;
+            let mut lp = MioLoop::new(config)?;
+            attach(lp.driver_mut());
+            let thread = lp.spawn(transport, kick)?;
             Ok(Running {
                 stop: Box::new(move || thread.stop()),
             })
@@ -64,7 +75,8 @@ pub fn start(
                 .enable_time()
                 .build()?;
             runtime.block_on(async move {
-                let vsock = report(&started, vsock_tokio::VsockTokio::new(config))?;
+                let mut vsock = report(&started, vsock_tokio::VsockTokio::new(config))?;
+                attach(vsock.driver_mut());
                 vsock
                     .run(transport, kick, async {
                         let _ = stopped.await;
@@ -74,7 +86,8 @@ pub fn start(
         }),
         RuntimeKind::Smol => spawn_loop("vsock-smol", move |started, stopped| {
             async_io::block_on(async move {
-                let vsock = report(&started, vsock_smol::VsockSmol::new(config))?;
+                let mut vsock = report(&started, vsock_smol::VsockSmol::new(config))?;
+                attach(vsock.driver_mut());
                 vsock
                     .run(transport, kick, async {
                         let _ = stopped.await;

@@ -1,0 +1,99 @@
+-- Wireshark dissector for interface 1 of a vsock trace: the host side's events and the
+-- engine's socket actions, encoding v1 (docs/trace-format.md), on link type USER0 (147).
+--
+-- Use: tshark -X lua_script:trace/wireshark/vsock_events.lua -r FILE
+--   or copy this file into Wireshark's personal plugins folder.
+-- Filter fields: vsockev.kind, vsockev.conn, vsockev.code, vsockev.value,
+--   vsockev.guest_port, vsockev.host_port, vsockev.data.
+
+local p = Proto("vsockev", "vsock host event")
+
+local kinds = {
+    [1] = "START", [2] = "TX_WRITTEN", [3] = "ACCEPT", [4] = "CONNECT_LINE", [5] = "HOST",
+    [6] = "HOST_WRITE", [7] = "TIMEOUT", [8] = "RESET_CONNECTION", [9] = "ABORT_ALL",
+    [10] = "RESET", [11] = "POLL_RX", [12] = "RX_READ", [13] = "ACTION",
+}
+
+-- What the code means, per kind; the value's meaning follows in brackets.
+local io_codes = { [0] = "done [bytes]", [1] = "would block", [2] = "error [errno]" }
+local codes = {
+    [2] = { [0] = "done [bytes]", [1] = "would block", [2] = "error [errno]", [3] = "abandoned" },
+    [3] = { [0] = "accepted", [1] = "table full" },
+    [4] = { [0] = "bytes [count]", [1] = "end of file", [2] = "would block", [3] = "error [errno]" },
+    [5] = { [0] = "connected", [1] = "connect failed [errno]", [2] = "readable", [3] = "writable",
+            [4] = "error [errno]" },
+    [6] = io_codes,
+    [11] = { [0] = "nothing [room]", [1] = "packet [room]", [2] = "read [room]" },
+    [12] = io_codes,
+    [13] = { [0] = "none", [1] = "connect [port]", [2] = "read connect line [max]",
+             [3] = "flush", [4] = "shutdown [0 read, 1 write]",
+             [5] = "interest [1 readable, 2 writable]", [6] = "close" },
+}
+
+local f = {
+    version = ProtoField.uint8("vsockev.version", "Version"),
+    kind = ProtoField.uint8("vsockev.kind", "Kind", base.DEC, kinds),
+    hdr_len = ProtoField.uint16("vsockev.hdr_len", "Header length"),
+    conn = ProtoField.string("vsockev.conn", "Connection"),
+    index = ProtoField.uint32("vsockev.conn.index", "Connection slot"),
+    generation = ProtoField.uint32("vsockev.conn.generation", "Connection generation"),
+    code = ProtoField.uint32("vsockev.code", "Code"),
+    value = ProtoField.uint64("vsockev.value", "Value"),
+    guest_port = ProtoField.uint32("vsockev.guest_port", "Guest port"),
+    host_port = ProtoField.uint32("vsockev.host_port", "Host port"),
+    data = ProtoField.bytes("vsockev.data", "Data"),
+}
+p.fields = f
+
+local e_short = ProtoExpert.new("vsockev.short", "Event record too short", expert.group.MALFORMED,
+    expert.severity.ERROR)
+local e_version = ProtoExpert.new("vsockev.version.unknown", "Unknown encoding version",
+    expert.group.PROTOCOL, expert.severity.WARN)
+p.experts = { e_short, e_version }
+
+function p.dissector(tvb, pinfo, tree)
+    pinfo.cols.protocol = "vsockev"
+    local t = tree:add(p, tvb())
+    if tvb:len() < 32 then
+        t:add_proto_expert_info(e_short)
+        return
+    end
+    t:add_le(f.version, tvb(0, 1))
+    if tvb(0, 1):uint() ~= 1 then
+        t:add_proto_expert_info(e_version)
+        return
+    end
+    local kind = tvb(1, 1):uint()
+    t:add_le(f.kind, tvb(1, 1))
+    local hdr_len = tvb(2, 2):le_uint()
+    t:add_le(f.hdr_len, tvb(2, 2))
+    local index = tvb(4, 4):le_uint()
+    local generation = tvb(8, 4):le_uint()
+    local conn = ""
+    if not (index == 0xffffffff and generation == 0xffffffff) then
+        conn = string.format("c%d.%d", index, generation)
+        t:add(f.conn, tvb(4, 8), conn)
+        t:add_le(f.index, tvb(4, 4))
+        t:add_le(f.generation, tvb(8, 4))
+    end
+    local code = tvb(12, 4):le_uint()
+    local meaning = (codes[kind] or {})[code] or ""
+    t:add_le(f.code, tvb(12, 4)):append_text(meaning ~= "" and (" (" .. meaning .. ")") or "")
+    t:add_le(f.value, tvb(16, 8))
+    t:add_le(f.guest_port, tvb(24, 4))
+    t:add_le(f.host_port, tvb(28, 4))
+    if hdr_len < tvb:len() then
+        t:add(f.data, tvb(hdr_len))
+    end
+
+    local info = (kinds[kind] or ("kind " .. kind))
+    if conn ~= "" then info = info .. " " .. conn end
+    if meaning ~= "" then info = info .. " " .. meaning:gsub(" %[.*%]", "") end
+    local value = tvb(16, 8):le_uint64()
+    if meaning:find("%[") then info = info .. " " .. tostring(value) end
+    local gp, hp = tvb(24, 4):le_uint(), tvb(28, 4):le_uint()
+    if gp ~= 0 or hp ~= 0 then info = info .. string.format(" (guest %d, host %d)", gp, hp) end
+    pinfo.cols.info = info
+end
+
+DissectorTable.get("wtap_encap"):add(wtap.USER0, p)
