@@ -39,11 +39,12 @@ pub struct Config {
     /// heard our count (or sooner, when the guest's view of our buffer is nearly full).
     pub credit_update_threshold: u32,
     /// The most RST replies to unknown connections waiting for a guest rx buffer; more are
-    /// dropped and counted.
+    /// dropped and counted. At most 2^16.
     pub max_pending_resets: usize,
     /// How many drained connection buffers are kept for reuse instead of being freed. While
     /// no more connections than this hold buffered bytes at once, the steady state allocates
     /// nothing; beyond it, buffers are freed and allocated again as they drain and fill.
+    /// More than `max_connections` keeps no more than that.
     pub pooled_buffers: usize,
 }
 
@@ -92,6 +93,10 @@ impl Config {
         if self.credit_update_threshold == 0 || self.credit_update_threshold > self.buffer_size {
             return Err(ConfigError::CreditUpdateThreshold);
         }
+        // Reserved up front: bounded, so no configuration asks for unbounded memory.
+        if self.max_pending_resets > 1 << 16 {
+            return Err(ConfigError::MaxPendingResets);
+        }
         Ok(())
     }
 }
@@ -113,6 +118,8 @@ pub enum ConfigError {
     HostPortFirst,
     /// `credit_update_threshold` is zero or larger than `buffer_size`.
     CreditUpdateThreshold,
+    /// `max_pending_resets` is above 2^16.
+    MaxPendingResets,
 }
 
 impl fmt::Display for ConfigError {
@@ -127,6 +134,7 @@ impl fmt::Display for ConfigError {
             ConfigError::CreditUpdateThreshold => {
                 "credit update threshold must be between 1 and the buffer size"
             }
+            ConfigError::MaxPendingResets => "maximum pending resets must be at most 2^16",
         })
     }
 }

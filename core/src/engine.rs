@@ -123,7 +123,11 @@ impl Engine {
             act_queue: VecDeque::with_capacity(2 * max),
             resets: VecDeque::with_capacity(config.max_pending_resets),
             timers: BinaryHeap::with_capacity(2 * max),
-            pool: Pool::new(config.buffer_size as usize, config.pooled_buffers),
+            // No more buffers than connections can be in use, so none more are worth keeping.
+            pool: Pool::new(
+                config.buffer_size as usize,
+                config.pooled_buffers.min(config.max_connections),
+            ),
             next_generation: 1,
             next_host_port: config.host_port_first,
             reading_line: 0,

@@ -70,9 +70,26 @@ impl Transport for RigTransport {
     }
 }
 
-/// A fresh directory for one scenario's sockets.
+/// A fresh directory for one scenario's sockets. Directories left by test processes that
+/// have ended are removed on the first call, so runs do not pile them up.
 pub fn temp_dir() -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(|| {
+        let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("vsock-conf-")) else {
+                continue;
+            };
+            let pid = rest.split('-').next().unwrap_or_default();
+            if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    });
     let dir = std::env::temp_dir().join(format!(
         "vsock-conf-{}-{}",
         std::process::id(),

@@ -9,6 +9,41 @@
 //! - [`TraceWriter`]: a `vsock_core::record::Recorder` that writes a trace as the engine runs.
 //!
 //! The format is described in `docs/trace-format.md`.
+//!
+//! # Recording and replaying
+//!
+//! ```
+//! use vsock_core::{Action, Config, Engine, Instant, LineRead};
+//! use vsock_trace::{replay, TraceWriter};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let path = std::env::temp_dir().join(format!("doc-{}.pcapng", std::process::id()));
+//! let mut engine = Engine::new(Config::new(3), Instant::ZERO)?;
+//! // Every payload kept whole; the trace shows wall-clock dates from this second on.
+//! engine.set_recorder(Some(Box::new(TraceWriter::create(&path, usize::MAX, 1_700_000_000)?)));
+//!
+//! // A host client connects and sends its line; the engine answers with actions.
+//! let now = Instant::from_millis(1);
+//! let conn = engine.handle_accept(now)?;
+//! engine.handle_host_event(now, conn, vsock_core::HostEvent::Readable)?;
+//! while let Some(action) = engine.poll_action() {
+//!     if let Action::ReadConnectLine { conn, .. } = action {
+//!         engine.handle_connect_line(now, conn, LineRead::Data(b"CONNECT 5000\n"))?;
+//!     }
+//! }
+//! let _ = engine.poll_rx(now, 4096).map(|grant| match grant {
+//!     vsock_core::RxGrant::Packet(p) => drop(p.send()),
+//!     vsock_core::RxGrant::Read(_) => {}
+//! });
+//!
+//! // Detaching the recorder (or dropping the engine) finishes the file.
+//! drop(engine.set_recorder(None));
+//! let replayed = replay(&std::fs::read(&path)?)?;
+//! assert_eq!(replayed.to_guest, 1); // the REQUEST to the guest's port 5000
+//! # std::fs::remove_file(&path)?;
+//! # Ok(())
+//! # }
+//! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -368,8 +368,8 @@ impl<'a> Reader<'a> {
     pub fn next_packet(&mut self) -> Result<Option<Packet<'a>>, FormatError> {
         while self.pos < self.bytes.len() {
             let offset = self.pos;
-            let kind = u32_at(self.bytes, offset);
             let (body, next) = self.block(offset)?;
+            let kind = u32_at(self.bytes, offset);
             self.pos = next;
             match kind {
                 SHB => return Err(FormatError::SecondSection),

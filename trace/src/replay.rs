@@ -4,7 +4,7 @@ use std::fmt;
 
 use vsock_core::record::{Event, Grant};
 use vsock_core::wire::Header;
-use vsock_core::{Config, Engine, Instant, RxGrant, Tx};
+use vsock_core::{Config, Engine, GuestBytes, Instant, MemoryFault, RxGrant, Tx};
 
 use crate::event::{self, Decoded, EventError, LINKTYPE_EVENTS};
 use crate::pcapng::{FormatError, Reader, Way};
@@ -268,6 +268,20 @@ pub fn replay(bytes: &[u8]) -> Result<Replayed, ReplayError> {
     Ok(stats)
 }
 
+/// A recorded payload as guest memory: bytes beyond what was captured (a snap length) read
+/// as zeros.
+struct Captured<'a>(&'a [u8]);
+
+impl GuestBytes for Captured<'_> {
+    fn copy_to(&mut self, offset: usize, dst: &mut [u8]) -> Result<(), MemoryFault> {
+        let have = self.0.get(offset..).unwrap_or_default();
+        let n = have.len().min(dst.len());
+        dst[..n].copy_from_slice(&have[..n]);
+        dst[n..].fill(0);
+        Ok(())
+    }
+}
+
 fn diverge(entry: &Entry<'_>, actual: impl Into<String>) -> Divergence {
     Divergence {
         number: entry.number,
@@ -334,10 +348,7 @@ fn step(
                 (Tx::Data(data), Some(Item::Event(Event::TxWritten(outcome)))) => {
                     match outcome {
                         Some(io) => {
-                            // Bytes beyond the snap length were not kept: zeros stand in.
-                            let mut bytes = payload.to_vec();
-                            bytes.resize(header.len.get() as usize, 0);
-                            let _ = data.complete(*io, &mut &bytes[..]);
+                            let _ = data.complete(*io, &mut Captured(payload));
                         }
                         None => drop(data),
                     }
