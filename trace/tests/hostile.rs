@@ -51,6 +51,14 @@ fn trace() -> Vec<u8> {
     bytes
 }
 
+/// xorshift64: the next of a reproducible sequence of changes.
+fn next(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
 #[test]
 fn every_truncation_is_refused_or_replayed() {
     let good = trace();
@@ -65,14 +73,12 @@ fn every_truncation_is_refused_or_replayed() {
 #[test]
 fn every_single_byte_change_is_refused_or_replayed() {
     let good = trace();
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
     for at in 0..good.len() {
         for _ in 0..4 {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
+            let r = next(&mut state);
             let mut bad = good.clone();
-            bad[at] ^= (seed as u8) | 1;
+            bad[at] ^= (r as u8) | 1;
             let _ = read(&bad);
             let _ = replay(&bad);
         }
@@ -85,14 +91,12 @@ fn random_changes_to_a_real_guest_trace_never_panic() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/traces/guest-mio.pcapng");
     let good = std::fs::read(path).unwrap();
     assert!(replay(&good).is_ok());
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
     for _ in 0..3000 {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
+        let r = next(&mut state);
         let mut bad = good.clone();
-        let at = (seed >> 16) as usize % bad.len();
-        bad[at] ^= (seed as u8) | 1;
+        let at = (r >> 16) as usize % bad.len();
+        bad[at] ^= (r as u8) | 1;
         // Payload bytes are not the engine's to check (they move between socket and guest
         // memory directly), so many changes replay fine; none may panic.
         let _ = replay(&bad);
@@ -116,15 +120,13 @@ fn every_change_to_a_packet_to_the_guest_is_caught() {
         }
     }
     assert!(headers.len() > 20);
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
     for &at in &headers {
         for _ in 0..8 {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
+            let r = next(&mut state);
             let mut bad = good.clone();
-            let byte = at + (seed >> 20) as usize % 44;
-            bad[byte] ^= (seed as u8) | 1;
+            let byte = at + (r >> 20) as usize % 44;
+            bad[byte] ^= (r as u8) | 1;
             assert!(
                 replay(&bad).is_err(),
                 "a change at byte {byte} went unnoticed"
