@@ -11,8 +11,8 @@ use tracing::{debug, trace};
 use crate::buf::Pool;
 use crate::config::{Config, ConfigError};
 use crate::conn::{owed_act, owed_rx, Conn, ConnId, ConnState, Key, Origin, Phase};
-use crate::io::{Action, Direction, GuestBytes, HostEvent, Interest, Io, LineRead};
-use crate::record::{Event, Grant, Recorder};
+use crate::io::{Action, Direction, GuestBytes, HostEvent, Interest, Io, LineRead, MemoryFault};
+use crate::record::{Event, Grant, Recorder, TxOutcome};
 use crate::stats::{ConnStats, Stats};
 use crate::time::Instant;
 use crate::wire::{
@@ -1618,13 +1618,42 @@ impl TxData<'_> {
     pub fn complete(mut self, written: Io, payload: &mut dyn GuestBytes) -> Result<(), ConnError> {
         self.done = true;
         let written = if self.direct { written } else { Io::Done(0) };
-        if self.engine.recorder.is_some() {
-            let (now, header, len) = (self.now, self.header, self.len);
-            self.engine.note_packet(now, false, &header, payload, len);
-            self.engine.note(now, &Event::TxWritten(Some(written)));
+        if self.engine.recorder.is_none() {
+            return self
+                .engine
+                .tx_complete(self.idx, self.len, self.direct, written, payload);
         }
-        self.engine
-            .tx_complete(self.idx, self.len, self.direct, written, payload)
+        let (now, header, len) = (self.now, self.header, self.len);
+        self.engine.note_packet(now, false, &header, payload, len);
+        // Whether the payload could be read decides the outcome, so replay must know it.
+        let mut watched = Watched {
+            inner: payload,
+            faulted: false,
+        };
+        let result = self
+            .engine
+            .tx_complete(self.idx, len, self.direct, written, &mut watched);
+        let outcome = if watched.faulted {
+            TxOutcome::Unreadable(written)
+        } else {
+            TxOutcome::Written(written)
+        };
+        self.engine.note(now, &Event::TxWritten(outcome));
+        result
+    }
+}
+
+/// Guest bytes that remember whether a read of them failed.
+struct Watched<'a> {
+    inner: &'a mut dyn GuestBytes,
+    faulted: bool,
+}
+
+impl GuestBytes for Watched<'_> {
+    fn copy_to(&mut self, offset: usize, dst: &mut [u8]) -> Result<(), MemoryFault> {
+        let r = self.inner.copy_to(offset, dst);
+        self.faulted |= r.is_err();
+        r
     }
 }
 
@@ -1635,7 +1664,8 @@ impl Drop for TxData<'_> {
                 let (now, header) = (self.now, self.header);
                 self.engine
                     .note_packet(now, false, &header, &mut &[][..], 0);
-                self.engine.note(now, &Event::TxWritten(None));
+                self.engine
+                    .note(now, &Event::TxWritten(TxOutcome::Abandoned));
             }
             debug!(conn = %self.conn, "tx payload abandoned; resetting");
             self.engine.stats.payload_faults += 1;

@@ -60,15 +60,26 @@ pub enum Grant {
     Read(ConnId),
 }
 
+/// What became of the payload of a packet from the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxOutcome {
+    /// The result of the direct write to the socket (`Io::Done(0)` when none was tried); the
+    /// engine kept the rest.
+    Written(Io),
+    /// As `Written`, but the guest memory holding the rest could not be read: the connection
+    /// was reset.
+    Unreadable(Io),
+    /// The payload was abandoned (the connection is reset).
+    Abandoned,
+}
+
 /// One event at the engine boundary, other than a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event<'a> {
     /// The recorder was attached to an engine with this configuration. Always first.
     Start(&'a Config),
-    /// The outcome of the payload of the packet from the guest reported just before:
-    /// `Some` with the result of the direct write to the socket (`Io::Done(0)` when none was
-    /// tried), `None` when the payload was abandoned (the connection is reset).
-    TxWritten(Option<Io>),
+    /// The outcome of the payload of the packet from the guest reported just before.
+    TxWritten(TxOutcome),
     /// [`Engine::handle_accept`](crate::Engine::handle_accept) and its result.
     Accept(Result<ConnId, TableFull>),
     /// [`Engine::handle_connect_line`](crate::Engine::handle_connect_line).

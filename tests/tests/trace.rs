@@ -245,7 +245,9 @@ fn a_mutated_input_in_a_real_trace_is_caught() {
         .find(|e| {
             matches!(
                 e.item,
-                Item::Event(vsock_core::record::Event::TxWritten(Some(vsock_core::Io::Done(n)))) if n > 1
+                Item::Event(vsock_core::record::Event::TxWritten(
+                    vsock_core::record::TxOutcome::Written(vsock_core::Io::Done(n))
+                )) if n > 1
             )
         })
         .expect("a direct write in the trace")

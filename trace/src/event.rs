@@ -6,7 +6,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use vsock_core::record::{Event, Grant};
+use vsock_core::record::{Event, Grant, TxOutcome};
 use vsock_core::{
     Action, Config, ConnId, Direction, HostEvent, Interest, Io, LineRead, SocketError, TableFull,
 };
@@ -22,6 +22,9 @@ pub const CONFIG_LEN: usize = 96;
 
 /// No connection.
 const NO_CONN: u64 = u64::MAX;
+
+/// Added to a `TX_WRITTEN` I/O code when the rest of the payload could not be read.
+const UNREADABLE: u32 = 4;
 
 /// Record kinds.
 pub mod kind {
@@ -117,11 +120,15 @@ pub fn encode(out: &mut Vec<u8>, ports: Option<(u32, u32)>, event: &Event<'_>) {
     let mut conn = event.conn().map_or(NO_CONN, ConnId::to_raw);
     let (kind, code, value): (u8, u32, u64) = match *event {
         Event::Start(_) => (kind::START, 0, 0),
-        Event::TxWritten(Some(io)) => {
+        Event::TxWritten(TxOutcome::Written(io)) => {
             let (c, v) = io_code(io);
             (kind::TX_WRITTEN, c, v)
         }
-        Event::TxWritten(None) => (kind::TX_WRITTEN, 3, 0),
+        Event::TxWritten(TxOutcome::Abandoned) => (kind::TX_WRITTEN, 3, 0),
+        Event::TxWritten(TxOutcome::Unreadable(io)) => {
+            let (c, v) = io_code(io);
+            (kind::TX_WRITTEN, UNREADABLE + c, v)
+        }
         Event::Accept(Ok(_)) => (kind::ACCEPT, 0, 0),
         Event::Accept(Err(TableFull)) => (kind::ACCEPT, 1, 0),
         Event::ConnectLine(_, read) => match read {
@@ -302,8 +309,13 @@ pub fn decode(record: &[u8]) -> Result<Decoded<'_>, EventError> {
     let errno = SocketError(f.value as u32 as i32);
     let event = match f.kind {
         kind::START => return Ok(Decoded::Start(decode_config(data)?)),
-        kind::TX_WRITTEN if f.code == 3 => Event::TxWritten(None),
-        kind::TX_WRITTEN => Event::TxWritten(Some(io_from(f.kind, f.code, f.value)?)),
+        kind::TX_WRITTEN => Event::TxWritten(match f.code {
+            3 => TxOutcome::Abandoned,
+            c if c >= UNREADABLE => {
+                TxOutcome::Unreadable(io_from(f.kind, c - UNREADABLE, f.value)?)
+            }
+            c => TxOutcome::Written(io_from(f.kind, c, f.value)?),
+        }),
         kind::ACCEPT => match f.code {
             0 => Event::Accept(Ok(conn()?)),
             1 => Event::Accept(Err(TableFull)),
@@ -388,10 +400,12 @@ mod tests {
         let c = ConnId::from_raw(7 << 32 | 3);
         let e = SocketError(104);
         let events = [
-            Event::TxWritten(Some(Io::Done(5))),
-            Event::TxWritten(Some(Io::WouldBlock)),
-            Event::TxWritten(Some(Io::Error(e))),
-            Event::TxWritten(None),
+            Event::TxWritten(TxOutcome::Written(Io::Done(5))),
+            Event::TxWritten(TxOutcome::Written(Io::WouldBlock)),
+            Event::TxWritten(TxOutcome::Written(Io::Error(e))),
+            Event::TxWritten(TxOutcome::Abandoned),
+            Event::TxWritten(TxOutcome::Unreadable(Io::Done(0))),
+            Event::TxWritten(TxOutcome::Unreadable(Io::Error(e))),
             Event::Accept(Ok(c)),
             Event::Accept(Err(TableFull)),
             Event::ConnectLine(c, LineRead::Data(b"CONNECT 5\n")),

@@ -334,6 +334,9 @@ impl<'a> Reader<'a> {
             interfaces: Vec::new(),
         };
         let (body, next) = reader.block(0)?;
+        if body.len() < 16 {
+            return Err(FormatError::BadBlock { offset: 0 });
+        }
         for (code, value) in options(&body[16..]) {
             if code == SHB_USERAPPL {
                 reader.application = String::from_utf8_lossy(value).into_owned();
@@ -533,6 +536,20 @@ mod tests {
             r.next_packet(),
             Err(FormatError::UnknownInterface { .. })
         ));
+    }
+
+    #[test]
+    fn a_section_header_too_short_for_its_fields_is_refused() {
+        for total in [12u32, 16, 20, 24] {
+            let mut b = Vec::new();
+            b.extend_from_slice(&SHB.to_le_bytes());
+            b.extend_from_slice(&total.to_le_bytes());
+            b.extend_from_slice(&BYTE_ORDER_MAGIC.to_le_bytes());
+            b.resize(total as usize - 4, 0);
+            b.extend_from_slice(&total.to_le_bytes());
+            b.resize(28.max(b.len()), 0);
+            assert!(Reader::new(&b).is_err(), "total {total}");
+        }
     }
 
     #[test]

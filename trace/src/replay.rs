@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use vsock_core::record::{Event, Grant};
+use vsock_core::record::{Event, Grant, TxOutcome};
 use vsock_core::wire::Header;
 use vsock_core::{Config, Engine, GuestBytes, Instant, MemoryFault, RxGrant, Tx};
 
@@ -163,11 +163,20 @@ impl fmt::Display for Divergence {
 
 impl std::error::Error for Divergence {}
 
+/// The largest connection buffer a replay builds an engine with: a trace is input, and a
+/// hostile one must not make the replay reserve gigabytes.
+pub const MAX_REPLAY_BUFFER: u32 = 64 << 20;
+/// The most connections a replay builds an engine for, for the same reason.
+pub const MAX_REPLAY_CONNECTIONS: usize = 1 << 16;
+
 /// Why a replay failed.
 #[derive(Debug)]
 pub enum ReplayError {
     /// The file is not a readable trace.
     Trace(TraceError),
+    /// The recorded configuration asks for more memory than a replay grants
+    /// ([`MAX_REPLAY_BUFFER`], [`MAX_REPLAY_CONNECTIONS`]).
+    TooLarge,
     /// The recorded configuration is refused by the engine.
     Config(vsock_core::ConfigError),
     /// The replay went another way.
@@ -179,6 +188,12 @@ impl fmt::Display for ReplayError {
         match self {
             ReplayError::Trace(e) => write!(f, "{e}"),
             ReplayError::Config(e) => write!(f, "the recorded configuration: {e}"),
+            ReplayError::TooLarge => write!(
+                f,
+                "the recorded configuration is beyond what a replay builds (buffers over {} \
+                 bytes or more than {} connections)",
+                MAX_REPLAY_BUFFER, MAX_REPLAY_CONNECTIONS
+            ),
             ReplayError::Diverged(d) => write!(f, "{d}"),
         }
     }
@@ -255,6 +270,9 @@ pub fn replay(bytes: &[u8]) -> Result<Replayed, ReplayError> {
     let Item::Start(config) = &entries[0].item else {
         unreachable!("read checks the start");
     };
+    if config.buffer_size > MAX_REPLAY_BUFFER || config.max_connections > MAX_REPLAY_CONNECTIONS {
+        return Err(ReplayError::TooLarge);
+    }
     let mut engine = Engine::new(config.clone(), Instant::from_nanos(entries[0].ts_nanos))
         .map_err(ReplayError::Config)?;
     let mut stats = Replayed {
@@ -279,6 +297,15 @@ impl GuestBytes for Captured<'_> {
         dst[..n].copy_from_slice(&have[..n]);
         dst[n..].fill(0);
         Ok(())
+    }
+}
+
+/// Guest memory that could not be read when the trace was recorded.
+struct Unreadable;
+
+impl GuestBytes for Unreadable {
+    fn copy_to(&mut self, _offset: usize, _dst: &mut [u8]) -> Result<(), MemoryFault> {
+        Err(MemoryFault)
     }
 }
 
@@ -346,11 +373,14 @@ fn step(
                 )),
                 (Tx::Done, _) => Ok(i + 1),
                 (Tx::Data(data), Some(Item::Event(Event::TxWritten(outcome)))) => {
-                    match outcome {
-                        Some(io) => {
-                            let _ = data.complete(*io, &mut Captured(payload));
+                    match *outcome {
+                        TxOutcome::Written(io) => {
+                            let _ = data.complete(io, &mut Captured(payload));
                         }
-                        None => drop(data),
+                        TxOutcome::Unreadable(io) => {
+                            let _ = data.complete(io, &mut Unreadable);
+                        }
+                        TxOutcome::Abandoned => drop(data),
                     }
                     Ok(i + 2)
                 }

@@ -17,7 +17,9 @@ local kinds = {
 -- What the code means, per kind; the value's meaning follows in brackets.
 local io_codes = { [0] = "done [bytes]", [1] = "would block", [2] = "error [errno]" }
 local codes = {
-    [2] = { [0] = "done [bytes]", [1] = "would block", [2] = "error [errno]", [3] = "abandoned" },
+    [2] = { [0] = "done [bytes]", [1] = "would block", [2] = "error [errno]", [3] = "abandoned",
+            [4] = "unreadable, done [bytes]", [5] = "unreadable, would block",
+            [6] = "unreadable, error [errno]" },
     [3] = { [0] = "accepted", [1] = "table full" },
     [4] = { [0] = "bytes [count]", [1] = "end of file", [2] = "would block", [3] = "error [errno]" },
     [5] = { [0] = "connected", [1] = "connect failed [errno]", [2] = "readable", [3] = "writable",
