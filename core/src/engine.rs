@@ -952,6 +952,39 @@ impl Engine {
         self.note(now, &Event::Reset);
         self.advance(now);
         self.resets.clear();
+        self.forget_all();
+    }
+
+    /// Forgets every connection because the device stopped while the guest's driver may still
+    /// hold them (a paused VM whose queues stop and start again): every socket gets its
+    /// [`Action::Close`], and the guest is owed an RST for each connection it may know, sent
+    /// whenever it next posts rx buffers, with no deadline. A driver that was reset meanwhile
+    /// ignores RSTs for connections it does not know. Beyond `max_pending_resets`, RSTs are
+    /// dropped and counted.
+    pub fn stop(&mut self, now: Instant) {
+        self.note(now, &Event::Stop);
+        self.advance(now);
+        for idx in 0..self.conns.capacity() {
+            let Some(c) = self.conns.get(idx) else {
+                continue;
+            };
+            if matches!(c.phase, Phase::ConnectLine | Phase::Closed) {
+                continue;
+            }
+            if self.resets.len() >= self.config.max_pending_resets {
+                self.stats.rst_queue_full += 1;
+                continue;
+            }
+            self.resets.push_back(OrphanRst {
+                guest_port: c.key.guest_port,
+                host_port: c.key.host_port,
+                raw_type: c.key.socket_type.to_u16(),
+            });
+        }
+        self.forget_all();
+    }
+
+    fn forget_all(&mut self) {
         for idx in 0..self.conns.capacity() {
             if !self.conns.contains(idx) {
                 continue;

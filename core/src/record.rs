@@ -96,6 +96,8 @@ pub enum Event<'a> {
     AbortAll,
     /// [`Engine::reset`](crate::Engine::reset).
     Reset,
+    /// [`Engine::stop`](crate::Engine::stop).
+    Stop,
     /// [`Engine::poll_rx`](crate::Engine::poll_rx) with `room` bytes, and what it granted.
     /// A granted packet that is committed follows as a packet; one dropped, as nothing.
     PollRx {

@@ -2080,6 +2080,68 @@ fn abort_all_resets_every_connection() {
 }
 
 #[test]
+fn stop_closes_every_socket_and_owes_the_guest_rsts_without_deadline() {
+    let mut e = engine();
+    let ([connecting, established, requesting, line], hp) = one_of_each(&mut e);
+    e.stop(ms(1));
+    // The sockets close at once; the guest is told only when it posts buffers again.
+    let mut closed = actions(&mut e);
+    closed.sort_by_key(|a| a.conn());
+    let mut want = vec![
+        close(connecting),
+        close(established),
+        close(requesting),
+        close(line),
+    ];
+    want.sort_by_key(|a| a.conn());
+    assert_eq!(closed, want);
+    assert_eq!(e.connections(), 0);
+    assert_eq!(e.poll_timeout(), None, "nothing waits for a deadline");
+    // However long the VM stays paused.
+    e.handle_timeout(ms(3_600_000));
+    let mut rsts = Vec::new();
+    while let Some(grant) = e.poll_rx(ms(3_600_001), ROOM) {
+        match grant {
+            RxGrant::Packet(p) => rsts.push(p.send()),
+            RxGrant::Read(r) => panic!("unexpected {r:?}"),
+        }
+    }
+    rsts.sort_by_key(|h| h.dst_port.get());
+    assert_eq!(
+        rsts,
+        [
+            host_pkt(Op::Rst, 79, 999, 0, 0, 0, 0),
+            host_pkt(Op::Rst, 80, 1000, 0, 0, 0, 0),
+            host_pkt(Op::Rst, hp, 5000, 0, 0, 0, 0),
+        ]
+    );
+    expect_nothing(&mut e, ms(3_600_001));
+    assert_stats!(e, tx_packets: 2, guest_connects: 2, established: 1, host_accepts: 2,
+        rx_packets: 5, rst_sent: 3, closed: 4);
+}
+
+#[test]
+fn stop_owes_no_more_rsts_than_the_queue_holds() {
+    let mut e = engine_with(|c| c.max_pending_resets = 1);
+    let _ = one_of_each(&mut e);
+    e.stop(ms(1));
+    let _ = actions(&mut e);
+    let mut n = 0;
+    while let Some(grant) = e.poll_rx(ms(1), ROOM) {
+        match grant {
+            RxGrant::Packet(p) => {
+                assert_eq!(p.header().op.get(), Op::Rst.to_u16());
+                let _ = p.send();
+                n += 1;
+            }
+            RxGrant::Read(r) => panic!("unexpected {r:?}"),
+        }
+    }
+    assert_eq!(n, 1);
+    assert_eq!(e.stats().rst_queue_full, 2);
+}
+
+#[test]
 fn reset_closes_every_socket_and_tells_the_guest_nothing() {
     let mut e = engine();
     let ([connecting, established, requesting, line], _) = one_of_each(&mut e);

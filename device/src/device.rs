@@ -323,6 +323,18 @@ impl VsockDevice {
         debug!("device reset");
     }
 
+    /// Stops the device because its queues stopped while the driver may keep its state (a
+    /// paused VM): every connection is dropped (see [`Engine::stop`]), each owing the guest an
+    /// RST that [`serve`](Self::serve) sends once the device is activated again. The dropped
+    /// connections' sockets are closed by [`perform_actions`](Self::perform_actions) or the
+    /// next `serve`.
+    pub fn stop(&mut self, now: Instant) {
+        self.engine.stop(now);
+        self.activated = false;
+        self.event_owed = false;
+        debug!("device stopped");
+    }
+
     /// The device state as plain data.
     pub fn save(&self, queues: &Queues<'_>) -> DeviceState {
         DeviceState {

@@ -11,6 +11,10 @@ use crate::{Queues, Served};
 pub enum DeviceRequest {
     /// The driver reset the device: every connection is dropped and the sockets closed.
     Reset,
+    /// The queues stopped while the driver may keep its state (a paused VM): every connection
+    /// is dropped and its socket closed, and the guest is sent an RST for each once the
+    /// device is activated again.
+    Stop,
     /// The driver finished feature negotiation with these features and set the queues up:
     /// activate the device on the queues [`Transport::with_queues`] hands out from now on.
     Activate {

@@ -396,6 +396,11 @@ impl VsockMio {
                 // the queues may be gone with the frontend that owned them.
                 self.device.perform_actions(now, &mut self.host);
             }
+            vsock_device::DeviceRequest::Stop => {
+                debug!("device stop requested");
+                self.device.stop(now);
+                self.device.perform_actions(now, &mut self.host);
+            }
             vsock_device::DeviceRequest::Activate { features } => {
                 if let Err(e) = self.device.ack_features(features) {
                     warn!(error = %e, "refused the driver's features");

@@ -100,6 +100,8 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
+# Only emergencies on the console: kernel messages must not split the result lines.
+dmesg -n 1
 for m in $(cat /lib/modules/order); do
     insmod /lib/modules/$m.ko || echo "GUEST: insmod $m failed"
 done

@@ -264,16 +264,22 @@ impl Drop for Daemon {
     }
 }
 
-/// One VM at a time: TCG guests on a two-core machine slow each other down past their
-/// timeouts.
+/// One real-guest test at a time: TCG guests on a two-core machine slow each other down past
+/// their timeouts, and a waiting test's peers would retry against the running guest.
 static ONE_VM: Mutex<()> = Mutex::new(());
+
+/// Takes this process's turn to run guests: hold it for the whole test, from before the
+/// daemon and the host peers start.
+pub fn exclusive() -> MutexGuard<'static, ()> {
+    ONE_VM.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// A guest running a script.
 pub struct Vm {
     child: Child,
     serial: PathBuf,
+    monitor: PathBuf,
     _dir: Scratch,
-    _turn: MutexGuard<'static, ()>,
 }
 
 /// How a guest ended.
@@ -304,10 +310,11 @@ impl Outcome {
 
 impl Vm {
     /// Boots a guest with the device at `vhost_socket`, running `script` as `/guest/run.sh`.
+    /// Tests hold [`exclusive`] while they do.
     pub fn boot(image: &Image, vhost_socket: &Path, script: &str) -> Vm {
-        let turn = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
         let dir = Scratch::new("vm");
         let serial = dir.0.join("serial.log");
+        let monitor = dir.0.join("monitor.sock");
         // The kernel unpacks concatenated archives in turn: the script rides in a second one.
         let mut initrd = fs::read(&image.initramfs).expect("read the initramfs");
         // An uncompressed archive must start 4-byte aligned; zeros in between are skipped.
@@ -339,6 +346,8 @@ impl Vm {
             .arg("-chardev")
             .arg(format!("socket,id=vsock0,path={}", vhost_socket.display()))
             .args(["-device", "vhost-user-vsock-pci,chardev=vsock0"])
+            .arg("-monitor")
+            .arg(format!("unix:{},server=on,wait=off", monitor.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(dir.0.join("qemu.log")).expect("qemu log"))
@@ -347,9 +356,43 @@ impl Vm {
         Vm {
             child,
             serial,
+            monitor,
             _dir: dir,
-            _turn: turn,
         }
+    }
+
+    /// Runs a command on QEMU's human monitor (`stop`, `cont`, ...) and returns its output.
+    pub fn monitor(&self, command: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut stream = loop {
+            match UnixStream::connect(&self.monitor) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "no QEMU monitor: {e}");
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The banner ends in a prompt; so does the command's output.
+        for round in 0..2 {
+            if round == 1 {
+                stream
+                    .write_all(format!("{command}\n").as_bytes())
+                    .expect("write to the monitor");
+                seen.clear();
+            }
+            while !String::from_utf8_lossy(&seen).ends_with("(qemu) ") {
+                let n = stream.read(&mut buf).expect("read the monitor");
+                assert!(n > 0, "the monitor closed");
+                seen.extend_from_slice(&buf[..n]);
+            }
+        }
+        String::from_utf8_lossy(&seen).into_owned()
     }
 
     /// The serial console so far.
@@ -481,13 +524,14 @@ pub fn accept(listener: &UnixListener, stop: &AtomicBool) -> Option<UnixStream> 
 }
 
 /// Connects to the guest's `port` through `<uds_path>`: `CONNECT`, then `OK`. A refusal
-/// (the guest does not listen yet) is retried every 50 ms until `stop` is set.
+/// (the guest does not listen yet) is retried every 200 ms until `stop` is set: often enough
+/// not to slow a test, seldom enough not to load the emulated guest.
 pub fn connect(uds: &Path, port: u32, stop: &AtomicBool) -> Option<UnixStream> {
     while !stop.load(Ordering::Relaxed) {
         if let Ok(stream) = try_connect(uds, port) {
             return Some(stream);
         }
-        thread::sleep(Duration::from_millis(50));
+        thread::sleep(Duration::from_millis(200));
     }
     None
 }

@@ -312,6 +312,19 @@ impl Rig {
         let _ = self.kick.write(b"a");
     }
 
+    /// Stops the device's queues and starts them again under the same driver, as a paused and
+    /// resumed VM does: the guest keeps its rings and its connections.
+    pub fn pause_device(&mut self) {
+        {
+            let mut shared = self.shared.lock().unwrap();
+            shared.requests.push_back(DeviceRequest::Stop);
+            shared.requests.push_back(DeviceRequest::Activate {
+                features: self.features,
+            });
+        }
+        let _ = self.kick.write(b"p");
+    }
+
     /// Stops the runtime (a clean shutdown) and returns the driver for its counters.
     pub fn stop(self) -> VsockMio {
         self.stop_with_guest().1

@@ -497,6 +497,45 @@ fn device_reset_mid_transfer_closes_everything_and_serves_again(rt: Runtime) {
     rig.stop();
 }
 
+/// A paused VM (the queues stop and start again, the driver keeps its state): the host
+/// application sees its socket end during the pause, the guest gets an RST once the queues
+/// are back, and new connections are served.
+fn device_pause_mid_transfer_resets_the_guest_and_serves_again(rt: Runtime) {
+    let mut rig = Rig::start(rt, config());
+    let listener = UnixListener::bind(rig.port_path(88)).unwrap();
+    let key = rig.guest.stack.connect(88);
+    rig.until("connected", LONG, |g| g.stack.conn(key).established);
+    let (mut app, _) = listener.accept().unwrap();
+    rig.guest.stack.write(key, &pattern(7, 2 << 20));
+    rig.until("transfer under way", LONG, |g| g.stack.conn(key).tx_cnt > 0);
+    rig.pause_device();
+    app.set_nonblocking(true).unwrap();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        match app.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::WouldBlock => rig.step(),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    rig.until("the guest is told", LONG, |g| {
+        g.stack.conn(key).rst_received
+    });
+    let echo = echo_service(listener);
+    let key = rig.guest.stack.connect(88);
+    rig.until("connected again", LONG, |g| g.stack.conn(key).established);
+    rig.guest.stack.write(key, b"after pause");
+    rig.guest.stack.shutdown(key, SHUTDOWN_SEND);
+    rig.until("echo", LONG, |g| {
+        g.stack.conn(key).peer_shut & SHUTDOWN_SEND != 0
+    });
+    assert_eq!(rig.guest.stack.conn(key).read, b"after pause");
+    assert_eq!(echo.join().unwrap(), 11);
+    rig.stop();
+}
+
 /// FNV-1a, 64 bits: a checksum of a stream.
 fn fnv(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -536,4 +575,5 @@ conformance!(
     a_thousand_concurrent_connections_each_move_data,
     shutdown_resets_connections_closes_sockets_and_unlinks_the_listener,
     device_reset_mid_transfer_closes_everything_and_serves_again,
+    device_pause_mid_transfer_resets_the_guest_and_serves_again,
 );

@@ -33,6 +33,7 @@ fn all_checks(runtime: &str) {
     let Some(image) = Image::or_skip(&name) else {
         return;
     };
+    let _turn = guest::exclusive();
     let daemon = Daemon::start(&image, runtime);
     let stop = Arc::new(AtomicBool::new(false));
     let uds = daemon.uds.clone();
@@ -186,6 +187,7 @@ fn guest_killed(runtime: &str) {
     let Some(image) = Image::or_skip(&name) else {
         return;
     };
+    let _turn = guest::exclusive();
     let daemon = Daemon::start(&image, runtime);
     let stop = Arc::new(AtomicBool::new(false));
     let received = Arc::new(AtomicU64::new(0));
@@ -285,6 +287,7 @@ fn recorded_trace(runtime: &str) {
     let Some(image) = Image::or_skip(&name) else {
         return;
     };
+    let _turn = guest::exclusive();
     let daemon = Daemon::start_with(&image, runtime, true);
     let stop = Arc::new(AtomicBool::new(false));
     let l = guest::listen(&daemon.port_path(5001));
@@ -348,6 +351,89 @@ fn recorded_trace(runtime: &str) {
     }
 }
 
+/// The VM paused (QEMU `stop`) and resumed (`cont`): the rings stop and start again under the
+/// same driver. The host side of a connection sees its socket closed during the pause; the
+/// guest, once resumed, gets an RST for it rather than waiting forever for data that will never
+/// come; and new connections work.
+fn paused_vm(runtime: &str) {
+    let name = format!("paused_vm_{runtime}");
+    let Some(image) = Image::or_skip(&name) else {
+        return;
+    };
+    let _turn = guest::exclusive();
+    let daemon = Daemon::start(&image, runtime);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (accepted, host_sees) = mpsc::channel();
+    let l = guest::listen(&daemon.port_path(5001));
+    peer(&stop, move |stop| {
+        // Hold the guest's connection open, sending nothing, until the device drops it.
+        let Some(mut s) = guest::accept(&l, stop) else {
+            return;
+        };
+        let _ = accepted.send("accepted");
+        let mut buf = [0u8; 16];
+        let ended = matches!(s.read(&mut buf), Ok(0) | Err(_));
+        let _ = accepted.send(if ended { "closed" } else { "data?" });
+    });
+    let l = guest::listen(&daemon.port_path(5002));
+    let echo = peer(&stop, move |stop| {
+        let mut s = guest::accept(&l, stop)?;
+        let mut line = Vec::new();
+        s.read_to_end(&mut line).ok()?;
+        s.write_all(&line).ok()
+    });
+    let mut vm = Vm::boot(
+        &image,
+        &daemon.socket,
+        "socat -u VSOCK-CONNECT:2:5001 STDOUT > /tmp/w 2>/tmp/werr &\n\
+         waiter=$!\n\
+         echo WAITING\n\
+         wait $waiter\n\
+         echo \"WAITER rc=$? err=$(tr '\\n' ' ' < /tmp/werr)\"\n\
+         echo \"ECHO $(echo again | socat -t 10 - VSOCK-CONNECT:2:5002)\"\n",
+    );
+    vm.wait_for_line("WAITING", Duration::from_secs(120));
+    assert_eq!(
+        host_sees.recv_timeout(Duration::from_secs(60)),
+        Ok("accepted")
+    );
+    vm.monitor("stop");
+    assert_eq!(
+        host_sees.recv_timeout(Duration::from_secs(10)),
+        Ok("closed"),
+        "the host socket outlived the pause:\n{}",
+        daemon.log()
+    );
+    thread::sleep(Duration::from_secs(1));
+    vm.monitor("cont");
+    let out = vm.wait(Duration::from_secs(120));
+    stop.store(true, Ordering::Relaxed);
+    // Linux turns an RST on an established stream into end of file for its reader: what
+    // matters is that the reader ended at all (without the RST it would wait forever).
+    assert!(
+        out.line("WAITER ").is_some(),
+        "the guest's reader never ended:\n{}",
+        out.serial
+    );
+    assert_eq!(out.line("ECHO "), Some("again"), "{}", out.serial);
+    assert!(echo.join().unwrap().is_some());
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    // The end came from the device: an RST for the connection dropped in the pause.
+    let sent = log
+        .lines()
+        .find_map(|l| {
+            l.split("resets: ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .expect("the counters");
+    assert!(sent >= 1, "no RST went to the guest:\n{log}");
+}
+
 macro_rules! on_each_runtime {
     ($($check:ident),* $(,)?) => {
         mod mio { $( #[test] fn $check() { super::$check("mio") } )* }
@@ -356,4 +442,4 @@ macro_rules! on_each_runtime {
     };
 }
 
-on_each_runtime!(all_checks, guest_killed, recorded_trace);
+on_each_runtime!(all_checks, guest_killed, recorded_trace, paused_vm);

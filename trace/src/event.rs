@@ -54,6 +54,8 @@ pub mod kind {
     pub const RX_READ: u8 = 12;
     /// A socket action (or none).
     pub const ACTION: u8 = 13;
+    /// The device stopped: connections dropped, RSTs owed to the guest.
+    pub const STOP: u8 = 14;
 }
 
 /// An event read back from a record: [`Event`] with owned configuration.
@@ -152,6 +154,7 @@ pub fn encode(out: &mut Vec<u8>, ports: Option<(u32, u32)>, event: &Event<'_>) {
         Event::ResetConnection(_) => (kind::RESET_CONNECTION, 0, 0),
         Event::AbortAll => (kind::ABORT_ALL, 0, 0),
         Event::Reset => (kind::RESET, 0, 0),
+        Event::Stop => (kind::STOP, 0, 0),
         Event::PollRx { room, grant } => {
             let code = match grant {
                 Grant::Nothing => 0,
@@ -347,6 +350,7 @@ pub fn decode(record: &[u8]) -> Result<Decoded<'_>, EventError> {
         kind::RESET_CONNECTION => Event::ResetConnection(conn()?),
         kind::ABORT_ALL => Event::AbortAll,
         kind::RESET => Event::Reset,
+        kind::STOP => Event::Stop,
         kind::POLL_RX => Event::PollRx {
             room: f.value as usize,
             grant: match f.code {
@@ -422,6 +426,7 @@ mod tests {
             Event::ResetConnection(c),
             Event::AbortAll,
             Event::Reset,
+            Event::Stop,
             Event::PollRx {
                 room: 4052,
                 grant: Grant::Nothing,

@@ -32,7 +32,9 @@
 //!     }
 //! }
 //! let _ = engine.poll_rx(now, 4096).map(|grant| match grant {
-//!     vsock_core::RxGrant::Packet(p) => drop(p.send()),
+//!     vsock_core::RxGrant::Packet(p) => {
+//!         let _ = p.send();
+//!     }
 //!     vsock_core::RxGrant::Read(_) => {}
 //! });
 //!

@@ -436,6 +436,7 @@ fn replay_event(
         }
         Event::AbortAll => engine.abort_all(now),
         Event::Reset => engine.reset(now),
+        Event::Stop => engine.stop(now),
         Event::RxRead(..) => return Err(diverge(entry, "no read was granted here")),
         Event::Action(want) => {
             stats.actions += 1;

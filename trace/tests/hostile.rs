@@ -39,7 +39,9 @@ fn trace() -> Vec<u8> {
     }
     while let Some(grant) = engine.poll_rx(now, 4096) {
         match grant {
-            RxGrant::Packet(p) => drop(p.send()),
+            RxGrant::Packet(p) => {
+                let _ = p.send();
+            }
             RxGrant::Read(_) => break,
         }
     }

@@ -53,8 +53,12 @@ fn settle(e: &mut Engine, now: Instant) {
         while let Some(g) = e.poll_rx(now, 4096) {
             busy = true;
             match g {
-                RxGrant::Packet(p) => drop(p.send()),
-                RxGrant::Read(r) => drop(r.complete(Io::WouldBlock, &mut &[][..])),
+                RxGrant::Packet(p) => {
+                    let _ = p.send();
+                }
+                RxGrant::Read(r) => {
+                    let _ = r.complete(Io::WouldBlock, &mut &[][..]);
+                }
             }
         }
         if !busy {
@@ -124,4 +128,31 @@ fn an_unreadable_payload_replays_as_a_reset() {
         outcomes,
         [TxOutcome::Unreadable(Io::WouldBlock), TxOutcome::Abandoned]
     );
+}
+
+/// A stop (a paused VM) with a connection open: recorded, and replayed with its RST.
+#[test]
+fn a_stop_replays_with_its_rst() {
+    let out = Shared::default();
+    let mut e = Engine::new(Config::new(3), Instant::ZERO).unwrap();
+    e.set_recorder(Some(Box::new(
+        TraceWriter::new(out.clone(), usize::MAX, 0).unwrap(),
+    )));
+    let now = Instant::from_millis(1);
+    assert!(matches!(
+        e.handle_tx(now, &from_guest(Op::Request, 0)),
+        Tx::Done
+    ));
+    settle(&mut e, now);
+    e.stop(Instant::from_millis(2));
+    settle(&mut e, Instant::from_secs(600));
+    assert_eq!(e.stats().rst_sent, 1);
+    drop(e.set_recorder(None));
+    let trace = out.0.lock().unwrap().clone();
+    let replayed = replay(&trace).unwrap_or_else(|err| panic!("{err}"));
+    assert!(replayed.to_guest >= 2, "{replayed:?}");
+    assert!(read(&trace)
+        .unwrap()
+        .iter()
+        .any(|entry| entry.item == Item::Event(vsock_core::record::Event::Stop)));
 }

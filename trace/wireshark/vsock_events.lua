@@ -11,7 +11,7 @@ local p = Proto("vsockev", "vsock host event")
 local kinds = {
     [1] = "START", [2] = "TX_WRITTEN", [3] = "ACCEPT", [4] = "CONNECT_LINE", [5] = "HOST",
     [6] = "HOST_WRITE", [7] = "TIMEOUT", [8] = "RESET_CONNECTION", [9] = "ABORT_ALL",
-    [10] = "RESET", [11] = "POLL_RX", [12] = "RX_READ", [13] = "ACTION",
+    [10] = "RESET", [11] = "POLL_RX", [12] = "RX_READ", [13] = "ACTION", [14] = "STOP",
 }
 
 -- What the code means, per kind; the value's meaning follows in brackets.

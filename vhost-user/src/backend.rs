@@ -59,8 +59,16 @@ struct State {
     pending_features: Option<u64>,
     /// The device was handed its features and may serve the queues.
     activated: bool,
+    /// Features handed out with an activation the runtime has not carried out yet: if the
+    /// rings stop before it does, the activation is taken back and offered again.
+    activating: Option<u64>,
+    /// Interrupts the guest is owed on rx and tx: wanted while the ring had no call
+    /// descriptor, sent once it has one.
+    owed: [bool; 2],
     /// The device must drop its connections before anything else.
     reset_owed: bool,
+    /// The device must drop its connections, owing the guest an RST for each.
+    stop_owed: bool,
     /// Stands in for the event queue the frontend keeps: never ready, so never touched.
     event: Queue,
 }
@@ -81,7 +89,10 @@ impl Shared {
                 vrings: None,
                 pending_features: None,
                 activated: false,
+                activating: None,
+                owed: [false; 2],
                 reset_owed: false,
+                stop_owed: false,
                 event,
             }),
             kick,
@@ -124,20 +135,31 @@ impl Shared {
         state.mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         state.pending_features = None;
         state.activated = false;
+        state.activating = None;
+        state.owed = [false; 2];
+        state.stop_owed = false;
         state.reset_owed = true;
         drop(state);
         self.wake();
     }
 
-    /// The rings stop (`GET_VRING_BASE`, `RESET_DEVICE`): the driver reset the device or the
-    /// VM stopped. Returns once the runtime is out of the queues.
-    fn stop(&self) {
+    /// The rings stop. `GET_VRING_BASE` (`forgotten` false) comes when the VM stops, for a
+    /// pause or a migration as much as for a driver reset, so the guest may still hold its
+    /// connections: they are dropped, each owing the guest an RST once the rings are back.
+    /// `RESET_DEVICE` (`forgotten` true) means the driver forgot them. Returns once the
+    /// runtime is out of the queues.
+    fn stop(&self, forgotten: bool) {
         let mut state = self.lock();
         if state.activated {
             state.activated = false;
-            state.reset_owed = true;
-            debug!("rings stopped: the device resets its connections");
+            if forgotten {
+                state.reset_owed = true;
+            } else {
+                state.stop_owed = true;
+            }
+            debug!(forgotten, "rings stopped: the device drops its connections");
         }
+        state.activating = None;
         state.pending_features = None;
         drop(state);
         self.wake();
@@ -156,8 +178,9 @@ impl Shared {
         if state.activated {
             // A new negotiation without a stop in between: the driver started over.
             state.activated = false;
-            state.reset_owed = true;
+            state.stop_owed = true;
         }
+        state.activating = None;
         state.pending_features = Some(features & self.device_features);
         drop(state);
         self.wake();
@@ -201,7 +224,13 @@ impl Transport for VhostTransport {
             return None;
         }
         let State {
-            mem, vrings, event, ..
+            mem,
+            vrings,
+            event,
+            activated,
+            activating,
+            pending_features,
+            ..
         } = &mut *state;
         let [rx, tx] = vrings.as_ref()?;
         // Always rx before tx, the one order any thread takes both in.
@@ -210,8 +239,15 @@ impl Transport for VhostTransport {
         // A wake-up may arrive after the frontend stopped a ring.
         if !(rx.get_queue().ready() && rx.is_enabled() && tx.get_queue().ready() && tx.is_enabled())
         {
+            if let Some(features) = activating.take() {
+                // The activation handed out cannot happen on these rings: offer it again
+                // once they are back.
+                *activated = false;
+                *pending_features = Some(features);
+            }
             return None;
         }
+        *activating = None;
         let mem = mem.memory();
         Some(f(
             &mem,
@@ -224,14 +260,27 @@ impl Transport for VhostTransport {
     }
 
     fn notify(&mut self, served: &Served) {
-        let Some([rx, tx]) = self.shared.lock().vrings.clone() else {
+        // Under the shared lock, so a ring cannot be stopped (its call descriptor closed)
+        // between the check and the signal.
+        let mut state = self.shared.lock();
+        let State { vrings, owed, .. } = &mut *state;
+        let Some(vrings) = vrings.as_ref() else {
             return;
         };
-        for (wanted, vring, name) in [(served.notify_rx, rx, "rx"), (served.notify_tx, tx, "tx")] {
-            if wanted {
-                if let Err(e) = vring.signal_used_queue() {
-                    debug!(queue = name, error = %e, "cannot interrupt the guest");
-                }
+        for (i, wanted) in [served.notify_rx, served.notify_tx].into_iter().enumerate() {
+            if !(wanted || owed[i]) {
+                continue;
+            }
+            let vring = &vrings[i];
+            if vring.get_ref().get_call().is_none() {
+                // No way to interrupt the guest yet: used entries are already published, and
+                // with EVENT_IDX a lost interrupt would never be repeated. Owe it.
+                owed[i] = true;
+                continue;
+            }
+            owed[i] = false;
+            if let Err(e) = vring.signal_used_queue() {
+                debug!(queue = i, error = %e, "cannot interrupt the guest");
             }
         }
     }
@@ -239,8 +288,14 @@ impl Transport for VhostTransport {
     fn take_request(&mut self) -> Option<DeviceRequest> {
         let mut state = self.shared.lock();
         if state.reset_owed {
+            // A reset covers a stop owed before it.
             state.reset_owed = false;
+            state.stop_owed = false;
             return Some(DeviceRequest::Reset);
+        }
+        if state.stop_owed {
+            state.stop_owed = false;
+            return Some(DeviceRequest::Stop);
         }
         if state.activated {
             return None;
@@ -252,6 +307,7 @@ impl Transport for VhostTransport {
         }
         state.pending_features = None;
         state.activated = true;
+        state.activating = Some(features);
         Some(DeviceRequest::Activate { features })
     }
 }
@@ -293,7 +349,7 @@ impl VhostUserBackend for VsockBackend {
 
     fn reset_device(&self) {
         debug!("frontend reset the device");
-        self.shared.stop();
+        self.shared.stop(true);
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -330,7 +386,7 @@ impl VhostUserBackend for VsockBackend {
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         debug!(queue = queue_index, "ring stopped");
-        self.shared.stop();
+        self.shared.stop(false);
         Ok(())
     }
 
