@@ -462,7 +462,14 @@ fn shutdown_resets_connections_closes_sockets_and_unlinks_the_listener(rt: Runti
     assert!(!path.exists(), "the listener path is unlinked");
 }
 
-fn device_reset_mid_transfer_closes_everything_and_serves_again(rt: Runtime) {
+/// A transfer from the guest interrupted by `interrupt` (a device reset or a pause): the
+/// host application sees its socket end, `told` (if any) comes to hold of the guest's
+/// connection, and a new connection is served.
+fn interrupted_transfer(
+    rt: Runtime,
+    interrupt: fn(&mut Rig),
+    told: Option<fn(&vsock_core::testing::GuestConn) -> bool>,
+) {
     let mut rig = Rig::start(rt, config());
     let listener = UnixListener::bind(rig.port_path(88)).unwrap();
     let key = rig.guest.stack.connect(88);
@@ -470,7 +477,7 @@ fn device_reset_mid_transfer_closes_everything_and_serves_again(rt: Runtime) {
     let (mut app, _) = listener.accept().unwrap();
     rig.guest.stack.write(key, &pattern(7, 2 << 20));
     rig.until("transfer under way", LONG, |g| g.stack.conn(key).tx_cnt > 0);
-    rig.reset_device();
+    interrupt(&mut rig);
     // The host application sees its socket end (after whatever had arrived).
     app.set_nonblocking(true).unwrap();
     let mut buf = vec![0u8; 65536];
@@ -483,57 +490,33 @@ fn device_reset_mid_transfer_closes_everything_and_serves_again(rt: Runtime) {
             Err(e) => panic!("{e}"),
         }
     }
-    // The new driver connects again and is served.
+    if let Some(told) = told {
+        rig.until("the guest is told", LONG, |g| told(g.stack.conn(key)));
+    }
+    // The driver connects again and is served.
     let echo = echo_service(listener);
     let key = rig.guest.stack.connect(88);
     rig.until("connected again", LONG, |g| g.stack.conn(key).established);
-    rig.guest.stack.write(key, b"after reset");
+    rig.guest.stack.write(key, b"once again");
     rig.guest.stack.shutdown(key, SHUTDOWN_SEND);
     rig.until("echo", LONG, |g| {
         g.stack.conn(key).peer_shut & SHUTDOWN_SEND != 0
     });
-    assert_eq!(rig.guest.stack.conn(key).read, b"after reset");
-    assert_eq!(echo.join().unwrap(), 11);
+    assert_eq!(rig.guest.stack.conn(key).read, b"once again");
+    assert_eq!(echo.join().unwrap(), 10);
     rig.stop();
 }
 
-/// A paused VM (the queues stop and start again, the driver keeps its state): the host
-/// application sees its socket end during the pause, the guest gets an RST once the queues
-/// are back, and new connections are served.
+/// A device reset mid-transfer: a new driver (and guest model) takes over, with nothing to
+/// be told.
+fn device_reset_mid_transfer_closes_everything_and_serves_again(rt: Runtime) {
+    interrupted_transfer(rt, Rig::reset_device, None);
+}
+
+/// A paused VM (the queues stop and start again, the driver keeps its state): the guest gets
+/// an RST once the queues are back.
 fn device_pause_mid_transfer_resets_the_guest_and_serves_again(rt: Runtime) {
-    let mut rig = Rig::start(rt, config());
-    let listener = UnixListener::bind(rig.port_path(88)).unwrap();
-    let key = rig.guest.stack.connect(88);
-    rig.until("connected", LONG, |g| g.stack.conn(key).established);
-    let (mut app, _) = listener.accept().unwrap();
-    rig.guest.stack.write(key, &pattern(7, 2 << 20));
-    rig.until("transfer under way", LONG, |g| g.stack.conn(key).tx_cnt > 0);
-    rig.pause_device();
-    app.set_nonblocking(true).unwrap();
-    let mut buf = vec![0u8; 65536];
-    loop {
-        match app.read(&mut buf) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::WouldBlock => rig.step(),
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
-            Err(e) => panic!("{e}"),
-        }
-    }
-    rig.until("the guest is told", LONG, |g| {
-        g.stack.conn(key).rst_received
-    });
-    let echo = echo_service(listener);
-    let key = rig.guest.stack.connect(88);
-    rig.until("connected again", LONG, |g| g.stack.conn(key).established);
-    rig.guest.stack.write(key, b"after pause");
-    rig.guest.stack.shutdown(key, SHUTDOWN_SEND);
-    rig.until("echo", LONG, |g| {
-        g.stack.conn(key).peer_shut & SHUTDOWN_SEND != 0
-    });
-    assert_eq!(rig.guest.stack.conn(key).read, b"after pause");
-    assert_eq!(echo.join().unwrap(), 11);
-    rig.stop();
+    interrupted_transfer(rt, Rig::pause_device, Some(|c| c.rst_received));
 }
 
 /// FNV-1a, 64 bits: a checksum of a stream.

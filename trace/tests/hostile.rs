@@ -5,18 +5,8 @@ use vsock_core::{Action, Config, Engine, HostEvent, Instant, LineRead, RxGrant};
 use vsock_trace::replay::{read, replay};
 use vsock_trace::TraceWriter;
 
-#[derive(Clone, Default)]
-struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Shared {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+mod common;
+use common::Shared;
 
 /// A small session: a host client's CONNECT reaches the guest.
 fn trace() -> Vec<u8> {
@@ -48,7 +38,7 @@ fn trace() -> Vec<u8> {
     engine.handle_timeout(Instant::from_secs(10));
     while engine.poll_action().is_some() {}
     drop(engine.set_recorder(None));
-    let bytes = out.0.lock().unwrap().clone();
+    let bytes = out.bytes();
     assert!(replay(&bytes).is_ok());
     bytes
 }

@@ -1,7 +1,5 @@
 //! Recording edge cases at the engine boundary, each replayed exactly.
 
-use std::sync::{Arc, Mutex};
-
 use vsock_core::wire::{Op, Packet, SocketType, HOST_CID};
 use vsock_core::{
     Action, Config, Engine, GuestBytes, HostEvent, Instant, Io, MemoryFault, RxGrant, Tx,
@@ -9,18 +7,8 @@ use vsock_core::{
 use vsock_trace::replay::{read, Item};
 use vsock_trace::{replay, TraceWriter};
 
-#[derive(Clone, Default)]
-struct Shared(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Shared {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+mod common;
+use common::Shared;
 
 fn from_guest(op: Op, len: u32) -> vsock_core::wire::Header {
     Packet {
@@ -113,7 +101,7 @@ fn an_unreadable_payload_replays_as_a_reset() {
     assert_eq!(e.stats().payload_faults, 2);
     drop(e.set_recorder(None));
 
-    let trace = out.0.lock().unwrap().clone();
+    let trace = out.bytes();
     replay(&trace).unwrap_or_else(|err| panic!("{err}"));
     let outcomes: Vec<_> = read(&trace)
         .unwrap()
@@ -148,7 +136,7 @@ fn a_stop_replays_with_its_rst() {
     settle(&mut e, Instant::from_secs(600));
     assert_eq!(e.stats().rst_sent, 1);
     drop(e.set_recorder(None));
-    let trace = out.0.lock().unwrap().clone();
+    let trace = out.bytes();
     let replayed = replay(&trace).unwrap_or_else(|err| panic!("{err}"));
     assert!(replayed.to_guest >= 2, "{replayed:?}");
     assert!(read(&trace)
