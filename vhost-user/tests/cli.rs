@@ -38,8 +38,10 @@ fn start(socket: &Path, uds: &Path) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the daemon");
+    // Files left by a killed daemon may already be there: wait until the host listener
+    // answers, which it does only once the daemon has set up its signals and both sockets.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !(socket.exists() && uds.exists()) {
+    while !(socket.exists() && UnixStream::connect(uds).is_ok()) {
         assert!(
             Instant::now() < deadline,
             "the daemon did not bind its sockets"
@@ -247,7 +249,7 @@ fn every_runtime_starts_and_stops() {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !u.exists() {
+        while UnixStream::connect(&u).is_err() {
             assert!(Instant::now() < deadline, "{runtime}: no listener");
             std::thread::sleep(Duration::from_millis(10));
         }
