@@ -152,13 +152,24 @@ impl Daemon {
     /// [`Exit::trace`]).
     pub fn start_with(image: &Image, runtime: &str, record: bool) -> Daemon {
         let dir = Scratch::new("d");
-        let socket = dir.0.join("vhost.sock");
-        let uds = dir.0.join("vm.vsock");
-        let log = dir.0.join("daemon.log");
         let mut command = Command::new(&image.daemon);
         if record {
             command.arg("--record").arg(dir.0.join("trace.pcapng"));
         }
+        command.arg("--runtime").arg(runtime);
+        Daemon::spawn(command, dir)
+    }
+
+    /// Starts another vhost-user vsock backend that takes the same `--socket`, `--uds-path`
+    /// and `--guest-cid` flags (rust-vmm's `vhost-device-vsock` does), for comparisons.
+    pub fn start_other(binary: &Path) -> Daemon {
+        Daemon::spawn(Command::new(binary), Scratch::new("d"))
+    }
+
+    fn spawn(mut command: Command, dir: Scratch) -> Daemon {
+        let socket = dir.0.join("vhost.sock");
+        let uds = dir.0.join("vm.vsock");
+        let log = dir.0.join("daemon.log");
         let child = command
             .arg("--socket")
             .arg(&socket)
@@ -166,8 +177,6 @@ impl Daemon {
             .arg(&uds)
             .arg("--guest-cid")
             .arg(GUEST_CID.to_string())
-            .arg("--runtime")
-            .arg(runtime)
             .env(
                 "RUST_LOG",
                 std::env::var("VSOCK_DAEMON_LOG").unwrap_or_else(|_| "info".into()),

@@ -2,7 +2,10 @@
 //! against it, moves 64 MiB each way between the guest's `AF_VSOCK` sockets and host Unix
 //! sockets, checks both SHA-256 digests, and prints the throughput and the daemon's counters.
 //!
-//! `scripts/demo.sh` builds everything first. Usage: `vsock-demo [mio|tokio|smol]`.
+//! `scripts/demo.sh` builds everything first. Usage: `vsock-demo [mio|tokio|smol]`, or
+//! `vsock-demo --other BINARY` to run the same session against another vhost-user vsock
+//! backend that takes the same flags (`scripts/compare.sh` does, with rust-vmm's
+//! `vhost-device-vsock`).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -16,12 +19,25 @@ use vsock_tests::guest::{self, Daemon, Image, Vm};
 const MIB: u64 = 1 << 20;
 const SIZE_MIB: u64 = 64;
 
+/// The backend under test.
+enum Backend {
+    /// Ours, on this runtime.
+    Ours(String),
+    /// Another binary with the same flags.
+    Other(std::path::PathBuf),
+}
+
 fn main() -> ExitCode {
-    let runtime = std::env::args().nth(1).unwrap_or_else(|| "mio".into());
-    if !["mio", "tokio", "smol"].contains(&runtime.as_str()) {
-        eprintln!("usage: vsock-demo [mio|tokio|smol]");
-        return ExitCode::from(2);
-    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let backend = match args.as_slice() {
+        [] => Backend::Ours("mio".into()),
+        [rt] if ["mio", "tokio", "smol"].contains(&rt.as_str()) => Backend::Ours(rt.clone()),
+        [flag, path] if flag == "--other" => Backend::Other(path.into()),
+        _ => {
+            eprintln!("usage: vsock-demo [mio|tokio|smol] | vsock-demo --other BINARY");
+            return ExitCode::from(2);
+        }
+    };
     let image = match Image::find() {
         Ok(image) => image,
         Err(why) => {
@@ -29,7 +45,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match demo(&image, &runtime) {
+    match demo(&image, &backend) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vsock-demo: FAILED: {e}");
@@ -42,12 +58,24 @@ fn mb_per_s(bytes: u64, took: Duration) -> f64 {
     bytes as f64 / took.as_secs_f64() / 1e6
 }
 
-fn demo(image: &Image, runtime: &str) -> Result<(), String> {
-    let daemon = Daemon::start(image, runtime);
-    println!(
-        "daemon:  vhost-user-vsock --runtime {runtime}, guest CID {}",
-        guest::GUEST_CID
-    );
+fn demo(image: &Image, backend: &Backend) -> Result<(), String> {
+    let daemon = match backend {
+        Backend::Ours(runtime) => {
+            println!(
+                "daemon:  vhost-user-vsock --runtime {runtime}, guest CID {}",
+                guest::GUEST_CID
+            );
+            Daemon::start(image, runtime)
+        }
+        Backend::Other(path) => {
+            println!(
+                "daemon:  {}, guest CID {}",
+                path.display(),
+                guest::GUEST_CID
+            );
+            Daemon::start_other(path)
+        }
+    };
     println!("         vhost-user socket {}", daemon.socket.display());
     println!(
         "         host sockets      {}[_<port>]",
@@ -83,10 +111,10 @@ fn demo(image: &Image, runtime: &str) -> Result<(), String> {
          socat -u -b 65536 VSOCK-LISTEN:5002 CREATE:/tmp/in\n\
          echo \"SHA h2g $(sha256sum /tmp/in | cut -d' ' -f1)\"\n\
          t0=$(cut -d' ' -f1 /proc/uptime)\n\
-         socat -u OPEN:/dev/null VSOCK-CONNECT:2:5999 2>/dev/null\n\
+         socat -u OPEN:/dev/null VSOCK-CONNECT:2:5999 2>/tmp/nl.err\n\
          rc=$?\n\
          t1=$(cut -d' ' -f1 /proc/uptime)\n\
-         echo \"NOLISTEN rc=$rc t0=$t0 t1=$t1\"\n",
+         echo \"NOLISTEN rc=$rc t0=$t0 t1=$t1 $(sed -n 's/.*): //p' /tmp/nl.err)\"\n",
         bytes = SIZE_MIB * MIB
     );
     println!("guest:   booting Debian's kernel under QEMU (TCG, no KVM), 1 vCPU ...");
@@ -132,18 +160,32 @@ fn demo(image: &Image, runtime: &str) -> Result<(), String> {
     if let Some(line) = out.line("NOLISTEN ") {
         let t = |k| guest::field(line, k).and_then(|v| v.parse::<f64>().ok());
         if let (Some(t0), Some(t1)) = (t("t0"), t("t1")) {
+            // What socat said: "Connection reset by peer" for an RST, a timeout otherwise.
+            let said = line.splitn(4, ' ').nth(3).unwrap_or("").trim();
             println!(
                 "guest connect to a port no host program listens on: {} after {:.2} s",
                 if guest::field(line, "rc") == Some("0") {
-                    "CONNECTED?"
+                    "connected (?)"
+                } else if said.is_empty() {
+                    "failed"
                 } else {
-                    "reset"
+                    said
                 },
                 t1 - t0
             );
         }
     }
 
+    if let Backend::Other(_) = backend {
+        // Not ours: no promise about how it stops or what it prints.
+        drop(daemon);
+        return if same && same_h2g {
+            println!("demo: OK");
+            Ok(())
+        } else {
+            Err("see above".into())
+        };
+    }
     let (status, log) = daemon.terminate();
     println!("daemon:  stopped with SIGTERM ({status}); its counters:");
     for line in log.lines().filter(|l| l.starts_with("vhost-user-vsock: ")) {
