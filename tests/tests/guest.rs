@@ -434,6 +434,50 @@ fn paused_vm(runtime: &str) {
     assert!(sent >= 1, "no RST went to the guest:\n{log}");
 }
 
+/// SIGTERM while the guest holds a connection: the daemon exits cleanly, and the guest's
+/// reader learns of the end (the RST the shutdown sends) instead of waiting forever.
+fn sigterm_resets_the_guest(runtime: &str) {
+    let name = format!("sigterm_resets_the_guest_{runtime}");
+    let Some(image) = Image::or_skip(&name) else {
+        return;
+    };
+    let _turn = guest::exclusive();
+    let daemon = Daemon::start(&image, runtime);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (accepted, host_sees) = mpsc::channel();
+    let l = guest::listen(&daemon.port_path(5001));
+    peer(&stop, move |stop| {
+        let Some(mut s) = guest::accept(&l, stop) else {
+            return;
+        };
+        let _ = accepted.send(());
+        let mut buf = [0u8; 16];
+        let _ = s.read(&mut buf);
+    });
+    let mut vm = Vm::boot(
+        &image,
+        &daemon.socket,
+        "socat -u VSOCK-CONNECT:2:5001 STDOUT > /dev/null 2>&1 &\n\
+         waiter=$!\n\
+         echo WAITING\n\
+         wait $waiter\n\
+         echo \"WAITER rc=$?\"\n",
+    );
+    vm.wait_for_line("WAITING", Duration::from_secs(120));
+    host_sees
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the guest connected");
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+    let out = vm.wait(Duration::from_secs(60));
+    stop.store(true, Ordering::Relaxed);
+    assert!(
+        out.line("WAITER ").is_some(),
+        "the guest's reader never heard of the shutdown:\n{}\n{log}",
+        out.serial
+    );
+}
+
 macro_rules! on_each_runtime {
     ($($check:ident),* $(,)?) => {
         mod mio { $( #[test] fn $check() { super::$check("mio") } )* }
@@ -442,4 +486,10 @@ macro_rules! on_each_runtime {
     };
 }
 
-on_each_runtime!(all_checks, guest_killed, recorded_trace, paused_vm);
+on_each_runtime!(
+    all_checks,
+    guest_killed,
+    recorded_trace,
+    paused_vm,
+    sigterm_resets_the_guest
+);
