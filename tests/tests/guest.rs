@@ -351,6 +351,45 @@ fn recorded_trace(runtime: &str) {
     }
 }
 
+/// Boots a guest that connects to a host listener on port 5001 and waits to read from it,
+/// then runs `then`. The host side holds the connection open, sending nothing; the returned
+/// channel says `"accepted"` once the guest is connected and waiting, then `"closed"` when the
+/// device drops the host socket. The guest prints `WAITER rc=..` once its reader ends.
+fn hold_a_connection(
+    image: &Image,
+    daemon: &Daemon,
+    stop: &Arc<AtomicBool>,
+    then: &str,
+) -> (Vm, mpsc::Receiver<&'static str>) {
+    let (tell, host_sees) = mpsc::channel();
+    let l = guest::listen(&daemon.port_path(5001));
+    peer(stop, move |stop| {
+        let Some(mut s) = guest::accept(&l, stop) else {
+            return;
+        };
+        let _ = tell.send("accepted");
+        let mut buf = [0u8; 16];
+        let ended = matches!(s.read(&mut buf), Ok(0) | Err(_));
+        let _ = tell.send(if ended { "closed" } else { "data?" });
+    });
+    let script = format!(
+        "socat -u VSOCK-CONNECT:2:5001 STDOUT > /dev/null 2>&1 &\n\
+         waiter=$!\n\
+         echo WAITING\n\
+         wait $waiter\n\
+         echo \"WAITER rc=$?\"\n\
+         {then}"
+    );
+    let mut vm = Vm::boot(image, &daemon.socket, &script);
+    vm.wait_for_line("WAITING", Duration::from_secs(120));
+    assert_eq!(
+        host_sees.recv_timeout(Duration::from_secs(60)),
+        Ok("accepted"),
+        "the guest did not connect"
+    );
+    (vm, host_sees)
+}
+
 /// The VM paused (QEMU `stop`) and resumed (`cont`): the rings stop and start again under the
 /// same driver. The host side of a connection sees its socket closed during the pause; the
 /// guest, once resumed, gets an RST for it rather than waiting forever for data that will never
@@ -363,18 +402,6 @@ fn paused_vm(runtime: &str) {
     let _turn = guest::exclusive();
     let daemon = Daemon::start(&image, runtime);
     let stop = Arc::new(AtomicBool::new(false));
-    let (accepted, host_sees) = mpsc::channel();
-    let l = guest::listen(&daemon.port_path(5001));
-    peer(&stop, move |stop| {
-        // Hold the guest's connection open, sending nothing, until the device drops it.
-        let Some(mut s) = guest::accept(&l, stop) else {
-            return;
-        };
-        let _ = accepted.send("accepted");
-        let mut buf = [0u8; 16];
-        let ended = matches!(s.read(&mut buf), Ok(0) | Err(_));
-        let _ = accepted.send(if ended { "closed" } else { "data?" });
-    });
     let l = guest::listen(&daemon.port_path(5002));
     let echo = peer(&stop, move |stop| {
         let mut s = guest::accept(&l, stop)?;
@@ -382,20 +409,11 @@ fn paused_vm(runtime: &str) {
         s.read_to_end(&mut line).ok()?;
         s.write_all(&line).ok()
     });
-    let mut vm = Vm::boot(
+    let (vm, host_sees) = hold_a_connection(
         &image,
-        &daemon.socket,
-        "socat -u VSOCK-CONNECT:2:5001 STDOUT > /tmp/w 2>/tmp/werr &\n\
-         waiter=$!\n\
-         echo WAITING\n\
-         wait $waiter\n\
-         echo \"WAITER rc=$? err=$(tr '\\n' ' ' < /tmp/werr)\"\n\
-         echo \"ECHO $(echo again | socat -t 10 - VSOCK-CONNECT:2:5002)\"\n",
-    );
-    vm.wait_for_line("WAITING", Duration::from_secs(120));
-    assert_eq!(
-        host_sees.recv_timeout(Duration::from_secs(60)),
-        Ok("accepted")
+        &daemon,
+        &stop,
+        "echo \"ECHO $(echo again | socat -t 10 - VSOCK-CONNECT:2:5002)\"\n",
     );
     vm.monitor("stop");
     assert_eq!(
@@ -444,29 +462,7 @@ fn sigterm_resets_the_guest(runtime: &str) {
     let _turn = guest::exclusive();
     let daemon = Daemon::start(&image, runtime);
     let stop = Arc::new(AtomicBool::new(false));
-    let (accepted, host_sees) = mpsc::channel();
-    let l = guest::listen(&daemon.port_path(5001));
-    peer(&stop, move |stop| {
-        let Some(mut s) = guest::accept(&l, stop) else {
-            return;
-        };
-        let _ = accepted.send(());
-        let mut buf = [0u8; 16];
-        let _ = s.read(&mut buf);
-    });
-    let mut vm = Vm::boot(
-        &image,
-        &daemon.socket,
-        "socat -u VSOCK-CONNECT:2:5001 STDOUT > /dev/null 2>&1 &\n\
-         waiter=$!\n\
-         echo WAITING\n\
-         wait $waiter\n\
-         echo \"WAITER rc=$?\"\n",
-    );
-    vm.wait_for_line("WAITING", Duration::from_secs(120));
-    host_sees
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the guest connected");
+    let (vm, _host_sees) = hold_a_connection(&image, &daemon, &stop, "");
     let (status, log) = daemon.terminate();
     assert!(status.success(), "{log}");
     let out = vm.wait(Duration::from_secs(60));

@@ -55,6 +55,25 @@ fn settle(e: &mut Engine, now: Instant) {
     }
 }
 
+/// An engine with a recorder writing into memory.
+fn recording() -> (Engine, Shared) {
+    let out = Shared::default();
+    let mut e = Engine::new(Config::new(3), Instant::ZERO).unwrap();
+    e.set_recorder(Some(Box::new(
+        TraceWriter::new(out.clone(), usize::MAX, 0).unwrap(),
+    )));
+    (e, out)
+}
+
+/// The guest connects to port 80 and the host side accepts: established.
+fn connect(e: &mut Engine, now: Instant) {
+    assert!(matches!(
+        e.handle_tx(now, &from_guest(Op::Request, 0)),
+        Tx::Done
+    ));
+    settle(e, now);
+}
+
 struct Faulty;
 
 impl GuestBytes for Faulty {
@@ -67,17 +86,9 @@ impl GuestBytes for Faulty {
 /// outside memory): the engine resets the connection, and the replay does the same.
 #[test]
 fn an_unreadable_payload_replays_as_a_reset() {
-    let out = Shared::default();
-    let mut e = Engine::new(Config::new(3), Instant::ZERO).unwrap();
-    e.set_recorder(Some(Box::new(
-        TraceWriter::new(out.clone(), usize::MAX, 0).unwrap(),
-    )));
+    let (mut e, out) = recording();
     let now = Instant::from_millis(1);
-    assert!(matches!(
-        e.handle_tx(now, &from_guest(Op::Request, 0)),
-        Tx::Done
-    ));
-    settle(&mut e, now);
+    connect(&mut e, now);
     // Nothing written directly, and the rest cannot be read: a reset.
     match e.handle_tx(now, &from_guest(Op::Rw, 100)) {
         Tx::Data(d) => {
@@ -88,11 +99,7 @@ fn an_unreadable_payload_replays_as_a_reset() {
     settle(&mut e, now);
     assert_eq!(e.stats().payload_faults, 1);
     // And one abandoned outright.
-    assert!(matches!(
-        e.handle_tx(now, &from_guest(Op::Request, 0)),
-        Tx::Done
-    ));
-    settle(&mut e, now);
+    connect(&mut e, now);
     match e.handle_tx(now, &from_guest(Op::Rw, 10)) {
         Tx::Data(d) => drop(d),
         Tx::Done => panic!("the payload went nowhere"),
@@ -121,17 +128,9 @@ fn an_unreadable_payload_replays_as_a_reset() {
 /// A stop (a paused VM) with a connection open: recorded, and replayed with its RST.
 #[test]
 fn a_stop_replays_with_its_rst() {
-    let out = Shared::default();
-    let mut e = Engine::new(Config::new(3), Instant::ZERO).unwrap();
-    e.set_recorder(Some(Box::new(
-        TraceWriter::new(out.clone(), usize::MAX, 0).unwrap(),
-    )));
+    let (mut e, out) = recording();
     let now = Instant::from_millis(1);
-    assert!(matches!(
-        e.handle_tx(now, &from_guest(Op::Request, 0)),
-        Tx::Done
-    ));
-    settle(&mut e, now);
+    connect(&mut e, now);
     e.stop(Instant::from_millis(2));
     settle(&mut e, Instant::from_secs(600));
     assert_eq!(e.stats().rst_sent, 1);
