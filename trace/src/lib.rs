@@ -52,6 +52,7 @@
 pub mod event;
 pub mod pcapng;
 pub mod replay;
+pub mod summary;
 pub mod vsockmon;
 mod writer;
 

@@ -1,11 +1,11 @@
 //! `vsock-replay`: replays a recorded trace through a fresh engine, or summarizes it.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vsock_trace::replay::{read, Entry, Item};
+use vsock_trace::replay::read;
+use vsock_trace::summary::summary;
 
 /// Replays a vsock trace (recorded with `vhost-user-vsock --record`, or by any embedder's
 /// `TraceWriter`) through a fresh engine with the recorded configuration, comparing every
@@ -34,10 +34,13 @@ fn main() -> ExitCode {
     };
     if args.summary {
         return match read(&bytes) {
-            Ok(entries) => {
-                summary(&entries);
-                ExitCode::SUCCESS
-            }
+            Ok(entries) => match summary(&mut std::io::stdout().lock(), &entries) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vsock-replay: {e}");
+                    ExitCode::from(2)
+                }
+            },
             Err(e) => {
                 eprintln!("vsock-replay: {}: {e}", args.file.display());
                 ExitCode::from(2)
@@ -66,117 +69,5 @@ fn main() -> ExitCode {
             eprintln!("vsock-replay: {}: {e}", args.file.display());
             ExitCode::from(2)
         }
-    }
-}
-
-#[derive(Default)]
-struct Conn {
-    opened_by_guest: Option<bool>,
-    first: u64,
-    last: u64,
-    bytes_from_guest: u64,
-    bytes_to_guest: u64,
-    shut_down: bool,
-    ended: &'static str,
-}
-
-const RST: u16 = 3;
-const SHUTDOWN: u16 = 4;
-const RW: u16 = 5;
-const REQUEST: u16 = 1;
-
-fn secs(nanos: u64) -> f64 {
-    nanos as f64 / 1e9
-}
-
-fn summary(entries: &[Entry<'_>]) {
-    let start = entries.first().map_or(0, |e| e.ts_nanos);
-    let end = entries.last().map_or(0, |e| e.ts_nanos);
-    let mut conns: BTreeMap<(u32, u32), Conn> = BTreeMap::new();
-    let (mut packets, mut events) = ([0u64; 2], 0u64);
-    let (mut bytes, mut resets) = ([0u64; 2], [0u64; 2]);
-    for e in entries {
-        match &e.item {
-            Item::Start(config) => println!(
-                "configuration: guest CID {}, buffer {} bytes, up to {} connections",
-                config.guest_cid, config.buffer_size, config.max_connections
-            ),
-            Item::Event(_) => events += 1,
-            Item::Packet {
-                to_guest, header, ..
-            } => {
-                let way = usize::from(*to_guest);
-                packets[way] += 1;
-                let (guest_port, host_port) = if *to_guest {
-                    (header.dst_port.get(), header.src_port.get())
-                } else {
-                    (header.src_port.get(), header.dst_port.get())
-                };
-                let op = header.op.get();
-                let c = conns.entry((guest_port, host_port)).or_default();
-                if c.first == 0 {
-                    c.first = e.ts_nanos;
-                }
-                c.last = e.ts_nanos;
-                if op == REQUEST && c.opened_by_guest.is_none() {
-                    c.opened_by_guest = Some(!*to_guest);
-                }
-                let len = u64::from(header.len.get());
-                if op == RW {
-                    bytes[way] += len;
-                    if *to_guest {
-                        c.bytes_to_guest += len;
-                    } else {
-                        c.bytes_from_guest += len;
-                    }
-                }
-                if op == RST {
-                    resets[way] += 1;
-                    // After a shutdown, the RST is how a vsock connection ends normally.
-                    c.ended = match (c.shut_down, *to_guest) {
-                        (true, _) => "closed",
-                        (false, true) => "reset by the device",
-                        (false, false) => "reset by the guest",
-                    };
-                } else if op == SHUTDOWN {
-                    c.shut_down = true;
-                    c.ended = "shut down";
-                }
-            }
-        }
-    }
-    println!(
-        "{} records over {:.3} s: {} packets from the guest, {} to the guest, {} host events",
-        entries.len(),
-        secs(end - start),
-        packets[0],
-        packets[1],
-        events
-    );
-    println!(
-        "bytes: {} guest->host, {} host->guest; resets: {} from the guest, {} to the guest",
-        bytes[0], bytes[1], resets[0], resets[1]
-    );
-    println!("connections: {}", conns.len());
-    println!(
-        "  {:>10} {:>10}  {:<12} {:>12} {:>12} {:>9} {:>9}  end",
-        "guest port", "host port", "opened by", "guest->host", "host->guest", "from s", "for s"
-    );
-    for ((guest_port, host_port), c) in &conns {
-        println!(
-            "  {:>10} {:>10}  {:<12} {:>12} {:>12} {:>9.3} {:>9.3}  {}",
-            guest_port,
-            host_port,
-            match c.opened_by_guest {
-                Some(true) => "guest",
-                Some(false) => "host client",
-                None => "?",
-            },
-            c.bytes_from_guest,
-            c.bytes_to_guest,
-            secs(c.first - start),
-            secs(c.last - c.first),
-            if c.ended.is_empty() { "-" } else { c.ended }
-        );
     }
 }
