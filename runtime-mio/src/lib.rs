@@ -350,20 +350,34 @@ impl VsockMio {
         queues: Queues<'_>,
     ) -> Result<Served, DeviceError> {
         let now = self.now();
+        self.fire_deadlines(now);
+        self.device.serve(now, mem, queues, &mut self.host)
+    }
+
+    /// The host-side work that needs no guest: fires due deadlines (the engine's, and the
+    /// retry of a failed accept) and carries out the socket actions they owe (closing a host
+    /// client whose `CONNECT` line or guest answer timed out, flushing, closing). Call it when
+    /// the device has no queues to [`serve`](Self::serve) (no VM attached yet, a VM booting,
+    /// the gap between two VMs): afterwards [`timeout`](Self::timeout) names a deadline in
+    /// the future, never one that has passed. [`serve`](Self::serve) does this itself.
+    pub fn serve_host(&mut self) {
+        let now = self.now();
+        self.fire_deadlines(now);
+        self.device.perform_actions(now, &mut self.host);
+    }
+
+    fn fire_deadlines(&mut self, now: Instant) {
         self.retry_accept(now);
         let engine = self.device.engine_mut();
         if engine.poll_timeout().is_some_and(|t| t <= now) {
             engine.handle_timeout(now);
         }
-        self.device.serve(now, mem, queues, &mut self.host)
     }
 
     /// One [`serve`](Self::serve) through a [`Transport`](vsock_device::Transport): the queues
     /// and memory from it, the interrupts to it. Returns whether work is left (serve again
     /// without waiting). A serve error is logged, not returned: the loop goes on.
     pub fn serve_transport<T: vsock_device::Transport>(&mut self, transport: &mut T) -> bool {
-        // Due even when the transport has no queues to serve, or `timeout` would keep saying so.
-        self.retry_accept(self.now());
         while let Some(request) = transport.take_request() {
             self.apply(request, transport);
         }
@@ -372,13 +386,21 @@ impl VsockMio {
                 transport.notify(&served);
                 served.more
             }
-            // Between a reset and the next activation there is nothing to serve.
+            // Between a reset and the next activation there is nothing to serve (and `serve`
+            // has done the host-side work).
             Some(Err(DeviceError::NotActivated)) => false,
             Some(Err(e)) => {
                 warn!(error = %e, "cannot serve the queues");
+                // Deadlines are due whether or not the queues can be served.
+                self.serve_host();
                 false
             }
-            None => false,
+            None => {
+                // No guest attached: timers and host clients are served all the same, or a
+                // passed deadline would make `timeout` return zero forever.
+                self.serve_host();
+                false
+            }
         }
     }
 

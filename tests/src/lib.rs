@@ -46,6 +46,8 @@ struct Shared {
     mem: GuestMemoryMmap,
     queues: [Queue; 3],
     requests: VecDeque<DeviceRequest>,
+    /// Whether a guest is there: without one, the transport has no queues to hand out.
+    attached: bool,
 }
 
 /// The VMM's side of the transport.
@@ -56,6 +58,9 @@ impl Transport for RigTransport {
 
     fn with_queues<R>(&mut self, f: impl FnOnce(&GuestMemoryMmap, Queues<'_>) -> R) -> Option<R> {
         let mut shared = self.0.lock().unwrap();
+        if !shared.attached {
+            return None;
+        }
         let Shared { mem, queues, .. } = &mut *shared;
         let [rx, tx, event] = queues;
         Some(f(mem, Queues { rx, tx, event }))
@@ -137,6 +142,21 @@ impl Rig {
         config: Config,
         recorder: Option<Box<dyn vsock_core::record::Recorder>>,
     ) -> Rig {
+        Rig::start_inner(runtime, config, recorder, true)
+    }
+
+    /// Starts a device with `config` on `runtime` with no guest attached: the transport has no
+    /// queues until [`attach`](Self::attach), as a daemon started before its VM.
+    pub fn start_detached(runtime: Runtime, config: Config) -> Rig {
+        Rig::start_inner(runtime, config, None, false)
+    }
+
+    fn start_inner(
+        runtime: Runtime,
+        config: Config,
+        recorder: Option<Box<dyn vsock_core::record::Recorder>>,
+        attached: bool,
+    ) -> Rig {
         let dir = temp_dir();
         let mio_config = MioConfig {
             engine: config,
@@ -158,9 +178,11 @@ impl Rig {
                 driver.device_mut().engine_mut().set_recorder(recorder);
             }
             let device = driver.device_mut();
-            device.ack_features(device.features()).unwrap();
-            let [rx, tx, event] = queues;
-            device.activate(Queues { rx, tx, event });
+            if attached {
+                device.ack_features(device.features()).unwrap();
+                let [rx, tx, event] = queues;
+                device.activate(Queues { rx, tx, event });
+            }
             device.features()
         };
         let (kick, theirs) = UnixStream::pair().unwrap();
@@ -184,6 +206,7 @@ impl Rig {
                     mem,
                     queues,
                     requests: VecDeque::new(),
+                    attached,
                 }));
                 running = Stopper::Mio(lp.spawn(RigTransport(shared.clone()), theirs).unwrap());
             }
@@ -202,6 +225,7 @@ impl Rig {
                             mem,
                             queues,
                             requests: VecDeque::new(),
+                            attached,
                         }));
                         ready_tx.send(shared.clone()).unwrap();
                         vsock
@@ -221,6 +245,7 @@ impl Rig {
                     mem,
                     queues,
                     requests: VecDeque::new(),
+                    attached,
                 }));
                 let transport = RigTransport(shared.clone());
                 // Stop: a byte on a socket the shutdown future waits for.
@@ -309,6 +334,20 @@ impl Rig {
             });
         }
         self.guest = guest;
+        let _ = self.kick.write(b"a");
+    }
+
+    /// Attaches the guest to a device started with [`start_detached`](Self::start_detached):
+    /// its driver activates the device on its rings.
+    pub fn attach(&mut self) {
+        {
+            let mut shared = self.shared.lock().unwrap();
+            assert!(!shared.attached, "already attached");
+            shared.attached = true;
+            shared.requests.push_back(DeviceRequest::Activate {
+                features: self.features,
+            });
+        }
         let _ = self.kick.write(b"a");
     }
 
