@@ -67,6 +67,21 @@ impl Config {
         }
     }
 
+    /// This configuration with `buffer_size` set to `bytes` and the credit update threshold
+    /// derived from it: a quarter of the buffer, at most 64 KiB, at least 1 byte. Any buffer
+    /// size [`validate`](Self::validate) accepts then makes a valid pair.
+    ///
+    /// A quarter keeps the guest streaming: it hears of freed space while at least three
+    /// quarters of the buffer are still free in its view, long before its credit runs out (and
+    /// once its view is nearly full, every freed byte is reported at once). The 64 KiB cap keeps
+    /// updates frequent with large buffers, one per packet-sized chunk at most, so no guest waits
+    /// on a whole large buffer draining before it hears of the room.
+    pub fn with_buffer_size(mut self, bytes: u32) -> Self {
+        self.buffer_size = bytes;
+        self.credit_update_threshold = threshold_for(bytes);
+        self
+    }
+
     /// Checks that the values make sense together.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.guest_cid <= 2
@@ -99,6 +114,11 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The credit update threshold [`Config::with_buffer_size`] derives for a buffer of `bytes`.
+fn threshold_for(bytes: u32) -> u32 {
+    (bytes / 4).clamp(1, 64 * 1024)
 }
 
 /// Which [`Config`] field is out of range.
@@ -140,3 +160,66 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid_and_derived_alike() {
+        let c = Config::new(3);
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.clone().with_buffer_size(c.buffer_size), c);
+    }
+
+    #[test]
+    fn every_buffer_size_validate_accepts_gets_a_valid_threshold() {
+        for bytes in [
+            1,
+            2,
+            3,
+            4,
+            5,
+            4095,
+            4096,
+            32 * 1024,
+            65535,
+            64 * 1024,
+            65537,
+            256 * 1024,
+            256 * 1024 + 1,
+            1 << 20,
+            1 << 30,
+        ] {
+            let c = Config::new(3).with_buffer_size(bytes);
+            assert_eq!(c.validate(), Ok(()), "buffer {bytes}");
+            assert_eq!(c.buffer_size, bytes);
+            let t = c.credit_update_threshold;
+            assert!(t >= 1 && t <= bytes, "buffer {bytes}: threshold {t}");
+            assert!(t <= 64 * 1024, "buffer {bytes}: threshold {t}");
+        }
+        assert_eq!(threshold_for(1), 1);
+        assert_eq!(threshold_for(7), 1);
+        assert_eq!(threshold_for(8), 2);
+        assert_eq!(threshold_for(32 * 1024), 8 * 1024);
+        assert_eq!(threshold_for(64 * 1024), 16 * 1024);
+        assert_eq!(threshold_for(256 * 1024), 64 * 1024);
+        assert_eq!(threshold_for(1 << 20), 64 * 1024);
+    }
+
+    #[test]
+    fn the_buffer_size_limits_still_hold() {
+        let zero = Config::new(3).with_buffer_size(0);
+        assert_eq!(zero.validate(), Err(ConfigError::BufferSize));
+        let huge = Config::new(3).with_buffer_size((1 << 30) + 1);
+        assert_eq!(huge.validate(), Err(ConfigError::BufferSize));
+    }
+
+    #[test]
+    fn a_small_buffer_with_the_default_threshold_is_still_refused() {
+        // What the daemon did before deriving the threshold: 32 KiB under a 64 KiB threshold.
+        let mut c = Config::new(3);
+        c.buffer_size = 32 * 1024;
+        assert_eq!(c.validate(), Err(ConfigError::CreditUpdateThreshold));
+    }
+}

@@ -138,6 +138,8 @@ pub(crate) mod owed_rx {
     pub(crate) const RESPONSE: u8 = 1 << 1;
     pub(crate) const REQUEST: u8 = 1 << 2;
     pub(crate) const CREDIT_UPDATE: u8 = 1 << 3;
+    /// SHUTDOWN RCV: the host socket takes no more, so the guest's sends fail at once.
+    pub(crate) const SHUTDOWN_RCV: u8 = 1 << 4;
 }
 
 pub(crate) mod owed_act {
@@ -169,6 +171,9 @@ pub(crate) struct Conn {
     /// `shutdown(SHUT_RD)` is owed or done.
     pub(crate) host_rd_shut: bool,
     pub(crate) socket_open: bool,
+    /// The socket failed (an error event, or a write error): it takes no more guest bytes;
+    /// what it holds for the guest is still read, then the connection is reset.
+    pub(crate) host_broken: bool,
 
     pub(crate) readable: bool,
     pub(crate) writable: bool,
@@ -219,6 +224,7 @@ impl Conn {
             host_wr_shut: false,
             host_rd_shut: false,
             socket_open: true,
+            host_broken: false,
             readable: false,
             writable: false,
             flush_outstanding: false,

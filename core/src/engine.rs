@@ -12,7 +12,7 @@ use crate::buf::Pool;
 use crate::config::{Config, ConfigError};
 use crate::conn::{owed_act, owed_rx, Conn, ConnId, ConnState, Key, Origin, Phase};
 use crate::io::{Action, Direction, GuestBytes, HostEvent, Interest, Io, LineRead, MemoryFault};
-use crate::record::{Event, Grant, Recorder, TxOutcome};
+use crate::record::{AttachError, Event, Grant, Recorder, ResumeError, Snapshot, TxOutcome};
 use crate::stats::{ConnStats, Stats};
 use crate::time::Instant;
 use crate::wire::{
@@ -137,6 +137,62 @@ impl Engine {
         })
     }
 
+    /// Builds an engine in the state a recorder attached mid-session was told
+    /// ([`Event::Start`]): as [`new`](Self::new), then the next connection gets
+    /// `snapshot.next_generation` and the next host client `snapshot.next_host_port`.
+    ///
+    /// # Errors
+    ///
+    /// [`ResumeError`]: the configuration is refused, or no engine with it has that state.
+    pub fn resume(config: Config, now: Instant, snapshot: Snapshot) -> Result<Engine, ResumeError> {
+        config.validate().map_err(ResumeError::Config)?;
+        if !snapshot.fits(&config) {
+            return Err(ResumeError::Snapshot(snapshot));
+        }
+        let mut engine = Engine::new(config, now).map_err(ResumeError::Config)?;
+        engine.next_generation = snapshot.next_generation;
+        engine.next_host_port = snapshot.next_host_port;
+        Ok(engine)
+    }
+
+    /// The most heap memory an engine built with `config` can ever hold at once, in bytes,
+    /// whatever its inputs (the recorder, the embedder's, not counted). An embedder that takes
+    /// configurations from elsewhere (a trace's, in a replay) can refuse those beyond its
+    /// budget. Saturates.
+    ///
+    /// It is the sum of what [`new`](Self::new) reserves and what can grow:
+    ///
+    /// - per connection (`max_connections` of them): a connection buffer of `buffer_size`
+    ///   bytes (buffers pooled for reuse count among these: a buffer is only allocated when
+    ///   the pool has none, so those in use and those pooled never outnumber the connections
+    ///   the table has held), its slot in the table, two entries in the key map (whose
+    ///   buckets are a power of two at most twice the capacity), two in each of the rx and
+    ///   action queues, and six in the timer heap (reserved twice over; with lazy deletion a
+    ///   connection can hold three live deadlines, so the heap may double once, both copies
+    ///   held while it moves);
+    /// - `max_pending_resets` owed RSTs, and the pool's list of `pooled_buffers` (at most
+    ///   `max_connections`) buffers;
+    /// - the engine itself.
+    pub fn memory_bound(config: &Config) -> u64 {
+        use std::mem::size_of;
+        let n = |v: usize| v as u64;
+        let max = n(config.max_connections);
+        let per_conn = n(size_of::<Conn>() + size_of::<usize>())
+            + 2 * n(size_of::<(Key, u32)>() + 1)
+            + 2 * 2 * n(size_of::<(u32, u32)>())
+            + 6 * n(size_of::<Reverse<(Instant, u32, u32)>>());
+        let per_conn = per_conn.saturating_add(u64::from(config.buffer_size));
+        max.saturating_mul(per_conn)
+            .saturating_add(n(config.max_pending_resets).saturating_mul(n(size_of::<OrphanRst>())))
+            .saturating_add(
+                n(config.pooled_buffers.min(config.max_connections))
+                    .saturating_mul(n(size_of::<crate::buf::Ring>())),
+            )
+            // The key map's smallest table and its trailing control group; the engine.
+            .saturating_add(8 * n(size_of::<(Key, u32)>() + 1) + 16)
+            .saturating_add(n(size_of::<Engine>()))
+    }
+
     // ---------------------------------------------------------------------------------------
     // Getters
 
@@ -229,17 +285,42 @@ impl Engine {
         }
     }
 
-    /// Attaches a recorder, which is first told the configuration (see [`crate::record`]), or
-    /// detaches it. Returns the one attached before.
+    /// Attaches a recorder, which is first told the configuration and the engine's
+    /// [`Snapshot`] (see [`crate::record`]), or detaches it (`None`, always allowed). Returns
+    /// the one attached before.
+    ///
+    /// # Errors
+    ///
+    /// [`AttachError`] while a connection is in the table or an RST is owed to the guest: a
+    /// trace starting then could not be replayed. The recorder is dropped and the one
+    /// attached before stays.
     pub fn set_recorder(
         &mut self,
         recorder: Option<Box<dyn Recorder>>,
-    ) -> Option<Box<dyn Recorder>> {
-        let old = std::mem::replace(&mut self.recorder, recorder);
-        if let Some(r) = self.recorder.as_mut() {
-            r.event(self.now, None, &Event::Start(&self.config));
+    ) -> Result<Option<Box<dyn Recorder>>, AttachError> {
+        if recorder.is_some() {
+            if !self.conns.is_empty() {
+                return Err(AttachError::Connections(self.conns.len()));
+            }
+            if !self.resets.is_empty() {
+                return Err(AttachError::PendingResets(self.resets.len()));
+            }
+            // With no connection, every queue and timer entry is stale and the table's free
+            // slots are all there is: start them afresh, as in the engine a replay builds.
+            self.conns.clear();
+            self.rx_queue.clear();
+            self.act_queue.clear();
+            self.timers.clear();
         }
-        old
+        let old = std::mem::replace(&mut self.recorder, recorder);
+        let snapshot = Snapshot {
+            next_generation: self.next_generation,
+            next_host_port: self.next_host_port,
+        };
+        if let Some(r) = self.recorder.as_mut() {
+            r.event(self.now, None, &Event::Start(&self.config, snapshot));
+        }
+        Ok(old)
     }
 
     /// Whether a recorder is attached.
@@ -501,6 +582,11 @@ impl Engine {
                     self.stats.credit_violation += 1;
                     debug!(conn = %self.id(idx), len = pkt.len, "guest exceeded its credit");
                     self.reset_conn(idx);
+                } else if c.host_broken {
+                    // Nowhere to go: the guest hears of the loss by an RST once the socket's
+                    // bytes for it are delivered, and was told with SHUTDOWN RCV to stop.
+                    c.rx_cnt = c.rx_cnt.wrapping_add(pkt.len);
+                    self.stats.guest_bytes_lost += u64::from(pkt.len);
                 } else if pkt.len > 0 {
                     let direct = c.host_pending() == 0 && c.writable && c.socket_open;
                     let conn = ConnId::new(idx as u32, c.generation);
@@ -534,8 +620,9 @@ impl Engine {
             }
             Io::Error(e) => {
                 debug!(conn = %ConnId::new(idx as u32, c.generation), error = %e, "host write failed");
-                self.stats.host_errors += 1;
-                self.reset_conn(idx);
+                c.rx_cnt = c.rx_cnt.wrapping_add(len as u32);
+                self.stats.guest_bytes_lost += len as u64;
+                self.host_broken(idx);
                 return Ok(());
             }
         };
@@ -761,11 +848,11 @@ impl Engine {
             HostEvent::Writable => c.writable = true,
             HostEvent::Error(e) => {
                 debug!(%conn, error = %e, "host socket error");
-                self.stats.host_errors += 1;
                 if c.phase == Phase::ConnectLine {
+                    self.stats.host_errors += 1;
                     self.close_host_client(idx);
                 } else {
-                    self.reset_conn(idx);
+                    self.host_broken(idx);
                 }
             }
         }
@@ -849,8 +936,7 @@ impl Engine {
             Io::WouldBlock => c.writable = false,
             Io::Error(e) => {
                 debug!(%conn, error = %e, "host write failed");
-                self.stats.host_errors += 1;
-                self.reset_conn(idx);
+                self.host_broken(idx);
             }
         }
         self.reconcile(idx);
@@ -1213,6 +1299,13 @@ impl Engine {
         if c.owed_rx & owed_rx::REQUEST != 0 {
             return control(Op::Request);
         }
+        if c.owed_rx & owed_rx::SHUTDOWN_RCV != 0 {
+            return Next::Packet {
+                op: Op::Shutdown,
+                flags: SHUTDOWN_RCV,
+                held: 0,
+            };
+        }
         let mut blocked = false;
         let credit = c.peer_credit() as usize;
         if c.to_guest_open() {
@@ -1288,7 +1381,15 @@ impl Engine {
             }
             Some(Op::Response) => c.owed_rx &= !owed_rx::RESPONSE,
             Some(Op::Request) => c.owed_rx &= !owed_rx::REQUEST,
-            Some(Op::Shutdown) => c.shutdown_sent = true,
+            Some(Op::Shutdown) => {
+                let flags = header.flags.get();
+                if flags & SHUTDOWN_SEND != 0 {
+                    c.shutdown_sent = true;
+                }
+                if flags & SHUTDOWN_RCV != 0 {
+                    c.owed_rx &= !owed_rx::SHUTDOWN_RCV;
+                }
+            }
             Some(Op::CreditUpdate) => self.stats.credit_updates_sent += 1,
             Some(Op::CreditRequest) => {
                 c.credit_requested = true;
@@ -1363,6 +1464,36 @@ impl Engine {
             // Its queue entry is skipped when reached (poll_action never sees an empty set).
             c.in_act_queue = false;
         }
+    }
+
+    /// The host socket of connection `idx` failed (an error, or a write that failed): it takes
+    /// no more guest bytes, so those it holds are dropped and the guest is told at once with
+    /// SHUTDOWN RCV (its sends fail instead of waiting for credit). What the socket still holds
+    /// for the guest (a peer that wrote a reply and closed without reading keeps its bytes in
+    /// our socket) is read and delivered, and then the guest gets an RST: only a reset tells it
+    /// that bytes it sent were lost. With nothing left to deliver, the reset is at once.
+    fn host_broken(&mut self, idx: usize) {
+        self.stats.host_errors += 1;
+        let c = &mut self.conns[idx];
+        if c.host_broken {
+            return;
+        }
+        if !c.to_guest_open() || !c.socket_open {
+            self.reset_conn(idx);
+            return;
+        }
+        c.host_broken = true;
+        // Reading finds what is left, then end of file or the error itself.
+        c.readable = true;
+        c.writable = false;
+        c.owed_rx |= owed_rx::SHUTDOWN_RCV;
+        let lost = c.host_pending() as u64;
+        self.stats.guest_bytes_lost += lost;
+        if let Some(ring) = c.ring.take() {
+            self.pool.give(ring);
+        }
+        c.ok = None;
+        self.reconcile(idx);
     }
 
     /// Resets a connection: RST to the guest, close the socket, drop what it holds.
@@ -1473,13 +1604,24 @@ impl Engine {
                     let ring = c.ring.take().expect("checked above");
                     self.pool.give(ring);
                 }
-                if c.guest_shut & SHUTDOWN_SEND != 0 && pending == 0 && !c.host_wr_shut {
+                // A broken socket gets no end of file: the host must not take a stream that
+                // lost bytes for a whole one.
+                if c.guest_shut & SHUTDOWN_SEND != 0
+                    && pending == 0
+                    && !c.host_wr_shut
+                    && !c.host_broken
+                {
                     c.host_wr_shut = true;
                     c.owed_act |= owed_act::SHUT_WR;
                 }
                 if c.guest_shut & SHUTDOWN_RCV != 0 && !c.host_rd_shut {
                     c.host_rd_shut = true;
                     c.owed_act |= owed_act::SHUT_RD;
+                }
+                if c.host_broken && !c.to_guest_open() {
+                    // Neither direction can carry anything more.
+                    self.reset_conn(idx);
+                    return;
                 }
                 let to_host_done = c.host_wr_shut && pending == 0;
                 let to_guest_done =
@@ -1859,6 +2001,13 @@ impl RxRead<'_> {
                 engine.reset_conn(idx);
                 Err(ConnError::Overrun)
             }
+            Io::Done(0) if c.host_broken => {
+                // Everything the broken socket held reached the guest; the bytes it could not
+                // take did not, which only a reset tells.
+                debug!(conn = %conn, "end of file on a broken host socket");
+                engine.reset_conn(idx);
+                Ok(None)
+            }
             Io::Done(0) => {
                 debug!(conn = %conn, "host end of file");
                 c.host_eof = true;
@@ -1884,7 +2033,10 @@ impl RxRead<'_> {
             }
             Io::Error(e) => {
                 debug!(conn = %conn, error = %e, "host read failed");
-                engine.stats.host_errors += 1;
+                // A broken socket's error was counted when it broke.
+                if !c.host_broken {
+                    engine.stats.host_errors += 1;
+                }
                 engine.reset_conn(idx);
                 Ok(None)
             }

@@ -18,13 +18,26 @@
 //! Calls that cannot change the engine's state are not reported: the getters,
 //! [`poll_timeout`](crate::Engine::poll_timeout), [`host_bytes`](crate::Engine::host_bytes),
 //! and polls that find nothing to do and no time passed.
+//!
+//! # Attaching mid-session
+//!
+//! A recorder may be attached at any moment the engine holds no connection and owes the
+//! guest no RST: [`Event::Start`] then carries, besides the configuration, the little state
+//! such an engine still has that decides its outputs (a [`Snapshot`]: the generation the
+//! next connection gets, and the next host port; the clock is the record's time), and
+//! [`Engine::resume`](crate::Engine::resume) builds a fresh engine in that state. While a
+//! connection is in the table (its buffers, credit, phase, deadlines, socket) or an RST is
+//! owed, no record could tell a fresh engine enough, so
+//! [`Engine::set_recorder`](crate::Engine::set_recorder) refuses with an [`AttachError`].
 
 use crate::conn::ConnId;
 use crate::engine::TableFull;
 use crate::io::{Action, GuestBytes, HostEvent, Io, LineRead};
 use crate::time::Instant;
 use crate::wire::Header;
-use crate::Config;
+use crate::{Config, ConfigError};
+
+use std::fmt;
 
 /// Receives what crosses the engine boundary. Attached with
 /// [`Engine::set_recorder`](crate::Engine::set_recorder).
@@ -76,8 +89,9 @@ pub enum TxOutcome {
 /// One event at the engine boundary, other than a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event<'a> {
-    /// The recorder was attached to an engine with this configuration. Always first.
-    Start(&'a Config),
+    /// The recorder was attached to an engine with this configuration, in this state (a
+    /// fresh engine's, unless it was attached mid-session). Always first.
+    Start(&'a Config, Snapshot),
     /// The outcome of the payload of the packet from the guest reported just before.
     TxWritten(TxOutcome),
     /// [`Engine::handle_accept`](crate::Engine::handle_accept) and its result.
@@ -133,3 +147,87 @@ impl Event<'_> {
         }
     }
 }
+
+/// What an engine that holds no connection and owes no RST keeps of its past that decides
+/// its outputs, besides its configuration and clock. Told to a recorder in
+/// [`Event::Start`]; [`Engine::resume`](crate::Engine::resume) builds an engine in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Snapshot {
+    /// The generation the next connection gets (never 0).
+    pub next_generation: u32,
+    /// The host port the next host client's connection gets (from `host_port_first` up to
+    /// `u32::MAX - 1`).
+    pub next_host_port: u32,
+}
+
+impl Snapshot {
+    /// The state of an engine just built with `config`.
+    pub fn fresh(config: &Config) -> Snapshot {
+        Snapshot {
+            next_generation: 1,
+            next_host_port: config.host_port_first,
+        }
+    }
+
+    /// Whether an engine with `config` can be in this state.
+    pub fn fits(&self, config: &Config) -> bool {
+        self.next_generation != 0
+            && self.next_host_port >= config.host_port_first
+            && self.next_host_port < u32::MAX
+    }
+}
+
+/// Why [`Engine::set_recorder`](crate::Engine::set_recorder) refused a recorder: the engine
+/// holds state no record can hand a fresh engine, so its trace could not be replayed. Attach
+/// before the first connection, or once the table is empty and every RST sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachError {
+    /// This many connections are in the table (counting those whose close is still owed).
+    Connections(usize),
+    /// This many RSTs are owed to the guest.
+    PendingResets(usize),
+}
+
+impl fmt::Display for AttachError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttachError::Connections(n) => write!(
+                f,
+                "cannot record mid-session: {n} connections are open, and a trace cannot \
+                 carry their state"
+            ),
+            AttachError::PendingResets(n) => write!(
+                f,
+                "cannot record mid-session: {n} RSTs are owed to the guest, and a trace \
+                 cannot carry them"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for AttachError {}
+
+/// Why [`Engine::resume`](crate::Engine::resume) refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResumeError {
+    /// The configuration is refused, as by [`Engine::new`](crate::Engine::new).
+    Config(ConfigError),
+    /// No engine with the configuration can be in that state.
+    Snapshot(Snapshot),
+}
+
+impl fmt::Display for ResumeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ResumeError::Config(e) => write!(f, "{e}"),
+            ResumeError::Snapshot(s) => write!(
+                f,
+                "no engine with this configuration has next generation {} and next host \
+                 port {}",
+                s.next_generation, s.next_host_port
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ResumeError {}

@@ -89,8 +89,11 @@ pub struct Stats {
     pub close_timeout: u64,
     /// Dropped: a connection's final RST could not be delivered in time.
     pub rst_undelivered: u64,
-    /// Reset: a host socket reported an error.
+    /// A host socket reported an error, or a write to it failed. What it still holds for the
+    /// guest is delivered, then the connection is reset.
     pub host_errors: u64,
+    /// Guest bytes a broken host socket could not take: dropped, and the connection reset.
+    pub guest_bytes_lost: u64,
     /// Ignored: an event for a connection handle that is no longer live.
     pub stale_events: u64,
     /// Reset at the caller's request ([`Engine::reset_connection`](crate::Engine::reset_connection)).

@@ -1382,45 +1382,85 @@ fn guest_rst_closes_the_socket_without_reply() {
         rst_received: 1, closed: 1);
 }
 
+/// After a host socket failed, the engine reads what the socket still holds: a grant of
+/// `ROOM` completed with `read`.
+fn read_broken(e: &mut Engine, now: Instant, conn: ConnId, read: Io) -> Option<Header> {
+    let r = expect_read(e, now, ROOM, conn, ROOM);
+    let n = match read {
+        Io::Done(n) => n,
+        _ => 0,
+    };
+    r.complete(read, &mut &vec![7u8; n][..])
+        .expect("within the grant")
+}
+
 #[test]
-fn host_socket_errors_reset_the_guest() {
+fn host_socket_errors_deliver_what_is_left_then_reset_the_guest() {
     let mut e = engine();
-    // An error event.
+    // An error event with bytes still in the socket (a peer that wrote a reply and closed
+    // without reading): the guest is told the host takes no more, gets every byte, then the
+    // reset.
     let a = guest_connected(&mut e, ms(0), 1000, 80, GUEST_BUF);
     assert_eq!(
         e.handle_host_event(ms(1), a, HostEvent::Error(SocketError(ECONNRESET))),
         Ok(())
     );
+    expect_actions(&mut e, &[interest(a, false, false)]);
+    assert_eq!(
+        expect_rx(&mut e, ms(1), Op::Shutdown),
+        host_pkt(Op::Shutdown, 80, 1000, 0, SHUTDOWN_RCV, BUF, 0)
+    );
+    assert_eq!(
+        read_broken(&mut e, ms(1), a, Io::Done(100)),
+        Some(host_pkt(Op::Rw, 80, 1000, 100, 0, BUF, 0))
+    );
+    assert_eq!(e.conn_state(a), Some(ConnState::Established));
+    assert_eq!(read_broken(&mut e, ms(1), a, Io::Done(0)), None);
     assert_eq!(
         expect_rx(&mut e, ms(1), Op::Rst),
         host_pkt(Op::Rst, 80, 1000, 0, 0, BUF, 0)
     );
     expect_actions(&mut e, &[close(a)]);
     expect_nothing(&mut e, ms(1));
-    // A failed read.
-    let b = guest_connected(&mut e, ms(2), 1001, 80, GUEST_BUF);
-    assert_eq!(e.handle_host_event(ms(2), b, HostEvent::Readable), Ok(()));
+    // The same, the socket's own error ending it instead of end of file.
+    let c = guest_connected(&mut e, ms(2), 1002, 80, GUEST_BUF);
+    assert_eq!(
+        e.handle_host_event(ms(2), c, HostEvent::Error(SocketError(ECONNRESET))),
+        Ok(())
+    );
+    expect_actions(&mut e, &[interest(c, false, false)]);
+    expect_rx(&mut e, ms(2), Op::Shutdown);
+    assert_eq!(
+        read_broken(&mut e, ms(2), c, Io::Error(SocketError(ECONNRESET))),
+        None
+    );
+    expect_rx(&mut e, ms(2), Op::Rst);
+    expect_actions(&mut e, &[close(c)]);
+    // A failed read: nothing is left to deliver, so the reset is at once.
+    let b = guest_connected(&mut e, ms(3), 1001, 80, GUEST_BUF);
+    assert_eq!(e.handle_host_event(ms(3), b, HostEvent::Readable), Ok(()));
     expect_actions(&mut e, &[interest(b, false, false)]);
-    let r = expect_read(&mut e, ms(2), ROOM, b, ROOM);
+    let r = expect_read(&mut e, ms(3), ROOM, b, ROOM);
     assert_eq!(
         r.complete(Io::Error(SocketError(ECONNRESET)), &mut &[][..]),
         Ok(None)
     );
     assert_eq!(
-        expect_rx(&mut e, ms(2), Op::Rst),
+        expect_rx(&mut e, ms(3), Op::Rst),
         host_pkt(Op::Rst, 80, 1001, 0, 0, BUF, 0)
     );
     expect_actions(&mut e, &[close(b)]);
-    expect_nothing(&mut e, ms(2));
+    expect_nothing(&mut e, ms(3));
     assert_eq!(e.connections(), 0);
-    assert_stats!(e, tx_packets: 2, guest_connects: 2, established: 2, rx_packets: 4,
-        host_errors: 2, rst_sent: 2, closed: 2);
+    assert_stats!(e, tx_packets: 3, guest_connects: 3, established: 3, rx_packets: 9,
+        rx_bytes: 100, host_errors: 3, rst_sent: 3, closed: 3);
 }
 
 #[test]
-fn host_write_errors_reset_the_guest() {
+fn host_write_errors_drop_the_guest_bytes_and_reset_the_guest() {
     let mut e = engine();
-    // The direct write fails.
+    // The direct write fails: the guest is told at once that the host takes no more, what it
+    // sends meanwhile is dropped, and once the socket has nothing left for it, the reset.
     let a = guest_connected(&mut e, ms(0), 1000, 80, GUEST_BUF);
     tx_data(
         &mut e,
@@ -1429,13 +1469,24 @@ fn host_write_errors_reset_the_guest() {
         b"hello",
         Io::Error(SocketError(EPIPE)),
     );
+    expect_actions(&mut e, &[interest(a, false, false)]);
+    assert_eq!(
+        expect_rx(&mut e, ms(1), Op::Shutdown),
+        host_pkt(Op::Shutdown, 80, 1000, 0, SHUTDOWN_RCV, BUF, 0)
+    );
+    tx(
+        &mut e,
+        ms(1),
+        guest_pkt(Op::Rw, 1000, 80, 3, 0, GUEST_BUF, 0),
+    );
+    assert_eq!(read_broken(&mut e, ms(1), a, Io::Done(0)), None);
     assert_eq!(
         expect_rx(&mut e, ms(1), Op::Rst),
         host_pkt(Op::Rst, 80, 1000, 0, 0, BUF, 0)
     );
     expect_actions(&mut e, &[close(a)]);
     expect_nothing(&mut e, ms(1));
-    // The flush of buffered bytes fails.
+    // The flush of buffered bytes fails; the socket's read then fails too.
     let b = guest_connected(&mut e, ms(2), 1001, 80, GUEST_BUF);
     tx_data(
         &mut e,
@@ -1454,6 +1505,12 @@ fn host_write_errors_reset_the_guest() {
         e.handle_host_write(ms(3), b, Io::Error(SocketError(EPIPE))),
         Ok(())
     );
+    expect_actions(&mut e, &[interest(b, false, false)]);
+    expect_rx(&mut e, ms(3), Op::Shutdown);
+    assert_eq!(
+        read_broken(&mut e, ms(3), b, Io::Error(SocketError(ECONNRESET))),
+        None
+    );
     assert_eq!(
         expect_rx(&mut e, ms(3), Op::Rst),
         host_pkt(Op::Rst, 80, 1001, 0, 0, BUF, 0)
@@ -1466,18 +1523,16 @@ fn host_write_errors_reset_the_guest() {
         256 * 1024,
         "b's buffer went back to the pool"
     );
-    assert_stats!(e, tx_packets: 4, guest_connects: 2, established: 2, rx_packets: 4,
-        tx_bytes: 5, tx_buffered_bytes: 5, host_errors: 2, rst_sent: 2, closed: 2);
+    assert_stats!(e, tx_packets: 5, guest_connects: 2, established: 2, rx_packets: 6,
+        tx_bytes: 5, tx_buffered_bytes: 5, host_errors: 2, guest_bytes_lost: 13, rst_sent: 2,
+        closed: 2);
 }
 
 #[test]
 fn rst_the_guest_never_takes_is_dropped_after_the_close_timeout() {
     let mut e = engine();
     let conn = guest_connected(&mut e, ms(0), 1000, 80, GUEST_BUF);
-    assert_eq!(
-        e.handle_host_event(ms(1), conn, HostEvent::Error(SocketError(ECONNRESET))),
-        Ok(())
-    );
+    assert_eq!(e.reset_connection(ms(1), conn), Ok(()));
     expect_actions(&mut e, &[close(conn)]);
     // The guest posts no rx buffer: the RST waits, for at most the close timeout.
     assert_eq!(e.connections(), 1);
@@ -1489,7 +1544,7 @@ fn rst_the_guest_never_takes_is_dropped_after_the_close_timeout() {
     expect_nothing(&mut e, ms(8001));
     assert_eq!(e.poll_timeout(), None);
     assert_stats!(e, tx_packets: 1, guest_connects: 1, established: 1, rx_packets: 1,
-        host_errors: 1, rst_undelivered: 1, closed: 1);
+        resets_by_caller: 1, rst_undelivered: 1, closed: 1);
 }
 
 #[test]
@@ -1567,10 +1622,7 @@ fn stale_handle_after_close_is_a_counted_no_op() {
     expect_nothing(&mut e, ms(3));
 
     // Close issued while the RST is still on its way to the guest: the handle is already dead.
-    assert_eq!(
-        e.handle_host_event(ms(4), b, HostEvent::Error(SocketError(ECONNRESET))),
-        Ok(())
-    );
+    assert_eq!(e.reset_connection(ms(4), b), Ok(()));
     expect_actions(&mut e, &[close(b)]);
     assert_eq!(
         e.handle_host_event(ms(4), b, HostEvent::Writable),
@@ -1589,7 +1641,7 @@ fn stale_handle_after_close_is_a_counted_no_op() {
     expect_nothing(&mut e, ms(4));
     assert_eq!(e.connections(), 0);
     assert_stats!(e, tx_packets: 3, guest_connects: 2, established: 2, rx_packets: 3,
-        rst_received: 1, host_errors: 1, rst_sent: 1, closed: 2, stale_events: 6);
+        rst_received: 1, resets_by_caller: 1, rst_sent: 1, closed: 2, stale_events: 6);
 }
 
 #[test]
@@ -1744,10 +1796,7 @@ fn owed_packets_go_out_in_priority_order() {
         host_pkt(Op::Rst, 82, 1002, 0, 0, 0, 0)
     );
     // An RST owed on the connection replaces data and CREDIT_UPDATE.
-    assert_eq!(
-        e.handle_host_event(ms(5), conn, HostEvent::Error(SocketError(ECONNRESET))),
-        Ok(())
-    );
+    assert_eq!(e.reset_connection(ms(5), conn), Ok(()));
     assert_eq!(
         expect_rx(&mut e, ms(5), Op::Rst),
         host_pkt(Op::Rst, 80, 1000, 0, 0, 8192, 6000)
@@ -1756,7 +1805,7 @@ fn owed_packets_go_out_in_priority_order() {
     expect_nothing(&mut e, ms(5));
     assert_stats!(e, tx_packets: 5, guest_connects: 1, established: 1, rx_packets: 5,
         rx_bytes: 10, tx_bytes: 6000, tx_direct_bytes: 6000, credit_updates_sent: 1,
-        unknown_connection: 1, host_errors: 1, rst_sent: 2, closed: 1);
+        unknown_connection: 1, resets_by_caller: 1, rst_sent: 2, closed: 1);
 }
 
 #[test]
@@ -1776,10 +1825,7 @@ fn rst_goes_before_an_owed_response() {
         e.handle_host_event(ms(1), conn, HostEvent::Connected),
         Ok(())
     );
-    assert_eq!(
-        e.handle_host_event(ms(1), conn, HostEvent::Error(SocketError(ECONNRESET))),
-        Ok(())
-    );
+    assert_eq!(e.reset_connection(ms(1), conn), Ok(()));
     // The RESPONSE never goes out: the guest learns of the reset alone.
     assert_eq!(
         expect_rx(&mut e, ms(1), Op::Rst),
@@ -1787,7 +1833,7 @@ fn rst_goes_before_an_owed_response() {
     );
     expect_actions(&mut e, &[close(conn)]);
     expect_nothing(&mut e, ms(1));
-    assert_stats!(e, tx_packets: 1, guest_connects: 1, established: 1, host_errors: 1,
+    assert_stats!(e, tx_packets: 1, guest_connects: 1, established: 1, resets_by_caller: 1,
         rx_packets: 1, rst_sent: 1, closed: 1);
 }
 

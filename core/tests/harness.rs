@@ -5,9 +5,9 @@ mod sim;
 
 use std::time::Duration;
 
-use sim::{assert_bytes_eq, pattern, Listen, Sim, World, ECONNRESET};
+use sim::{assert_bytes_eq, pattern, Listen, Sim, World};
 use vsock_core::wire::{Op, SHUTDOWN_BOTH, SHUTDOWN_SEND};
-use vsock_core::{ConnState, HostEvent, SocketError};
+use vsock_core::ConnState;
 
 fn sim() -> Sim {
     Sim::new(Sim::default_config(), World::default())
@@ -218,7 +218,7 @@ fn host_reset_mid_transfer_reaches_the_guest() {
     let g = s.guest_connect(9);
     s.run();
     let conn = s.host_sock_for_port(9)[0];
-    s.host_event(conn, HostEvent::Error(SocketError(ECONNRESET)));
+    s.host_close_unread(conn);
     s.run();
     assert!(s.guest.conns[&g].reset);
     assert_eq!(s.engine.stats().host_errors, 1);
@@ -231,6 +231,31 @@ fn host_reset_mid_transfer_reaches_the_guest() {
     s.guest_write(g, b"into the void");
     s.run();
     assert!(s.guest.conns[&g].reset);
+    assert_eq!(s.engine.connections(), 0);
+}
+
+/// A host peer that writes its reply and closes without reading what the guest sent: the
+/// guest gets every byte of the reply, then the reset (its own bytes were not all read).
+#[test]
+fn reply_then_close_delivers_the_whole_reply_then_resets() {
+    let mut s = sim();
+    s.host_listen(9, Listen::Accept);
+    let g = s.guest_connect(9);
+    s.run();
+    let conn = s.host_sock_for_port(9)[0];
+    s.sock(conn).auto_read = false;
+    s.guest_write(g, &pattern(1, 400_000));
+    s.run();
+    let reply = pattern(2, 300_000);
+    s.host_write(conn, &reply);
+    s.host_close_unread(conn);
+    s.run();
+    let gc = &s.guest.conns[&g];
+    assert_bytes_eq(&gc.read, &reply);
+    assert!(
+        gc.reset,
+        "the guest's unread bytes are only told by a reset"
+    );
     assert_eq!(s.engine.connections(), 0);
 }
 

@@ -83,7 +83,7 @@ use sim::{Listen, Sim, World, ECONNRESET, EPIPE, GUEST_CID, GUEST_CLOSE_TIMEOUT,
 use vsock_core::wire::{
     Header, Op, Packet, SocketType, HOST_CID, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND,
 };
-use vsock_core::{Config, ConnId, HostEvent, SocketError};
+use vsock_core::{Config, ConnId, SocketError};
 
 /// Host listeners `<uds>_<port>` and how they answer.
 const HOST_LISTENERS: [(u32, Listen); 4] = [
@@ -518,7 +518,12 @@ struct Script {
     sim: Sim,
     slots: Vec<Slot>,
     /// Host sockets (raw handles) given a scripted error or failed read or write.
+    /// Sockets given a write fault: guest bytes may be lost, the guest sees a reset.
     host_faults: BTreeSet<u64>,
+    /// Sockets given a read fault: the kernel refused bytes the host wrote, so those may be
+    /// lost too (the guest sees a reset). Nothing else excuses a short host-to-guest stream:
+    /// a peer that closes, even with our bytes unread, leaves its own bytes to be read.
+    read_faults: BTreeSet<u64>,
     /// Property 2: the guest lies, so credit and protocol counters are not checked.
     hostile: bool,
 }
@@ -537,6 +542,7 @@ impl Script {
             sim,
             slots: Vec::new(),
             host_faults: BTreeSet::new(),
+            read_faults: BTreeSet::new(),
             hostile,
         }
     }
@@ -725,9 +731,12 @@ impl Script {
                     return;
                 };
                 if let Some(conn) = self.live_sock(slot) {
-                    self.host_faults.insert(conn.to_raw());
-                    self.sim
-                        .host_event(conn, HostEvent::Error(SocketError(ECONNRESET)));
+                    // What a Unix socket reports as an error: its peer closed with our bytes
+                    // unread. What the peer wrote before is still there to read.
+                    if !self.sim.sock(conn).app_closed {
+                        self.sim.sock(conn).auto_read = false;
+                        self.sim.host_close_unread(conn);
+                    }
                 }
             }
             Act::HostFault { c, fault } => {
@@ -737,8 +746,14 @@ impl Script {
                 let Some(conn) = self.live_sock(slot) else {
                     return;
                 };
-                if matches!(fault, Fault::FailRead | Fault::FailWrite) {
-                    self.host_faults.insert(conn.to_raw());
+                match fault {
+                    Fault::FailWrite => {
+                        self.host_faults.insert(conn.to_raw());
+                    }
+                    Fault::FailRead => {
+                        self.read_faults.insert(conn.to_raw());
+                    }
+                    _ => {}
                 }
                 let s = self.sim.sock(conn);
                 match fault {
@@ -1071,6 +1086,7 @@ impl Script {
             let guest_abort = guest.is_some_and(|g| g.rst_sent);
             let host_fault =
                 sock.is_some_and(|s| s.app_closed || self.host_faults.contains(&s.conn.to_raw()));
+            let read_fault = sock.is_some_and(|s| self.read_faults.contains(&s.conn.to_raw()));
             let not_established = match slot {
                 Slot::Guest(_) => !guest.is_some_and(|g| g.established),
                 Slot::Host { .. } => guest.is_none() || never_ok,
@@ -1118,14 +1134,14 @@ impl Script {
             // P3.
             if h_recv.len() < g_sent.len() {
                 assert!(
-                    guest_abort || host_fault || not_established || close_timed_out,
+                    guest_abort || host_fault || read_fault || not_established || close_timed_out,
                     "{}",
                     ctx("guest to host stream short without a reset")
                 );
             }
             if g_recv.len() < h_sent.len() {
                 assert!(
-                    guest_abort || host_fault || not_established || guest_shut_rcv,
+                    guest_abort || read_fault || not_established || guest_shut_rcv,
                     "{}",
                     ctx("host to guest stream short without a reset")
                 );
@@ -1136,7 +1152,7 @@ impl Script {
                     || (g.shut_sent & SHUTDOWN_SEND != 0 && g.peer_shut & SHUTDOWN_SEND != 0);
                 if g.rst_received && !finished {
                     assert!(
-                        host_fault || not_established,
+                        host_fault || read_fault || not_established,
                         "{}",
                         ctx("guest reset without a cause")
                     );

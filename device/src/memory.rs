@@ -154,14 +154,44 @@ impl<'s> Span<'s> {
         })
     }
 
-    /// Writes up to `max` bytes of the span to the socket `fd` with one `sendmsg`, never
-    /// blocking and never raising SIGPIPE.
+    /// Writes up to `max` bytes of the span to the socket `fd`, never blocking and never
+    /// raising SIGPIPE: one `sendmsg` per [`MAX_IOV`] pieces, until the socket takes less than
+    /// it was offered (it is full) or everything is written. A short count therefore always
+    /// means the socket is full, which is what the engine takes it for: stopping at our own
+    /// iovec limit would make it wait for a writable edge the kernel never sends.
     pub(crate) fn write_to_fd<M: GuestMemory>(
         &self,
         mem: &M,
         max: usize,
         fd: BorrowedFd<'_>,
     ) -> Result<io::Result<usize>, MemoryFault> {
+        let max = max.min(self.len);
+        let mut done = 0;
+        loop {
+            let rest = Span::new(self.segs, self.skip + done, self.len - done);
+            match rest.send_once(mem, max - done, fd) {
+                Ok(Ok((written, offered))) => {
+                    done += written;
+                    if written < offered || done == max {
+                        return Ok(Ok(done));
+                    }
+                }
+                // Bytes already went: report them; the error, if it lasts, comes next time.
+                Ok(Err(_)) | Err(_) if done > 0 => return Ok(Ok(done)),
+                Ok(Err(e)) => return Ok(Err(e)),
+                Err(fault) => return Err(fault),
+            }
+        }
+    }
+
+    /// One `sendmsg` of at most `max` bytes over at most [`MAX_IOV`] pieces: the bytes written
+    /// and the bytes offered.
+    fn send_once<M: GuestMemory>(
+        &self,
+        mem: &M,
+        max: usize,
+        fd: BorrowedFd<'_>,
+    ) -> Result<io::Result<(usize, usize)>, MemoryFault> {
         let mut slices = [const { None }; MAX_IOV];
         let n = self.slices(mem, max, Permissions::Read, &mut slices)?;
         let guards: [_; MAX_IOV] =
@@ -185,11 +215,11 @@ impl<'s> Span<'s> {
             )
         };
         // The guards (and the slices they come from) live until here, past the call.
-        let _ = &guards;
+        let offered = guards.iter().flatten().map(|g| g.len()).sum();
         Ok(if r < 0 {
             Err(io::Error::last_os_error())
         } else {
-            Ok(r as usize)
+            Ok((r as usize, offered))
         })
     }
 

@@ -76,6 +76,9 @@ pub struct HostSock {
     pub block_writes: usize,
     pub fail_read: Option<SocketError>,
     pub fail_write: Option<SocketError>,
+    /// The peer closed with our bytes unread (Linux's `ECONNRESET` on a Unix socket): reads
+    /// return what it wrote first, then this error once, then end of file.
+    pub pending_error: Option<SocketError>,
     /// A write was refused; fire Writable when room frees.
     write_blocked: bool,
     /// A scripted `block_reads`/`block_writes` refused an operation: its readiness edge is
@@ -114,6 +117,7 @@ impl HostSock {
             block_writes: 0,
             fail_read: None,
             fail_write: None,
+            pending_error: None,
             write_blocked: false,
             missed_readable: false,
             missed_writable: false,
@@ -173,6 +177,9 @@ impl HostSock {
             return (Vec::new(), Io::WouldBlock);
         }
         if self.outbound.is_empty() {
+            if let Some(e) = self.pending_error.take() {
+                return (Vec::new(), Io::Error(e));
+            }
             return if self.app_eof || self.app_closed {
                 (Vec::new(), Io::Done(0))
             } else {
@@ -389,6 +396,17 @@ impl Sim {
         self.sock(conn).app_closed = true;
         self.pending_events.push_back((conn, HostEvent::Readable));
         self.pending_events.push_back((conn, HostEvent::Writable));
+    }
+
+    /// The host application closes its socket without reading what the engine wrote: the
+    /// socket reports an error (as Linux does with `ECONNRESET`), yet still holds the bytes the
+    /// application wrote before it closed.
+    pub fn host_close_unread(&mut self, conn: ConnId) {
+        let s = self.sock(conn);
+        s.app_closed = true;
+        s.pending_error = Some(SocketError(ECONNRESET));
+        self.pending_events
+            .push_back((conn, HostEvent::Error(SocketError(ECONNRESET))));
     }
 
     /// The host application reads up to `n` bytes.

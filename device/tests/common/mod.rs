@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 
 use virtio_queue::Queue;
@@ -21,9 +21,13 @@ use vsock_device::{DeviceError, DeviceState, HostSockets, Queues, Served, VsockD
 pub const GUEST_CID: u64 = 3;
 pub const GUEST_BUF_ALLOC: u32 = 256 * 1024;
 
-/// Host sockets over real socket pairs.
-#[derive(Default)]
+/// Host sockets over real socket pairs, watched edge-triggered in an epoll instance: the engine
+/// hears only the readiness the kernel reports, as under a runtime, so a wake-up the engine
+/// fails to ask for (by giving up readiness too early) stalls the test instead of being
+/// papered over.
 pub struct TestHost {
+    poll: mio::Poll,
+    events: mio::Events,
     /// The engine's ends.
     pub socks: BTreeMap<u64, UnixStream>,
     /// The host applications' ends, by connection.
@@ -34,14 +38,40 @@ pub struct TestHost {
     pub shut: Vec<(ConnId, Direction)>,
 }
 
+impl Default for TestHost {
+    fn default() -> Self {
+        TestHost {
+            poll: mio::Poll::new().unwrap(),
+            events: mio::Events::with_capacity(256),
+            socks: BTreeMap::new(),
+            apps: BTreeMap::new(),
+            listening: BTreeSet::new(),
+            closed: Vec::new(),
+            shut: Vec::new(),
+        }
+    }
+}
+
 impl TestHost {
+    fn watch(&mut self, conn: ConnId, ours: UnixStream, app: UnixStream) {
+        ours.set_nonblocking(true).unwrap();
+        self.poll
+            .registry()
+            .register(
+                &mut mio::unix::SourceFd(&ours.as_raw_fd()),
+                mio::Token(conn.to_raw() as usize),
+                mio::Interest::READABLE | mio::Interest::WRITABLE,
+            )
+            .unwrap();
+        self.socks.insert(conn.to_raw(), ours);
+        self.apps.insert(conn.to_raw(), app);
+    }
+
     /// A host client connecting to the device's listener; returns its connection and app end.
     pub fn accept(&mut self, engine: &mut Engine, now: Instant) -> ConnId {
         let conn = engine.handle_accept(now).expect("table has room");
         let (ours, app) = UnixStream::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        self.socks.insert(conn.to_raw(), ours);
-        self.apps.insert(conn.to_raw(), app);
+        self.watch(conn, ours, app);
         conn
     }
 
@@ -51,12 +81,34 @@ impl TestHost {
             .expect("host application socket")
     }
 
-    /// Reports every socket readable and writable (spurious readiness is harmless).
+    /// Reports the readiness edges the kernel has for the sockets since the last call, and
+    /// nothing else, as a runtime's event translation does.
     pub fn poke(&mut self, engine: &mut Engine, now: Instant) {
-        for raw in self.socks.keys().copied().collect::<Vec<_>>() {
-            let conn = ConnId::from_raw(raw);
-            let _ = engine.handle_host_event(now, conn, HostEvent::Readable);
-            let _ = engine.handle_host_event(now, conn, HostEvent::Writable);
+        loop {
+            self.poll
+                .poll(&mut self.events, Some(std::time::Duration::ZERO))
+                .unwrap();
+            let mut n = 0;
+            for event in self.events.iter() {
+                n += 1;
+                let conn = ConnId::from_raw(event.token().0 as u64);
+                if !self.socks.contains_key(&conn.to_raw()) {
+                    continue;
+                }
+                if event.is_error() {
+                    let _ = engine.handle_host_event(now, conn, HostEvent::Error(SocketError(0)));
+                    continue;
+                }
+                if event.is_readable() || event.is_read_closed() {
+                    let _ = engine.handle_host_event(now, conn, HostEvent::Readable);
+                }
+                if event.is_writable() || event.is_write_closed() {
+                    let _ = engine.handle_host_event(now, conn, HostEvent::Writable);
+                }
+            }
+            if n < self.events.capacity() {
+                return;
+            }
         }
     }
 }
@@ -71,9 +123,7 @@ impl HostSockets for TestHost {
             Action::Connect { conn, port } => {
                 if self.listening.contains(&port) {
                     let (ours, app) = UnixStream::pair().unwrap();
-                    ours.set_nonblocking(true).unwrap();
-                    self.socks.insert(conn.to_raw(), ours);
-                    self.apps.insert(conn.to_raw(), app);
+                    self.watch(conn, ours, app);
                     engine
                         .handle_host_event(now, conn, HostEvent::Connected)
                         .unwrap();
@@ -115,7 +165,12 @@ impl HostSockets for TestHost {
             }
             Action::Interest { .. } => {}
             Action::Close { conn } => {
-                self.socks.remove(&conn.to_raw());
+                if let Some(s) = self.socks.remove(&conn.to_raw()) {
+                    let _ = self
+                        .poll
+                        .registry()
+                        .deregister(&mut mio::unix::SourceFd(&s.as_raw_fd()));
+                }
                 self.closed.push(conn);
             }
         }
