@@ -16,8 +16,9 @@
 //! trait: `vsock-mio` registers sockets in a `mio::Registry`, `vsock-tokio` wraps them in
 //! `AsyncFd`, `vsock-smol` in `async_io::Async`. No protocol decision is made here or there.
 //!
-//! Writes use `std`'s socket calls; like every Rust program, the process is expected to ignore
-//! `SIGPIPE` (the Rust runtime does so at start), so a closed peer is `EPIPE`, not a signal.
+//! Every write is a `sendmsg` with `MSG_NOSIGNAL`: a peer that has gone is `EPIPE`, never
+//! `SIGPIPE`, whatever signal disposition the embedding process keeps (a VMM in C, or one that
+//! restored the default, would otherwise be killed).
 //!
 //! [`Action`]: vsock_core::Action
 //! [`VsockDevice::serve`]: vsock_device::VsockDevice::serve
@@ -26,7 +27,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io::{self, ErrorKind, IoSlice, Read, Write};
+use std::io::{self, ErrorKind, IoSlice, Read};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -394,13 +395,18 @@ impl<R: Reactor> Host<R> {
     }
 
     fn flush(&mut self, now: Instant, engine: &mut Engine, conn: ConnId) {
-        let Some(mut stream) = self.stream(conn) else {
+        let Some(stream) = self.stream(conn) else {
             return;
         };
         let Ok([a, b]) = engine.host_bytes(conn) else {
             return;
         };
-        let result = stream.write_vectored(&[IoSlice::new(a), IoSlice::new(b)]);
+        // MSG_NOSIGNAL: a closed peer is EPIPE, not a signal; MSG_DONTWAIT: never blocks,
+        // whatever the descriptor's mode.
+        let result = socket2::SockRef::from(stream).send_vectored_with_flags(
+            &[IoSlice::new(a), IoSlice::new(b)],
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        );
         let _ = engine.handle_host_write(now, conn, Io::from_result(&result));
     }
 }

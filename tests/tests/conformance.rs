@@ -309,6 +309,35 @@ fn host_peer_closing_with_unread_data_resets_the_guest(rt: Runtime) {
     rig.stop();
 }
 
+/// A host peer writes its reply and closes without reading what the guest sent. Linux then
+/// reports an error on our socket (`ECONNRESET`, `EPOLLERR`), yet still holds the reply for us
+/// to read: the guest gets all of it, and then the reset (its own bytes were not all read).
+fn reply_then_close_delivers_the_whole_reply(rt: Runtime) {
+    let mut rig = Rig::start(rt, config());
+    let listener = UnixListener::bind(rig.port_path(86)).unwrap();
+    let key = rig.guest.stack.connect(86);
+    rig.until("connected", LONG, |g| g.stack.conn(key).established);
+    let (mut app, _) = listener.accept().unwrap();
+    rig.guest.stack.write(key, &pattern(5, 1 << 20));
+    // The guest's bytes reach the socket, and nobody reads them.
+    rig.until("guest bytes in the socket", LONG, |g| {
+        g.stack.conn(key).peer_fwd_cnt > 0 || g.stack.conn(key).tx_cnt > 100_000
+    });
+    let reply = pattern(6, 300_000);
+    let sent = reply.clone();
+    let writer = std::thread::spawn(move || {
+        app.write_all(&sent).unwrap();
+        // Closed with the guest's bytes unread.
+        drop(app);
+    });
+    rig.until("reset", LONG, |g| g.stack.conn(key).rst_received);
+    writer.join().unwrap();
+    let got = &rig.guest.stack.conn(key).read;
+    assert_eq!(got.len(), reply.len(), "{rt:?}: reply bytes delivered");
+    assert!(*got == reply, "{rt:?}: reply differs");
+    rig.stop();
+}
+
 fn a_guest_that_stops_posting_rx_buffers_loses_nothing(rt: Runtime) {
     let mut rig = Rig::start(rt, config());
     let listener = UnixListener::bind(rig.port_path(83)).unwrap();
@@ -552,6 +581,7 @@ conformance!(
     connect_close_cycles_leak_no_descriptor,
     rst_from_the_guest_mid_transfer_closes_the_host_socket,
     host_peer_closing_with_unread_data_resets_the_guest,
+    reply_then_close_delivers_the_whole_reply,
     a_guest_that_stops_posting_rx_buffers_loses_nothing,
     a_host_reader_that_stalls_loses_nothing,
     sixty_four_mib_each_way_with_a_checksum,
