@@ -175,7 +175,11 @@ impl Rig {
         let mut queues = guest.driver.device_queues(false);
         let activate = move |driver: &mut VsockMio, queues: &mut [Queue; 3]| {
             if recorder.is_some() {
-                driver.device_mut().engine_mut().set_recorder(recorder);
+                driver
+                    .device_mut()
+                    .engine_mut()
+                    .set_recorder(recorder)
+                    .expect("an engine that has seen nothing takes a recorder");
             }
             let device = driver.device_mut();
             if attached {

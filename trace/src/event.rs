@@ -6,21 +6,28 @@
 use std::fmt;
 use std::time::Duration;
 
-use vsock_core::record::{Event, Grant, TxOutcome};
+use vsock_core::record::{Event, Grant, Snapshot, TxOutcome};
 use vsock_core::{
     Action, Config, ConnId, Direction, HostEvent, Interest, Io, LineRead, SocketError, TableFull,
 };
 
 /// `LINKTYPE_USER0`.
 pub const LINKTYPE_EVENTS: u16 = 147;
-/// The encoding's version, in every record's first byte.
-pub const VERSION: u8 = 1;
+/// The encoding's version, in every record's first byte. Version 2 added the engine's
+/// [`Snapshot`] to `START`; a reader reads version 1 too (its `START` is a fresh engine's).
+pub const VERSION: u8 = 2;
+/// The oldest version this reader reads.
+pub const OLDEST_VERSION: u8 = 1;
 /// The length of the record header.
 pub const HEADER_LEN: usize = 32;
 /// The length of a `START` record's configuration.
 pub const CONFIG_LEN: usize = 96;
+/// The length of a `START` record's engine state, after the configuration (version 2 on).
+pub const SNAPSHOT_LEN: usize = 16;
 
-/// No connection.
+/// Written in the connection fields of an event that names no connection. Readers never
+/// compare with it: whether an event names a connection is given by its kind and code
+/// ([`names_conn`]), so every handle, this value included, reads back as itself.
 const NO_CONN: u64 = u64::MAX;
 
 /// Added to a `TX_WRITTEN` I/O code when the rest of the payload could not be read.
@@ -58,11 +65,20 @@ pub mod kind {
     pub const STOP: u8 = 14;
 }
 
+/// Whether `description`, an interface's `if_description`, names this encoding in a version
+/// this reader reads (`vsock host events, encoding v1` or `v2`).
+pub fn is_events_description(description: &str) -> bool {
+    description
+        .strip_prefix("vsock host events, encoding v")
+        .and_then(|v| v.parse::<u8>().ok())
+        .is_some_and(|v| (OLDEST_VERSION..=VERSION).contains(&v))
+}
+
 /// An event read back from a record: [`Event`] with owned configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decoded<'a> {
-    /// [`Event::Start`].
-    Start(Config),
+    /// [`Event::Start`], with the configuration owned.
+    Start(Config, Snapshot),
     /// Any other event.
     Event(Event<'a>),
 }
@@ -87,7 +103,10 @@ impl fmt::Display for EventError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             EventError::Short => f.write_str("event record too short"),
-            EventError::Version(v) => write!(f, "event encoding version {v}, not {VERSION}"),
+            EventError::Version(v) => write!(
+                f,
+                "event encoding version {v}, not {OLDEST_VERSION} to {VERSION}"
+            ),
             EventError::Unknown { kind, code } => {
                 write!(f, "unknown event kind {kind} code {code}")
             }
@@ -121,7 +140,7 @@ fn io_from(kind: u8, code: u32, value: u64) -> Result<Io, EventError> {
 pub fn encode(out: &mut Vec<u8>, ports: Option<(u32, u32)>, event: &Event<'_>) {
     let mut conn = event.conn().map_or(NO_CONN, ConnId::to_raw);
     let (kind, code, value): (u8, u32, u64) = match *event {
-        Event::Start(_) => (kind::START, 0, 0),
+        Event::Start(..) => (kind::START, 0, 0),
         Event::TxWritten(TxOutcome::Written(io)) => {
             let (c, v) = io_code(io);
             (kind::TX_WRITTEN, c, v)
@@ -203,7 +222,11 @@ pub fn encode(out: &mut Vec<u8>, ports: Option<(u32, u32)>, event: &Event<'_>) {
     out.extend_from_slice(&guest_port.to_le_bytes());
     out.extend_from_slice(&host_port.to_le_bytes());
     match *event {
-        Event::Start(config) => encode_config(out, config),
+        Event::Start(config, snapshot) => {
+            encode_config(out, config);
+            out.extend_from_slice(&u64::from(snapshot.next_generation).to_le_bytes());
+            out.extend_from_slice(&u64::from(snapshot.next_host_port).to_le_bytes());
+        }
         Event::ConnectLine(_, LineRead::Data(bytes)) => {
             out.extend_from_slice(bytes);
         }
@@ -268,6 +291,25 @@ pub struct Fields {
     pub host_port: u32,
 }
 
+/// Whether an event of `kind` with `code` names a connection (its connection fields hold a
+/// handle) or not (they hold all-ones, to be ignored). The kind and code say it, not the
+/// fields' value: a handle can be any 64-bit value, all-ones included.
+pub fn names_conn(kind: u8, code: u32) -> bool {
+    match kind {
+        kind::ACCEPT => code == 0,
+        kind::CONNECT_LINE
+        | kind::HOST
+        | kind::HOST_WRITE
+        | kind::RESET_CONNECTION
+        | kind::RX_READ => true,
+        kind::POLL_RX => code == 2,
+        kind::ACTION => code != 0,
+        // START, TX_WRITTEN, TIMEOUT, ABORT_ALL, RESET, STOP; and kinds of later versions,
+        // whose fields this reader does not know.
+        _ => false,
+    }
+}
+
 /// Reads a record header.
 ///
 /// # Errors
@@ -277,7 +319,7 @@ pub fn fields(record: &[u8]) -> Result<(Fields, &[u8]), EventError> {
     if record.len() < HEADER_LEN {
         return Err(EventError::Short);
     }
-    if record[0] != VERSION {
+    if !(OLDEST_VERSION..=VERSION).contains(&record[0]) {
         return Err(EventError::Version(record[0]));
     }
     let hdr_len = usize::from(u16::from_le_bytes([record[2], record[3]]));
@@ -286,10 +328,11 @@ pub fn fields(record: &[u8]) -> Result<(Fields, &[u8]), EventError> {
     }
     let u32_at = |at: usize| u32::from_le_bytes(record[at..at + 4].try_into().expect("4"));
     let raw = u64::from(u32_at(4)) | u64::from(u32_at(8)) << 32;
+    let (kind, code) = (record[1], u32_at(12));
     let fields = Fields {
-        kind: record[1],
-        conn: (raw != NO_CONN).then(|| ConnId::from_raw(raw)),
-        code: u32_at(12),
+        kind,
+        conn: names_conn(kind, code).then(|| ConnId::from_raw(raw)),
+        code,
         value: u64::from_le_bytes(record[16..24].try_into().expect("8")),
         guest_port: u32_at(24),
         host_port: u32_at(28),
@@ -311,7 +354,29 @@ pub fn decode(record: &[u8]) -> Result<Decoded<'_>, EventError> {
     let conn = || f.conn.ok_or(EventError::Short);
     let errno = SocketError(f.value as u32 as i32);
     let event = match f.kind {
-        kind::START => return Ok(Decoded::Start(decode_config(data)?)),
+        kind::START => {
+            let config = decode_config(data)?;
+            let snapshot = if record[0] == 1 {
+                // Version 1 was only ever written by recorders attached to fresh engines.
+                Snapshot::fresh(&config)
+            } else {
+                let state = data
+                    .get(CONFIG_LEN..CONFIG_LEN + SNAPSHOT_LEN)
+                    .ok_or(EventError::Short)?;
+                let v = |i: usize| {
+                    let v = u64::from_le_bytes(state[i..i + 8].try_into().expect("8 bytes"));
+                    u32::try_from(v).map_err(|_| EventError::Unknown {
+                        kind: kind::START,
+                        code: f.code,
+                    })
+                };
+                Snapshot {
+                    next_generation: v(0)?,
+                    next_host_port: v(8)?,
+                }
+            };
+            return Ok(Decoded::Start(config, snapshot));
+        }
         kind::TX_WRITTEN => Event::TxWritten(match f.code {
             3 => TxOutcome::Abandoned,
             c if c >= UNREADABLE => {
@@ -401,7 +466,42 @@ mod tests {
 
     #[test]
     fn every_event_round_trips() {
-        let c = ConnId::from_raw(7 << 32 | 3);
+        // All-ones was once read back as "no connection"; every handle must come back.
+        for raw in [
+            7 << 32 | 3,
+            u64::MAX,
+            0,
+            u64::from(u32::MAX),
+            u64::MAX << 32,
+        ] {
+            round_trips(ConnId::from_raw(raw));
+        }
+        let mut buf = Vec::new();
+        let mut config = Config::new(42);
+        config.connect_timeout = Duration::from_millis(1234);
+        config.pooled_buffers = 3;
+        let snapshot = Snapshot {
+            next_generation: 77,
+            next_host_port: 1 << 31,
+        };
+        encode(&mut buf, None, &Event::Start(&config, snapshot));
+        assert_eq!(buf.len(), HEADER_LEN + CONFIG_LEN + SNAPSHOT_LEN);
+        assert_eq!(decode(&buf), Ok(Decoded::Start(config.clone(), snapshot)));
+        // A version 2 start cut after the configuration is short.
+        assert_eq!(
+            decode(&buf[..HEADER_LEN + CONFIG_LEN]),
+            Err(EventError::Short)
+        );
+        // Version 1: the configuration alone, a fresh engine.
+        buf[0] = 1;
+        buf.truncate(HEADER_LEN + CONFIG_LEN);
+        assert_eq!(
+            decode(&buf),
+            Ok(Decoded::Start(config.clone(), Snapshot::fresh(&config)))
+        );
+    }
+
+    fn round_trips(c: ConnId) {
         let e = SocketError(104);
         let events = [
             Event::TxWritten(TxOutcome::Written(Io::Done(5))),
@@ -463,13 +563,8 @@ mod tests {
             assert_eq!(decode(&buf), Ok(Decoded::Event(event)), "{event:?}");
             let (f, _) = fields(&buf).unwrap();
             assert_eq!((f.guest_port, f.host_port), (1, 2));
+            assert_eq!(f.conn, event.conn(), "{event:?}");
         }
-        let mut config = Config::new(42);
-        config.connect_timeout = Duration::from_millis(1234);
-        config.pooled_buffers = 3;
-        encode(&mut buf, None, &Event::Start(&config));
-        assert_eq!(buf.len(), HEADER_LEN + CONFIG_LEN);
-        assert_eq!(decode(&buf), Ok(Decoded::Start(config)));
     }
 
     #[test]
@@ -477,8 +572,10 @@ mod tests {
         assert_eq!(decode(&[1; 10]), Err(EventError::Short));
         let mut buf = Vec::new();
         encode(&mut buf, None, &Event::Timeout);
-        buf[0] = 2;
-        assert_eq!(decode(&buf), Err(EventError::Version(2)));
+        buf[0] = 3;
+        assert_eq!(decode(&buf), Err(EventError::Version(3)));
+        buf[0] = 0;
+        assert_eq!(decode(&buf), Err(EventError::Version(0)));
         buf[0] = 1;
         buf[1] = 200;
         assert!(matches!(

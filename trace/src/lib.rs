@@ -20,7 +20,8 @@
 //! let path = std::env::temp_dir().join(format!("doc-{}.pcapng", std::process::id()));
 //! let mut engine = Engine::new(Config::new(3), Instant::ZERO)?;
 //! // Every payload kept whole; the trace shows wall-clock dates from this second on.
-//! engine.set_recorder(Some(Box::new(TraceWriter::create(&path, usize::MAX, 1_700_000_000)?)));
+//! // Refused (an error) while the engine holds connections: see `Engine::set_recorder`.
+//! engine.set_recorder(Some(Box::new(TraceWriter::create(&path, usize::MAX, 1_700_000_000)?)))?;
 //!
 //! // A host client connects and sends its line; the engine answers with actions.
 //! let now = Instant::from_millis(1);
@@ -56,5 +57,5 @@ pub mod summary;
 pub mod vsockmon;
 mod writer;
 
-pub use replay::{replay, Divergence, ReplayError, Replayed};
+pub use replay::{replay, replay_within, Divergence, ReplayError, Replayed, DEFAULT_MEMORY_BUDGET};
 pub use writer::{TraceWriter, EVENTS, EVENTS_DESCRIPTION, PACKETS};

@@ -2,20 +2,21 @@
 
 use std::fmt;
 
-use vsock_core::record::{Event, Grant, TxOutcome};
+use vsock_core::record::{Event, Grant, ResumeError, Snapshot, TxOutcome};
 use vsock_core::wire::Header;
 use vsock_core::{Config, Engine, GuestBytes, Instant, MemoryFault, RxGrant, Tx};
 
 use crate::event::{self, Decoded, EventError, LINKTYPE_EVENTS};
 use crate::pcapng::{FormatError, Reader, Way};
 use crate::vsockmon::{self, RecordError, LINKTYPE_VSOCK};
-use crate::writer::{EVENTS, EVENTS_DESCRIPTION, PACKETS};
+use crate::writer::{EVENTS, PACKETS};
 
 /// One record of a trace, decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Item<'a> {
-    /// The engine's configuration.
-    Start(Config),
+    /// The engine's configuration, and its state when the recorder was attached (a fresh
+    /// engine's, unless mid-session).
+    Start(Config, Snapshot),
     /// A packet between guest and device.
     Packet {
         /// True for a packet to the guest.
@@ -101,7 +102,7 @@ pub fn read(bytes: &[u8]) -> Result<Vec<Entry<'_>>, TraceError> {
         let fits = interfaces.len() >= 2
             && interfaces[PACKETS as usize].link_type == LINKTYPE_VSOCK
             && interfaces[EVENTS as usize].link_type == LINKTYPE_EVENTS
-            && interfaces[EVENTS as usize].description == EVENTS_DESCRIPTION;
+            && event::is_events_description(&interfaces[EVENTS as usize].description);
         let item = match p.interface {
             _ if !fits => return Err(TraceError::Interfaces),
             PACKETS => {
@@ -114,13 +115,13 @@ pub fn read(bytes: &[u8]) -> Result<Vec<Entry<'_>>, TraceError> {
                 }
             }
             EVENTS => match event::decode(p.data) {
-                Ok(Decoded::Start(config)) => Item::Start(config),
+                Ok(Decoded::Start(config, snapshot)) => Item::Start(config, snapshot),
                 Ok(Decoded::Event(e)) => Item::Event(e),
                 Err(error) => return Err(TraceError::Event { number, error }),
             },
             _ => return Err(TraceError::Interfaces),
         };
-        if matches!(item, Item::Start(_)) != entries.is_empty() {
+        if matches!(item, Item::Start(..)) != entries.is_empty() {
             return Err(TraceError::Start);
         }
         entries.push(Entry {
@@ -163,22 +164,34 @@ impl fmt::Display for Divergence {
 
 impl std::error::Error for Divergence {}
 
-/// The largest connection buffer a replay builds an engine with: a trace is input, and a
-/// hostile one must not make the replay reserve gigabytes.
-pub const MAX_REPLAY_BUFFER: u32 = 64 << 20;
-/// The most connections a replay builds an engine for, for the same reason.
-pub const MAX_REPLAY_CONNECTIONS: usize = 1 << 16;
+/// The memory a replay grants the engine it builds, unless told otherwise: 1 GiB.
+///
+/// A trace is input, and its configuration decides what the engine may hold: a full buffer
+/// for every connection, and the tables reserved for them ([`Engine::memory_bound`]). A
+/// replay refuses a configuration whose bound is over its budget rather than let a small
+/// hostile trace (its payloads cut by a snap length, replayed as zeros) make it hold
+/// gigabytes. 1 GiB admits the default configuration (1,024 connections of 256 KiB: about
+/// 257 MiB) four times over, and any configuration a device could run on a host that spares
+/// it that much; it is what a CI runner or a laptop can give a replay without trouble.
+/// [`replay_within`] takes another budget (`vsock-replay --memory-budget`).
+pub const DEFAULT_MEMORY_BUDGET: u64 = 1 << 30;
 
 /// Why a replay failed.
 #[derive(Debug)]
 pub enum ReplayError {
     /// The file is not a readable trace.
     Trace(TraceError),
-    /// The recorded configuration asks for more memory than a replay grants
-    /// ([`MAX_REPLAY_BUFFER`], [`MAX_REPLAY_CONNECTIONS`]).
-    TooLarge,
+    /// The recorded configuration lets the engine hold more memory than the replay's budget.
+    TooLarge {
+        /// What the configuration may hold at worst ([`Engine::memory_bound`]).
+        needs: u64,
+        /// The budget.
+        budget: u64,
+    },
     /// The recorded configuration is refused by the engine.
     Config(vsock_core::ConfigError),
+    /// The recorded engine state is one no engine with the recorded configuration has.
+    Snapshot(Snapshot),
     /// The replay went another way.
     Diverged(Divergence),
 }
@@ -188,11 +201,18 @@ impl fmt::Display for ReplayError {
         match self {
             ReplayError::Trace(e) => write!(f, "{e}"),
             ReplayError::Config(e) => write!(f, "the recorded configuration: {e}"),
-            ReplayError::TooLarge => write!(
+            ReplayError::Snapshot(s) => write!(
                 f,
-                "the recorded configuration is beyond what a replay builds (buffers over {} \
-                 bytes or more than {} connections)",
-                MAX_REPLAY_BUFFER, MAX_REPLAY_CONNECTIONS
+                "the recorded engine state: {}",
+                ResumeError::Snapshot(*s)
+            ),
+            ReplayError::TooLarge { needs, budget } => write!(
+                f,
+                "the recorded configuration lets the engine hold up to {needs} bytes \
+                 ({:.1} MiB: its buffers times its connections, and their tables), over the \
+                 replay's budget of {budget} bytes ({:.1} MiB)",
+                *needs as f64 / f64::from(1 << 20),
+                *budget as f64 / f64::from(1 << 20),
             ),
             ReplayError::Diverged(d) => write!(f, "{d}"),
         }
@@ -234,7 +254,7 @@ pub fn describe(to_guest: bool, header: &Header, payload: &[u8]) -> String {
 
 fn describe_item(item: &Item<'_>) -> String {
     match item {
-        Item::Start(c) => format!("start {c:?}"),
+        Item::Start(c, s) => format!("start {c:?} {s:?}"),
         Item::Packet {
             to_guest,
             header,
@@ -266,15 +286,34 @@ pub struct Replayed {
 ///
 /// The first divergence, or why the file cannot be replayed.
 pub fn replay(bytes: &[u8]) -> Result<Replayed, ReplayError> {
+    replay_within(bytes, DEFAULT_MEMORY_BUDGET)
+}
+
+/// [`replay`], granting the engine at most `budget` bytes: a configuration whose
+/// [`Engine::memory_bound`] is over it is refused before anything is built.
+///
+/// # Errors
+///
+/// As [`replay`].
+pub fn replay_within(bytes: &[u8], budget: u64) -> Result<Replayed, ReplayError> {
     let entries = read(bytes).map_err(ReplayError::Trace)?;
-    let Item::Start(config) = &entries[0].item else {
+    let Item::Start(config, snapshot) = &entries[0].item else {
         unreachable!("read checks the start");
     };
-    if config.buffer_size > MAX_REPLAY_BUFFER || config.max_connections > MAX_REPLAY_CONNECTIONS {
-        return Err(ReplayError::TooLarge);
+    config.validate().map_err(ReplayError::Config)?;
+    let needs = Engine::memory_bound(config);
+    if needs > budget {
+        return Err(ReplayError::TooLarge { needs, budget });
     }
-    let mut engine = Engine::new(config.clone(), Instant::from_nanos(entries[0].ts_nanos))
-        .map_err(ReplayError::Config)?;
+    let mut engine = Engine::resume(
+        config.clone(),
+        Instant::from_nanos(entries[0].ts_nanos),
+        *snapshot,
+    )
+    .map_err(|e| match e {
+        ResumeError::Config(e) => ReplayError::Config(e),
+        ResumeError::Snapshot(s) => ReplayError::Snapshot(s),
+    })?;
     let mut stats = Replayed {
         records: entries.len(),
         ..Replayed::default()
@@ -359,7 +398,7 @@ fn step(
     let now = Instant::from_nanos(entry.ts_nanos);
     let next = entries.get(i + 1).map(|e| &e.item);
     match &entry.item {
-        Item::Start(_) => Err(diverge(entry, "a second start")),
+        Item::Start(..) => Err(diverge(entry, "a second start")),
         Item::Packet {
             to_guest: false,
             header,
@@ -411,7 +450,7 @@ fn replay_event(
 ) -> Result<usize, Divergence> {
     let entry = &entries[i];
     match *event {
-        Event::Start(_) => return Err(diverge(entry, "a second start")),
+        Event::Start(..) => return Err(diverge(entry, "a second start")),
         Event::TxWritten(_) => {
             return Err(diverge(entry, "no packet from the guest awaited its write"))
         }

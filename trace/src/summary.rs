@@ -1,29 +1,301 @@
 //! The `--summary` report of `vsock-replay`: a trace's connections, bytes each way, resets
-//! and timings, from the records [`read`](crate::replay::read) returns.
+//! and timings.
+//!
+//! [`summarize`] reads a trace and returns its [`Summary`], whose `Display` is the report;
+//! [`summary`] writes the report of records [`read`](crate::replay::read) returned.
+//!
+//! A trace is input: nothing here trusts its order. Timestamps are the `now` the embedder
+//! gave each call, which may step back (the engine keeps its own clock monotonic), so every
+//! span is measured between the earliest and the latest timestamp seen, never between the
+//! first and the last record, and counters saturate.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::io::{self, Write};
 
-use crate::replay::{Entry, Item};
+use vsock_core::Config;
 
-#[derive(Default)]
-struct Conn {
-    opened_by_guest: Option<bool>,
-    first: u64,
-    last: u64,
-    bytes_from_guest: u64,
-    bytes_to_guest: u64,
-    shut_down: bool,
-    ended: &'static str,
-}
+use crate::replay::{read, Entry, Item, TraceError};
 
+const REQUEST: u16 = 1;
 const RST: u16 = 3;
 const SHUTDOWN: u16 = 4;
 const RW: u16 = 5;
-const REQUEST: u16 = 1;
+
+/// Who opened a connection, as far as the trace shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Opener {
+    /// The guest sent the first REQUEST.
+    Guest,
+    /// The device sent the first REQUEST: a host client's `CONNECT`.
+    HostClient,
+    /// No REQUEST was recorded (the recording started later, or the connection never got
+    /// that far).
+    Unknown,
+}
+
+/// How a connection ended, as far as the trace shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// Still open when the trace ends.
+    Open,
+    /// A SHUTDOWN, and no RST yet.
+    ShutDown,
+    /// An RST after a shutdown: the normal end of a vsock connection.
+    Closed,
+    /// An RST from the device, with no shutdown before it.
+    ResetByDevice,
+    /// An RST from the guest, with no shutdown before it.
+    ResetByGuest,
+}
+
+impl Ending {
+    fn as_str(self) -> &'static str {
+        match self {
+            Ending::Open => "-",
+            Ending::ShutDown => "shut down",
+            Ending::Closed => "closed",
+            Ending::ResetByDevice => "reset by the device",
+            Ending::ResetByGuest => "reset by the guest",
+        }
+    }
+}
+
+/// One connection: the packets between one guest port and one host port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnSummary {
+    /// The guest's port.
+    pub guest_port: u32,
+    /// The host's port.
+    pub host_port: u32,
+    /// Who opened it.
+    pub opener: Opener,
+    /// The earliest timestamp of its packets, nanoseconds.
+    pub first_nanos: u64,
+    /// The latest timestamp of its packets, nanoseconds.
+    pub last_nanos: u64,
+    /// RW payload bytes from the guest (as the headers say; a snap length does not change
+    /// them).
+    pub bytes_from_guest: u64,
+    /// RW payload bytes to the guest.
+    pub bytes_to_guest: u64,
+    /// How it ended.
+    pub ending: Ending,
+}
+
+/// What a trace holds, in brief.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Summary {
+    /// The recorded configuration.
+    pub config: Option<Config>,
+    /// Records in the trace.
+    pub records: usize,
+    /// The earliest timestamp of any record, nanoseconds (0 for no records).
+    pub first_nanos: u64,
+    /// The latest timestamp of any record, nanoseconds.
+    pub last_nanos: u64,
+    /// Records whose timestamp is earlier than the record's before.
+    pub steps_back: u64,
+    /// The largest such step, nanoseconds.
+    pub largest_step_back_nanos: u64,
+    /// Packets from the guest.
+    pub packets_from_guest: u64,
+    /// Packets to the guest.
+    pub packets_to_guest: u64,
+    /// Host events and actions.
+    pub events: u64,
+    /// RW payload bytes from the guest.
+    pub bytes_from_guest: u64,
+    /// RW payload bytes to the guest.
+    pub bytes_to_guest: u64,
+    /// RSTs from the guest.
+    pub resets_from_guest: u64,
+    /// RSTs to the guest.
+    pub resets_to_guest: u64,
+    /// The connections, by guest port then host port.
+    pub connections: Vec<ConnSummary>,
+}
+
+impl Summary {
+    /// The summary of `entries`, in any order and with any timestamps.
+    pub fn from_entries(entries: &[Entry<'_>]) -> Summary {
+        let mut s = Summary {
+            config: None,
+            records: entries.len(),
+            first_nanos: entries.iter().map(|e| e.ts_nanos).min().unwrap_or(0),
+            last_nanos: entries.iter().map(|e| e.ts_nanos).max().unwrap_or(0),
+            steps_back: 0,
+            largest_step_back_nanos: 0,
+            packets_from_guest: 0,
+            packets_to_guest: 0,
+            events: 0,
+            bytes_from_guest: 0,
+            bytes_to_guest: 0,
+            resets_from_guest: 0,
+            resets_to_guest: 0,
+            connections: Vec::new(),
+        };
+        let mut conns: BTreeMap<(u32, u32), ConnSummary> = BTreeMap::new();
+        let mut previous: Option<u64> = None;
+        for e in entries {
+            if let Some(before) = previous.filter(|&before| e.ts_nanos < before) {
+                s.steps_back = s.steps_back.saturating_add(1);
+                s.largest_step_back_nanos = s.largest_step_back_nanos.max(before - e.ts_nanos);
+            }
+            previous = Some(e.ts_nanos);
+            let (to_guest, header) = match &e.item {
+                Item::Start(config, _) => {
+                    s.config.get_or_insert_with(|| config.clone());
+                    continue;
+                }
+                Item::Event(_) => {
+                    s.events = s.events.saturating_add(1);
+                    continue;
+                }
+                Item::Packet {
+                    to_guest, header, ..
+                } => (*to_guest, header),
+            };
+            let (guest_port, host_port) = if to_guest {
+                (header.dst_port.get(), header.src_port.get())
+            } else {
+                (header.src_port.get(), header.dst_port.get())
+            };
+            let c = conns
+                .entry((guest_port, host_port))
+                .or_insert_with(|| ConnSummary {
+                    guest_port,
+                    host_port,
+                    opener: Opener::Unknown,
+                    first_nanos: e.ts_nanos,
+                    last_nanos: e.ts_nanos,
+                    bytes_from_guest: 0,
+                    bytes_to_guest: 0,
+                    ending: Ending::Open,
+                });
+            c.first_nanos = c.first_nanos.min(e.ts_nanos);
+            c.last_nanos = c.last_nanos.max(e.ts_nanos);
+            let len = u64::from(header.len.get());
+            let (packets, bytes, resets, conn_bytes) = if to_guest {
+                (
+                    &mut s.packets_to_guest,
+                    &mut s.bytes_to_guest,
+                    &mut s.resets_to_guest,
+                    &mut c.bytes_to_guest,
+                )
+            } else {
+                (
+                    &mut s.packets_from_guest,
+                    &mut s.bytes_from_guest,
+                    &mut s.resets_from_guest,
+                    &mut c.bytes_from_guest,
+                )
+            };
+            *packets = packets.saturating_add(1);
+            match header.op.get() {
+                REQUEST if c.opener == Opener::Unknown => {
+                    c.opener = if to_guest {
+                        Opener::HostClient
+                    } else {
+                        Opener::Guest
+                    };
+                }
+                RW => {
+                    *bytes = bytes.saturating_add(len);
+                    *conn_bytes = conn_bytes.saturating_add(len);
+                }
+                RST => {
+                    *resets = resets.saturating_add(1);
+                    c.ending = match (c.ending, to_guest) {
+                        // After a shutdown, the RST is how a vsock connection ends normally.
+                        (Ending::ShutDown | Ending::Closed, _) => Ending::Closed,
+                        (_, true) => Ending::ResetByDevice,
+                        (_, false) => Ending::ResetByGuest,
+                    };
+                }
+                SHUTDOWN => c.ending = Ending::ShutDown,
+                _ => {}
+            }
+        }
+        s.connections = conns.into_values().collect();
+        s
+    }
+}
 
 fn secs(nanos: u64) -> f64 {
     nanos as f64 / 1e9
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(config) = &self.config {
+            writeln!(
+                f,
+                "configuration: guest CID {}, buffer {} bytes, up to {} connections",
+                config.guest_cid, config.buffer_size, config.max_connections
+            )?;
+        }
+        writeln!(
+            f,
+            "{} records over {:.3} s: {} packets from the guest, {} to the guest, {} host events",
+            self.records,
+            secs(self.last_nanos.saturating_sub(self.first_nanos)),
+            self.packets_from_guest,
+            self.packets_to_guest,
+            self.events
+        )?;
+        if self.steps_back > 0 {
+            writeln!(
+                f,
+                "the clock steps back {} times, by up to {:.3} s (times below run from the \
+                 earliest record)",
+                self.steps_back,
+                secs(self.largest_step_back_nanos)
+            )?;
+        }
+        writeln!(
+            f,
+            "bytes: {} guest->host, {} host->guest; resets: {} from the guest, {} to the guest",
+            self.bytes_from_guest,
+            self.bytes_to_guest,
+            self.resets_from_guest,
+            self.resets_to_guest
+        )?;
+        writeln!(f, "connections: {}", self.connections.len())?;
+        writeln!(
+            f,
+            "  {:>10} {:>10}  {:<12} {:>12} {:>12} {:>9} {:>9}  end",
+            "guest port", "host port", "opened by", "guest->host", "host->guest", "from s", "for s"
+        )?;
+        for c in &self.connections {
+            writeln!(
+                f,
+                "  {:>10} {:>10}  {:<12} {:>12} {:>12} {:>9.3} {:>9.3}  {}",
+                c.guest_port,
+                c.host_port,
+                match c.opener {
+                    Opener::Guest => "guest",
+                    Opener::HostClient => "host client",
+                    Opener::Unknown => "?",
+                },
+                c.bytes_from_guest,
+                c.bytes_to_guest,
+                secs(c.first_nanos.saturating_sub(self.first_nanos)),
+                secs(c.last_nanos.saturating_sub(c.first_nanos)),
+                c.ending.as_str()
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the trace in `bytes` and summarizes it.
+///
+/// # Errors
+///
+/// The file is not a readable trace ([`read`]'s errors).
+pub fn summarize(bytes: &[u8]) -> Result<Summary, TraceError> {
+    Ok(Summary::from_entries(&read(bytes)?))
 }
 
 /// Writes the summary of `entries` (a trace as [`read`](crate::replay::read) returns it) to
@@ -33,99 +305,5 @@ fn secs(nanos: u64) -> f64 {
 ///
 /// Any error writing to `out`.
 pub fn summary(out: &mut dyn Write, entries: &[Entry<'_>]) -> io::Result<()> {
-    let start = entries.first().map_or(0, |e| e.ts_nanos);
-    let end = entries.last().map_or(0, |e| e.ts_nanos);
-    let mut conns: BTreeMap<(u32, u32), Conn> = BTreeMap::new();
-    let (mut packets, mut events) = ([0u64; 2], 0u64);
-    let (mut bytes, mut resets) = ([0u64; 2], [0u64; 2]);
-    for e in entries {
-        match &e.item {
-            Item::Start(config) => writeln!(
-                out,
-                "configuration: guest CID {}, buffer {} bytes, up to {} connections",
-                config.guest_cid, config.buffer_size, config.max_connections
-            )?,
-            Item::Event(_) => events += 1,
-            Item::Packet {
-                to_guest, header, ..
-            } => {
-                let way = usize::from(*to_guest);
-                packets[way] += 1;
-                let (guest_port, host_port) = if *to_guest {
-                    (header.dst_port.get(), header.src_port.get())
-                } else {
-                    (header.src_port.get(), header.dst_port.get())
-                };
-                let op = header.op.get();
-                let c = conns.entry((guest_port, host_port)).or_default();
-                if c.first == 0 {
-                    c.first = e.ts_nanos;
-                }
-                c.last = e.ts_nanos;
-                if op == REQUEST && c.opened_by_guest.is_none() {
-                    c.opened_by_guest = Some(!*to_guest);
-                }
-                let len = u64::from(header.len.get());
-                if op == RW {
-                    bytes[way] += len;
-                    if *to_guest {
-                        c.bytes_to_guest += len;
-                    } else {
-                        c.bytes_from_guest += len;
-                    }
-                }
-                if op == RST {
-                    resets[way] += 1;
-                    // After a shutdown, the RST is how a vsock connection ends normally.
-                    c.ended = match (c.shut_down, *to_guest) {
-                        (true, _) => "closed",
-                        (false, true) => "reset by the device",
-                        (false, false) => "reset by the guest",
-                    };
-                } else if op == SHUTDOWN {
-                    c.shut_down = true;
-                    c.ended = "shut down";
-                }
-            }
-        }
-    }
-    writeln!(
-        out,
-        "{} records over {:.3} s: {} packets from the guest, {} to the guest, {} host events",
-        entries.len(),
-        secs(end - start),
-        packets[0],
-        packets[1],
-        events
-    )?;
-    writeln!(
-        out,
-        "bytes: {} guest->host, {} host->guest; resets: {} from the guest, {} to the guest",
-        bytes[0], bytes[1], resets[0], resets[1]
-    )?;
-    writeln!(out, "connections: {}", conns.len())?;
-    writeln!(
-        out,
-        "  {:>10} {:>10}  {:<12} {:>12} {:>12} {:>9} {:>9}  end",
-        "guest port", "host port", "opened by", "guest->host", "host->guest", "from s", "for s"
-    )?;
-    for ((guest_port, host_port), c) in &conns {
-        writeln!(
-            out,
-            "  {:>10} {:>10}  {:<12} {:>12} {:>12} {:>9.3} {:>9.3}  {}",
-            guest_port,
-            host_port,
-            match c.opened_by_guest {
-                Some(true) => "guest",
-                Some(false) => "host client",
-                None => "?",
-            },
-            c.bytes_from_guest,
-            c.bytes_to_guest,
-            secs(c.first - start),
-            secs(c.last - c.first),
-            if c.ended.is_empty() { "-" } else { c.ended }
-        )?;
-    }
-    Ok(())
+    write!(out, "{}", Summary::from_entries(entries))
 }

@@ -16,8 +16,10 @@ use crate::vsockmon::{self, LINKTYPE_VSOCK, RECORD_HEADER_LEN};
 pub const PACKETS: u32 = 0;
 /// The interface of host events.
 pub const EVENTS: u32 = 1;
-/// `if_description` of the event interface: names the encoding and its version.
-pub const EVENTS_DESCRIPTION: &str = "vsock host events, encoding v1";
+/// `if_description` of the event interface: names the encoding and its version
+/// ([`event::VERSION`]). Readers also take the older versions' (see
+/// [`event::is_events_description`]).
+pub const EVENTS_DESCRIPTION: &str = "vsock host events, encoding v2";
 /// The rx and tx queues' numbers, for `epb_queue`.
 const RX_QUEUE: u32 = 0;
 const TX_QUEUE: u32 = 1;

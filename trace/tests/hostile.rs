@@ -12,9 +12,11 @@ use common::Shared;
 fn trace() -> Vec<u8> {
     let out = Shared::default();
     let mut engine = Engine::new(Config::new(3), Instant::ZERO).unwrap();
-    engine.set_recorder(Some(Box::new(
-        TraceWriter::new(out.clone(), usize::MAX, 0).unwrap(),
-    )));
+    engine
+        .set_recorder(Some(Box::new(
+            TraceWriter::new(out.clone(), usize::MAX, 0).unwrap(),
+        )))
+        .unwrap();
     let now = Instant::from_millis(1);
     let conn = engine.handle_accept(now).unwrap();
     engine

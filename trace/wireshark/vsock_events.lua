@@ -53,6 +53,16 @@ local e_version = ProtoExpert.new("vsockev.version.unknown", "Unknown encoding v
     expert.group.PROTOCOL, expert.severity.WARN)
 p.experts = { e_short, e_version }
 
+-- Whether an event names a connection: its kind and code say it (a handle may be any value,
+-- all-ones included; events that name none carry all-ones).
+local function names_conn(kind, code)
+    if kind == 3 then return code == 0 end                  -- ACCEPT: accepted
+    if kind == 4 or kind == 5 or kind == 6 or kind == 8 or kind == 12 then return true end
+    if kind == 11 then return code == 2 end                 -- POLL_RX: a read grant
+    if kind == 13 then return code ~= 0 end                 -- ACTION: any but none
+    return false
+end
+
 function p.dissector(tvb, pinfo, tree)
     pinfo.cols.protocol = "vsockev"
     local t = tree:add(p, tvb())
@@ -71,14 +81,14 @@ function p.dissector(tvb, pinfo, tree)
     t:add_le(f.hdr_len, tvb(2, 2))
     local index = tvb(4, 4):le_uint()
     local generation = tvb(8, 4):le_uint()
+    local code = tvb(12, 4):le_uint()
     local conn = ""
-    if not (index == 0xffffffff and generation == 0xffffffff) then
+    if names_conn(kind, code) then
         conn = string.format("c%d.%d", index, generation)
         t:add(f.conn, tvb(4, 8), conn)
         t:add_le(f.index, tvb(4, 4))
         t:add_le(f.generation, tvb(8, 4))
     end
-    local code = tvb(12, 4):le_uint()
     local meaning = (codes[kind] or {})[code] or ""
     t:add_le(f.code, tvb(12, 4)):append_text(meaning ~= "" and (" (" .. meaning .. ")") or "")
     t:add_le(f.value, tvb(16, 8))

@@ -54,16 +54,22 @@ pub fn start(
     kick: OwnedFd,
     recorder: Option<Box<dyn Recorder>>,
 ) -> io::Result<Running> {
-    // Attached before the loop starts, so the trace holds the whole session.
-    let attach = move |driver: &mut VsockMio| {
+    // Attached before the loop starts, so the trace holds the whole session (and the engine
+    // holds no connection yet, so it is never refused).
+    let attach = move |driver: &mut VsockMio| -> io::Result<()> {
         if recorder.is_some() {
-            driver.device_mut().engine_mut().set_recorder(recorder);
+            driver
+                .device_mut()
+                .engine_mut()
+                .set_recorder(recorder)
+                .map_err(io::Error::other)?;
         }
+        Ok(())
     };
     match kind {
         RuntimeKind::Mio => {
             let mut lp = MioLoop::new(config)?;
-            attach(lp.driver_mut());
+            attach(lp.driver_mut())?;
             let thread = lp.spawn(transport, kick)?;
             Ok(Running {
                 stop: Box::new(move || thread.stop()),
@@ -75,8 +81,11 @@ pub fn start(
                 .enable_time()
                 .build()?;
             runtime.block_on(async move {
-                let mut vsock = report(&started, vsock_tokio::VsockTokio::new(config))?;
-                attach(vsock.driver_mut());
+                let built = vsock_tokio::VsockTokio::new(config).and_then(|mut vsock| {
+                    attach(vsock.driver_mut())?;
+                    Ok(vsock)
+                });
+                let vsock = report(&started, built)?;
                 vsock
                     .run(transport, kick, async {
                         let _ = stopped.await;
@@ -86,8 +95,11 @@ pub fn start(
         }),
         RuntimeKind::Smol => spawn_loop("vsock-smol", move |started, stopped| {
             async_io::block_on(async move {
-                let mut vsock = report(&started, vsock_smol::VsockSmol::new(config))?;
-                attach(vsock.driver_mut());
+                let built = vsock_smol::VsockSmol::new(config).and_then(|mut vsock| {
+                    attach(vsock.driver_mut())?;
+                    Ok(vsock)
+                });
+                let vsock = report(&started, built)?;
                 vsock
                     .run(transport, kick, async {
                         let _ = stopped.await;
