@@ -1,5 +1,5 @@
 -- Wireshark dissector for interface 1 of a vsock trace: the host side's events and the
--- engine's socket actions, encoding v1 (docs/trace-format.md), on link type USER0 (147).
+-- engine's socket actions, encoding v1 and v2 (docs/trace-format.md), on link type USER0 (147).
 --
 -- Use: tshark -X lua_script:trace/wireshark/vsock_events.lua -r FILE
 --   or copy this file into Wireshark's personal plugins folder.
@@ -71,7 +71,9 @@ function p.dissector(tvb, pinfo, tree)
         return
     end
     t:add_le(f.version, tvb(0, 1))
-    if tvb(0, 1):uint() ~= 1 then
+    -- Version 2 added the engine's state to START's data; the header is the same.
+    local version = tvb(0, 1):uint()
+    if version ~= 1 and version ~= 2 then
         t:add_proto_expert_info(e_version)
         return
     end
