@@ -23,7 +23,9 @@ pub struct Config {
     /// The most connections alive at once, counting host clients still sending `CONNECT`.
     pub max_connections: usize,
     /// The most host clients still sending their `CONNECT` line at once, so that clients of
-    /// the host socket cannot fill the table the guest's connections need.
+    /// the host socket cannot fill the table the guest's connections need. A client accepted
+    /// while this many are pending closes the one that has waited longest, so slow clients
+    /// never keep a prompt one out.
     pub max_pending_host_clients: usize,
     /// How long a host client may take to send its `CONNECT` line.
     pub connect_line_timeout: Duration,

@@ -228,8 +228,12 @@ impl Engine {
 
     /// The `(guest_port, host_port)` of a live connection, once known.
     pub fn conn_ports(&self, conn: ConnId) -> Option<(u32, u32)> {
+        // A host client has ports only once its CONNECT line named one: one refused (or
+        // closed) while still sending it never had any, whatever its phase is now.
         self.get(conn)
-            .filter(|c| c.phase != Phase::ConnectLine)
+            .filter(|c| {
+                c.origin == Origin::Guest || matches!(c.line.status(), ConnectStatus::Complete(_))
+            })
             .map(|c| (c.key.guest_port, c.key.host_port))
     }
 
@@ -675,12 +679,15 @@ impl Engine {
 
     fn accept(&mut self, now: Instant) -> Result<ConnId, TableFull> {
         self.advance(now);
-        if self.conns.len() >= self.config.max_connections
-            || self.reading_line >= self.config.max_pending_host_clients
-        {
+        if self.conns.len() >= self.config.max_connections {
             self.stats.accept_limit += 1;
-            debug!("connection table or pending host clients full; refusing host client");
+            debug!("connection table full; refusing host client");
             return Err(TableFull);
+        }
+        if self.reading_line >= self.config.max_pending_host_clients {
+            // The slowest client makes room, not the newest: a client that has not sent its
+            // line in all the time the others arrived must not keep a prompt one out.
+            self.evict_oldest_pending();
         }
         let key = Key {
             socket_type: SocketType::Stream,
@@ -749,6 +756,21 @@ impl Engine {
         }
         self.reconcile(idx);
         Ok(())
+    }
+
+    /// Closes the host client that has waited longest for its `CONNECT` line.
+    fn evict_oldest_pending(&mut self) {
+        let oldest = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.phase == Phase::ConnectLine)
+            .min_by_key(|(_, c)| (c.deadline, c.generation))
+            .map(|(idx, _)| idx);
+        if let Some(idx) = oldest {
+            self.stats.pending_evicted += 1;
+            debug!(conn = %self.id(idx), "pending host clients full; closing the oldest");
+            self.close_host_client(idx);
+        }
     }
 
     /// Closes a host client that never became a connection: nothing is owed to the guest,

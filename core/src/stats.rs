@@ -61,9 +61,11 @@ pub struct Stats {
     pub rst_for_unknown: u64,
     /// Answered with RST: a REQUEST while the connection table is full.
     pub connection_limit: u64,
-    /// Refused: a host client accepted while the connection table, or the room for clients
-    /// still sending their `CONNECT` line, is full.
+    /// Refused: a host client accepted while the connection table is full.
     pub accept_limit: u64,
+    /// Closed: a host client still sending its `CONNECT` line, the one that had waited
+    /// longest, to make room for a new one when the room for such clients was full.
+    pub pending_evicted: u64,
     /// Dropped: an RST reply that found the reply queue full.
     pub rst_queue_full: u64,
     /// Reset: guest memory could not be read for a payload.

@@ -324,19 +324,45 @@ fn host_clients_still_sending_connect_cannot_fill_the_table() {
     config.max_pending_host_clients = 4;
     let mut s = Sim::new(config, World::default());
     s.host_listen(80, Listen::Accept);
+    s.guest_listen(5000);
     // Four silent clients take all the room for pending clients...
-    for _ in 0..4 {
-        assert!(s.host_connect(b"CONN").is_some());
-    }
+    let slow: Vec<_> = (0..4)
+        .map(|_| s.host_connect(b"CONN").expect("room"))
+        .collect();
+    s.run();
+    // ...a prompt client still gets in, and the one that waited longest makes room...
+    let prompt = s.host_connect(b"CONNECT 5000\n").expect("a prompt client is accepted");
+    s.run();
+    assert_eq!(s.engine.stats().pending_evicted, 1);
+    assert_eq!(s.engine.stats().accept_limit, 0);
+    assert!(s.any_sock(slow[0]).closed, "the oldest pending client was closed");
+    assert!(slow[1..].iter().all(|&c| !s.any_sock(c).closed));
     assert!(
-        s.host_connect(b"CONNECT 1\n").is_none(),
-        "a fifth pending client is refused"
+        s.any_sock(prompt).received.starts_with(b"OK "),
+        "the prompt client is served"
     );
-    assert_eq!(s.engine.stats().accept_limit, 1);
-    // ...but the guest can still connect.
+    // ...and the guest can still connect.
     let g = s.guest_connect(80);
     s.run();
     assert!(s.guest.conns[&g].established);
+}
+
+/// A storm of slow clients never keeps a prompt one out, however many there are.
+#[test]
+fn a_flood_of_slow_clients_never_keeps_a_prompt_one_out() {
+    let mut config = Sim::default_config();
+    config.max_pending_host_clients = 8;
+    let mut s = Sim::new(config, World::default());
+    s.guest_listen(5000);
+    for _ in 0..300 {
+        assert!(s.host_connect(b"CONNECT 50").is_some());
+        s.run_bounded(100);
+    }
+    let prompt = s.host_connect(b"CONNECT 5000\n").expect("accepted");
+    s.run();
+    assert!(s.any_sock(prompt).received.starts_with(b"OK "));
+    assert_eq!(s.engine.stats().pending_evicted, 300 - 8 + 1);
+    assert!(s.engine.connections() <= 8 + 1);
 }
 
 #[test]

@@ -160,6 +160,11 @@ impl Reactor for MioReactor {
 /// retry they would wait for the next client to connect, however long that takes.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
+/// The most host clients accepted per wake-up. A flood of clients then cannot starve the
+/// queues and the clients already accepted: the rest wait in the backlog until the next
+/// round, which comes at once.
+const ACCEPT_BATCH: usize = 32;
+
 /// A vsock device driven from the caller's mio loop.
 pub struct VsockMio {
     device: VsockDevice,
@@ -169,6 +174,8 @@ pub struct VsockMio {
     epoch: std::time::Instant,
     /// When to accept again after an accept failed with clients possibly still waiting.
     accept_retry: Option<Instant>,
+    /// A round of accepts stopped at [`ACCEPT_BATCH`] with clients possibly still waiting.
+    accept_more: bool,
 }
 
 impl VsockMio {
@@ -201,6 +208,7 @@ impl VsockMio {
             tokens: config.tokens,
             epoch,
             accept_retry: None,
+            accept_more: false,
         })
     }
 
@@ -267,15 +275,19 @@ impl VsockMio {
     }
 
     fn accept_all(&mut self, now: Instant) {
-        loop {
+        self.accept_more = false;
+        let batch = ACCEPT_BATCH.min(self.device.engine().config().max_pending_host_clients);
+        for _ in 0..batch {
             match self.listener.accept() {
                 Ok(Some(stream)) => {
                     let engine = self.device.engine_mut();
                     if let Some(conn) = self.host.adopt_client(now, engine, stream) {
                         debug!(%conn, "host client");
-                        // Its line may already be there; edge-triggered registration reports
-                        // it too, and a spurious readable is harmless.
+                        // Its line may already be there: read it now, so a prompt client is
+                        // no longer pending when the next one arrives (edge-triggered
+                        // registration reports it too; a spurious readable is harmless).
                         let _ = engine.handle_host_event(now, conn, HostEvent::Readable);
+                        self.device.perform_actions(now, &mut self.host);
                     }
                 }
                 Ok(None) => {
@@ -295,11 +307,13 @@ impl VsockMio {
                 }
             }
         }
+        // More may wait: the next round comes after the queues and the other sockets had theirs.
+        self.accept_more = true;
     }
 
     /// Accepts the clients a failed accept left in the backlog, once the retry is due.
     fn retry_accept(&mut self, now: Instant) {
-        if self.accept_retry.is_some_and(|t| t <= now) {
+        if self.accept_more || self.accept_retry.is_some_and(|t| t <= now) {
             self.accept_all(now);
         }
     }
@@ -438,6 +452,9 @@ impl VsockMio {
     /// deadline (the engine's, or the retry of a failed accept), or `None` if no deadline is
     /// pending.
     pub fn timeout(&mut self) -> Option<Duration> {
+        if self.accept_more {
+            return Some(Duration::ZERO);
+        }
         let now = self.now();
         let engine = self.device.engine_mut().poll_timeout();
         let next = match (engine, self.accept_retry) {

@@ -338,6 +338,98 @@ fn reply_then_close_delivers_the_whole_reply(rt: Runtime) {
     rig.stop();
 }
 
+/// 200 host clients connect to a guest listener at once: every one is served.
+fn a_storm_of_host_clients_is_served(rt: Runtime) {
+    const CLIENTS: usize = 200;
+    let mut rig = Rig::start(rt, config());
+    rig.guest.stack.listen(5000);
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(CLIENTS));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let path = rig.listener();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || -> Result<(), String> {
+                barrier.wait();
+                let mut c = UnixStream::connect(&path).map_err(|e| format!("connect: {e}"))?;
+                c.set_read_timeout(Some(LONG)).unwrap();
+                c.write_all(b"CONNECT 5000\n")
+                    .map_err(|e| format!("write: {e}"))?;
+                let mut line = Vec::new();
+                let mut byte = [0u8];
+                while !line.ends_with(b"\n") {
+                    match c.read(&mut byte) {
+                        Ok(0) => return Err(format!("closed after {line:?}")),
+                        Ok(_) => line.push(byte[0]),
+                        Err(e) => return Err(format!("read after {line:?}: {e}")),
+                    }
+                }
+                if !line.starts_with(b"OK ") {
+                    return Err(format!("got {line:?}"));
+                }
+                c.write_all(format!("client {i}").as_bytes())
+                    .map_err(|e| format!("write: {e}"))?;
+                Ok(())
+            })
+        })
+        .collect();
+    rig.until("every client answered", LONG, |_| {
+        clients.iter().all(|c| c.is_finished())
+    });
+    let failed: Vec<String> = clients
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, c)| c.join().unwrap().err().map(|e| format!("client {i}: {e}")))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{rt:?}: {} of {CLIENTS} clients failed: {failed:?}",
+        failed.len()
+    );
+    rig.stop();
+}
+
+/// 300 clients that never finish their `CONNECT` line, then a prompt one: it is served at
+/// its first attempt, at once.
+fn slow_clients_never_keep_a_prompt_one_out(rt: Runtime) {
+    let mut rig = Rig::start(rt, config());
+    rig.guest.stack.listen(5000);
+    let mut slow = Vec::new();
+    for _ in 0..300 {
+        let mut c = UnixStream::connect(rig.listener()).unwrap();
+        // An older slow client may already have been closed to make room: that is the point.
+        let _ = c.write_all(b"CONNECT 50");
+        slow.push(c);
+        rig.step();
+    }
+    let start = std::time::Instant::now();
+    let mut c = UnixStream::connect(rig.listener()).unwrap();
+    c.write_all(b"CONNECT 5000\n").unwrap();
+    c.set_nonblocking(true).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while !got.ends_with(b"\n") {
+        match c.read(&mut buf) {
+            Ok(0) => panic!("{rt:?}: the prompt client was closed"),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                assert!(start.elapsed() < LONG, "{rt:?}: no answer");
+                rig.step();
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Err(e) => panic!("{rt:?}: {e}"),
+        }
+    }
+    let took = start.elapsed();
+    assert!(got.starts_with(b"OK "), "{rt:?}: {got:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "{rt:?}: the prompt client waited {took:?}"
+    );
+    drop(slow);
+    let vsock = rig.stop();
+    assert!(vsock.device().engine().stats().pending_evicted >= 300 - 64);
+}
+
 fn a_guest_that_stops_posting_rx_buffers_loses_nothing(rt: Runtime) {
     let mut rig = Rig::start(rt, config());
     let listener = UnixListener::bind(rig.port_path(83)).unwrap();
@@ -582,6 +674,8 @@ conformance!(
     rst_from_the_guest_mid_transfer_closes_the_host_socket,
     host_peer_closing_with_unread_data_resets_the_guest,
     reply_then_close_delivers_the_whole_reply,
+    a_storm_of_host_clients_is_served,
+    slow_clients_never_keep_a_prompt_one_out,
     a_guest_that_stops_posting_rx_buffers_loses_nothing,
     a_host_reader_that_stalls_loses_nothing,
     sixty_four_mib_each_way_with_a_checksum,
