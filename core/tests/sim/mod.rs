@@ -543,6 +543,13 @@ impl Sim {
         // Clocks.
         if self.engine.poll_timeout().is_some_and(|t| t <= now) {
             self.engine.handle_timeout(now);
+            // A loop that sleeps until the next deadline must never be handed one that has
+            // passed: it would wake at once, forever.
+            let next = self.engine.poll_timeout();
+            assert!(
+                next.is_none_or(|t| t > now),
+                "handle_timeout({now:?}) left a passed deadline {next:?}"
+            );
             progress = true;
         }
         progress |= self.guest.handle_timeout(now);
