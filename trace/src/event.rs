@@ -90,6 +90,9 @@ pub enum EventError {
     Short,
     /// Another version of the encoding.
     Version(u8),
+    /// A `START` field holds a value its type cannot (a `u32` field over 2^32 − 1): reading
+    /// it cut would replay another configuration than the one recorded.
+    OutOfRange(&'static str),
     /// An unknown kind or code.
     Unknown {
         /// The kind.
@@ -107,6 +110,7 @@ impl fmt::Display for EventError {
                 f,
                 "event encoding version {v}, not {OLDEST_VERSION} to {VERSION}"
             ),
+            EventError::OutOfRange(field) => write!(f, "start field {field} out of range"),
             EventError::Unknown { kind, code } => {
                 write!(f, "unknown event kind {kind} code {code}")
             }
@@ -259,18 +263,24 @@ fn decode_config(data: &[u8]) -> Result<Config, EventError> {
         return Err(EventError::Short);
     }
     let v = |i: usize| u64::from_le_bytes(data[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    let narrow = |i: usize, field: &'static str| {
+        u32::try_from(v(i)).map_err(|_| EventError::OutOfRange(field))
+    };
+    let size = |i: usize, field: &'static str| {
+        usize::try_from(v(i)).map_err(|_| EventError::OutOfRange(field))
+    };
     let mut c = Config::new(v(0));
-    c.buffer_size = v(1) as u32;
-    c.max_packet_payload = v(2) as u32;
-    c.max_connections = v(3) as usize;
-    c.max_pending_host_clients = v(4) as usize;
+    c.buffer_size = narrow(1, "buffer_size")?;
+    c.max_packet_payload = narrow(2, "max_packet_payload")?;
+    c.max_connections = size(3, "max_connections")?;
+    c.max_pending_host_clients = size(4, "max_pending_host_clients")?;
     c.connect_line_timeout = Duration::from_nanos(v(5));
     c.connect_timeout = Duration::from_nanos(v(6));
     c.close_timeout = Duration::from_nanos(v(7));
-    c.host_port_first = v(8) as u32;
-    c.credit_update_threshold = v(9) as u32;
-    c.max_pending_resets = v(10) as usize;
-    c.pooled_buffers = v(11) as usize;
+    c.host_port_first = narrow(8, "host_port_first")?;
+    c.credit_update_threshold = narrow(9, "credit_update_threshold")?;
+    c.max_pending_resets = size(10, "max_pending_resets")?;
+    c.pooled_buffers = size(11, "pooled_buffers")?;
     Ok(c)
 }
 
@@ -363,16 +373,13 @@ pub fn decode(record: &[u8]) -> Result<Decoded<'_>, EventError> {
                 let state = data
                     .get(CONFIG_LEN..CONFIG_LEN + SNAPSHOT_LEN)
                     .ok_or(EventError::Short)?;
-                let v = |i: usize| {
+                let v = |i: usize, field: &'static str| {
                     let v = u64::from_le_bytes(state[i..i + 8].try_into().expect("8 bytes"));
-                    u32::try_from(v).map_err(|_| EventError::Unknown {
-                        kind: kind::START,
-                        code: f.code,
-                    })
+                    u32::try_from(v).map_err(|_| EventError::OutOfRange(field))
                 };
                 Snapshot {
-                    next_generation: v(0)?,
-                    next_host_port: v(8)?,
+                    next_generation: v(0, "next_generation")?,
+                    next_host_port: v(8, "next_host_port")?,
                 }
             };
             return Ok(Decoded::Start(config, snapshot));
@@ -487,6 +494,16 @@ mod tests {
         encode(&mut buf, None, &Event::Start(&config, snapshot));
         assert_eq!(buf.len(), HEADER_LEN + CONFIG_LEN + SNAPSHOT_LEN);
         assert_eq!(decode(&buf), Ok(Decoded::Start(config.clone(), snapshot)));
+        // A field its type cannot hold is refused, not cut.
+        let mut wide = buf.clone();
+        wide[HEADER_LEN + 8 + 4] = 1;
+        assert_eq!(decode(&wide), Err(EventError::OutOfRange("buffer_size")));
+        let mut wide = buf.clone();
+        wide[HEADER_LEN + CONFIG_LEN + 4] = 1;
+        assert_eq!(
+            decode(&wide),
+            Err(EventError::OutOfRange("next_generation"))
+        );
         // A version 2 start cut after the configuration is short.
         assert_eq!(
             decode(&buf[..HEADER_LEN + CONFIG_LEN]),

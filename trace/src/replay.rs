@@ -170,9 +170,10 @@ impl std::error::Error for Divergence {}
 /// for every connection, and the tables reserved for them ([`Engine::memory_bound`]). A
 /// replay refuses a configuration whose bound is over its budget rather than let a small
 /// hostile trace (its payloads cut by a snap length, replayed as zeros) make it hold
-/// gigabytes. 1 GiB admits the default configuration (1,024 connections of 256 KiB: about
-/// 257 MiB) four times over, and any configuration a device could run on a host that spares
-/// it that much; it is what a CI runner or a laptop can give a replay without trouble.
+/// gigabytes. 1 GiB admits the default configuration (1,024 connections of 256 KiB: just
+/// over 256 MiB) nearly four times over, and so any configuration within a few times the
+/// defaults; it is what a CI runner or a laptop can give a replay without trouble, while the
+/// separate caps it replaces (64 MiB buffers, 65,536 connections) let 4 TiB through.
 /// [`replay_within`] takes another budget (`vsock-replay --memory-budget`).
 pub const DEFAULT_MEMORY_BUDGET: u64 = 1 << 30;
 

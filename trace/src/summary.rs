@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{self, Write};
 
+use vsock_core::record::Snapshot;
 use vsock_core::Config;
 
 use crate::replay::{read, Entry, Item, TraceError};
@@ -88,6 +89,8 @@ pub struct ConnSummary {
 pub struct Summary {
     /// The recorded configuration.
     pub config: Option<Config>,
+    /// The engine's state when the recorder was attached.
+    pub snapshot: Option<Snapshot>,
     /// Records in the trace.
     pub records: usize,
     /// The earliest timestamp of any record, nanoseconds (0 for no records).
@@ -121,6 +124,7 @@ impl Summary {
     pub fn from_entries(entries: &[Entry<'_>]) -> Summary {
         let mut s = Summary {
             config: None,
+            snapshot: None,
             records: entries.len(),
             first_nanos: entries.iter().map(|e| e.ts_nanos).min().unwrap_or(0),
             last_nanos: entries.iter().map(|e| e.ts_nanos).max().unwrap_or(0),
@@ -144,8 +148,9 @@ impl Summary {
             }
             previous = Some(e.ts_nanos);
             let (to_guest, header) = match &e.item {
-                Item::Start(config, _) => {
+                Item::Start(config, snapshot) => {
                     s.config.get_or_insert_with(|| config.clone());
+                    s.snapshot.get_or_insert(*snapshot);
                     continue;
                 }
                 Item::Event(_) => {
@@ -234,6 +239,13 @@ impl fmt::Display for Summary {
                 "configuration: guest CID {}, buffer {} bytes, up to {} connections",
                 config.guest_cid, config.buffer_size, config.max_connections
             )?;
+            if let Some(snapshot) = self.snapshot.filter(|s| *s != Snapshot::fresh(config)) {
+                writeln!(
+                    f,
+                    "recorded mid-session: next connection generation {}, next host port {}",
+                    snapshot.next_generation, snapshot.next_host_port
+                )?;
+            }
         }
         writeln!(
             f,

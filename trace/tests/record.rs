@@ -248,6 +248,12 @@ fn a_recorder_attached_after_connections_came_and_went_replays() {
     let trace = out.bytes();
     let replayed = replay(&trace).unwrap_or_else(|err| panic!("{err}"));
     assert!(replayed.actions > 2, "{replayed:?}");
+    let summary = vsock_trace::summary::summarize(&trace).unwrap();
+    assert_eq!(summary.snapshot.map(|s| s.next_generation), Some(4));
+    assert!(
+        summary.to_string().contains("recorded mid-session"),
+        "{summary}"
+    );
 }
 
 /// A recorder offered while a connection is open, or while an RST is owed to the guest, is
