@@ -8,8 +8,9 @@
 //!
 //! The guest image comes from `scripts/guest/build.sh` (in `target/guest`, or
 //! `$VSOCK_GUEST_DIR`); the daemon from `cargo build --release -p vsock-vhost-user` (or
-//! `$VSOCK_DAEMON`). Without them the tests say they skip, unless `VSOCK_REQUIRE_GUEST=1`
-//! (set by `scripts/test.sh`) makes that a failure.
+//! `$VSOCK_DAEMON`). Without the image or QEMU the tests are built `#[ignore]`d, saying why
+//! (`tests/build.rs` decides), unless `VSOCK_REQUIRE_GUEST=1` (set by `scripts/test.sh`)
+//! makes that a failure; a missing daemon is always a failure, since cargo builds it.
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -82,7 +83,8 @@ impl Image {
             .unwrap_or_else(|| target_dir().join("release/vhost-user-vsock"));
         if !daemon.is_file() {
             return Err(format!(
-                "no daemon at {} (cargo build --release -p vsock-vhost-user)",
+                "no daemon at {} (build it: cargo build --release -p vsock-vhost-user --bin \
+                 vhost-user-vsock)",
                 daemon.display()
             ));
         }
@@ -93,21 +95,15 @@ impl Image {
         })
     }
 
-    /// The image, or `None` after saying why the test `name` skips. With
-    /// `VSOCK_REQUIRE_GUEST=1` a missing part fails the test instead.
-    pub fn or_skip(name: &str) -> Option<Image> {
-        match Image::find() {
-            Ok(image) => Some(image),
-            Err(why) if std::env::var_os("VSOCK_REQUIRE_GUEST").is_some_and(|v| v == "1") => {
-                panic!("{name}: the real-guest test cannot run: {why}")
-            }
-            Err(why) => {
-                eprintln!(
-                    "SKIPPED {name}: {why}. ./scripts/test.sh sets it all up and runs these tests."
-                );
-                None
-            }
-        }
+    /// The image for a real-guest test, or a panic naming the missing part.
+    ///
+    /// The tests are built `#[ignore]`d where the guest image or QEMU is missing (see
+    /// `tests/build.rs`), so a test that runs is one that must find everything: without
+    /// `VSOCK_REQUIRE_GUEST=1` only the daemon can be missing, and it is a build away.
+    pub fn require() -> Image {
+        Image::find().unwrap_or_else(|why| {
+            panic!("the real-guest test cannot run: {why}. ./scripts/test.sh sets it all up.")
+        })
     }
 }
 
@@ -158,6 +154,13 @@ impl Daemon {
         }
         command.arg("--runtime").arg(runtime);
         Daemon::spawn(command, dir)
+    }
+
+    /// Starts the daemon on `runtime` with more `flags` (`--tx-buffer-size`, ...).
+    pub fn start_flags(image: &Image, runtime: &str, flags: &[&str]) -> Daemon {
+        let mut command = Command::new(&image.daemon);
+        command.args(flags).arg("--runtime").arg(runtime);
+        Daemon::spawn(command, Scratch::new("d"))
     }
 
     /// Starts another vhost-user vsock backend that takes the same `--socket`, `--uds-path`
@@ -214,6 +217,25 @@ impl Daemon {
         let mut path = self.uds.clone().into_os_string();
         path.push(format!("_{port}"));
         path.into()
+    }
+
+    /// The daemon's process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until the host listener at `<uds_path>` accepts connections (it is bound after
+    /// the vhost-user socket). The probe is a host client that closes at once.
+    pub fn wait_for_host_listener(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&self.uds).is_err() {
+            assert!(self.running(), "the daemon exited:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "the host listener never answered"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Whether the process still runs.

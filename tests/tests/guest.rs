@@ -3,16 +3,19 @@
 //! `tests/guest/checks.sh` while the test plays the host side; a second test kills a guest
 //! mid-transfer and has the same daemon serve the next one.
 //!
-//! These tests skip (saying so) when QEMU, the guest image or the release daemon is missing,
-//! unless `VSOCK_REQUIRE_GUEST=1`; `scripts/test.sh` provides all three and sets it.
+//! These tests are ignored (saying why) when QEMU or the guest image is missing, unless
+//! `VSOCK_REQUIRE_GUEST=1`; a missing release daemon fails them with the command that builds
+//! it. `scripts/test.sh` provides all three and sets it.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vsock_tests::guest::{self, field, Daemon, Image, Vm};
 
@@ -29,10 +32,7 @@ fn peer<T: Send + 'static>(
 }
 
 fn all_checks(runtime: &str) {
-    let name = format!("all_checks_{runtime}");
-    let Some(image) = Image::or_skip(&name) else {
-        return;
-    };
+    let image = Image::require();
     let _turn = guest::exclusive();
     let daemon = Daemon::start(&image, runtime);
     let stop = Arc::new(AtomicBool::new(false));
@@ -183,10 +183,7 @@ fn all_checks(runtime: &str) {
 /// A guest killed mid-transfer in both directions: the host sockets end (nothing hangs), the
 /// daemon lives on, and the next guest is served.
 fn guest_killed(runtime: &str) {
-    let name = format!("guest_killed_{runtime}");
-    let Some(image) = Image::or_skip(&name) else {
-        return;
-    };
+    let image = Image::require();
     let _turn = guest::exclusive();
     let daemon = Daemon::start(&image, runtime);
     let stop = Arc::new(AtomicBool::new(false));
@@ -283,10 +280,7 @@ fn guest_killed(runtime: &str) {
 /// fresh engine, stays small, and tshark reads it cleanly. `VSOCK_SAVE_TRACES=DIR` keeps a
 /// copy (how the regression traces in `tests/traces` are made).
 fn recorded_trace(runtime: &str) {
-    let name = format!("recorded_trace_{runtime}");
-    let Some(image) = Image::or_skip(&name) else {
-        return;
-    };
+    let image = Image::require();
     let _turn = guest::exclusive();
     let daemon = Daemon::start_with(&image, runtime, true);
     let stop = Arc::new(AtomicBool::new(false));
@@ -395,10 +389,7 @@ fn hold_a_connection(
 /// guest, once resumed, gets an RST for it rather than waiting forever for data that will never
 /// come; and new connections work.
 fn paused_vm(runtime: &str) {
-    let name = format!("paused_vm_{runtime}");
-    let Some(image) = Image::or_skip(&name) else {
-        return;
-    };
+    let image = Image::require();
     let _turn = guest::exclusive();
     let daemon = Daemon::start(&image, runtime);
     let stop = Arc::new(AtomicBool::new(false));
@@ -455,10 +446,7 @@ fn paused_vm(runtime: &str) {
 /// SIGTERM while the guest holds a connection: the daemon exits cleanly, and the guest's
 /// reader learns of the end (the RST the shutdown sends) instead of waiting forever.
 fn sigterm_resets_the_guest(runtime: &str) {
-    let name = format!("sigterm_resets_the_guest_{runtime}");
-    let Some(image) = Image::or_skip(&name) else {
-        return;
-    };
+    let image = Image::require();
     let _turn = guest::exclusive();
     let daemon = Daemon::start(&image, runtime);
     let stop = Arc::new(AtomicBool::new(false));
@@ -474,11 +462,533 @@ fn sigterm_resets_the_guest(runtime: &str) {
     );
 }
 
+/// The CPU time (user and system) process `pid` has used so far, from `/proc/<pid>/stat`.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the daemon's stat");
+    // After the command name (in parentheses, and it may hold spaces) comes field 3, the
+    // state; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_nanos(ticks * 1_000_000_000 / hz)
+}
+
+/// The share of one core process `pid` uses over the next `window`.
+fn cpu_share(pid: u32, window: Duration) -> f64 {
+    let (cpu0, t0) = (cpu_time(pid), Instant::now());
+    thread::sleep(window);
+    let (cpu1, t1) = (cpu_time(pid), Instant::now());
+    (cpu1 - cpu0).as_secs_f64() / (t1 - t0).as_secs_f64()
+}
+
+/// A host client of `<uds_path>` that writes `line`, then reads until the daemon closes it.
+/// Returns how long after `since` the end came (`None` if not within `limit`) and what it read.
+fn client_until_closed(
+    uds: &std::path::Path,
+    line: &'static [u8],
+    since: Instant,
+    limit: Duration,
+) -> thread::JoinHandle<(Option<Duration>, Vec<u8>)> {
+    let mut s = UnixStream::connect(uds).expect("connect to <uds_path>");
+    thread::spawn(move || {
+        s.write_all(line).expect("write to the daemon");
+        s.set_read_timeout(Some(limit)).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        loop {
+            match s.read(&mut buf) {
+                // End of file, or a reset: either way the daemon closed it.
+                Ok(0) => return (Some(since.elapsed()), got),
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => {
+                    return (Some(since.elapsed()), got)
+                }
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return (None, got),
+            }
+        }
+    })
+}
+
+/// The daemon before any VM attaches: host clients come and go, and it must sleep between
+/// their deadlines instead of spinning, close a client that sends no `CONNECT` line at the line
+/// timeout (5 s), and close one whose `CONNECT` no guest answers at the connect timeout (2 s).
+/// A VM that attaches afterwards is served as usual.
+fn no_vm_attached(runtime: &str) {
+    let image = Image::require();
+    let _turn = guest::exclusive();
+    let mut daemon = Daemon::start(&image, runtime);
+    daemon.wait_for_host_listener();
+    let pid = daemon.pid();
+    let uds = daemon.uds.clone();
+    let line_timeout = vsock_core::Config::new(3).connect_line_timeout;
+    let connect_timeout = vsock_core::Config::new(3).connect_timeout;
+    let slack = Duration::from_millis(1500);
+
+    let idle = cpu_share(pid, Duration::from_millis(1500));
+
+    let since = Instant::now();
+    let silent = client_until_closed(&uds, b"", since, line_timeout + Duration::from_secs(10));
+    let connect = client_until_closed(
+        &uds,
+        b"CONNECT 1234\n",
+        since,
+        connect_timeout + Duration::from_secs(10),
+    );
+    // Clients that come and go: some say nothing, some half a line.
+    for i in 0..20 {
+        let mut s = UnixStream::connect(&uds).expect("connect to <uds_path>");
+        if i % 2 == 1 {
+            let _ = s.write_all(b"CONNECT 12");
+        }
+    }
+    // While the clients wait, and again once every deadline has passed.
+    let waiting = cpu_share(pid, Duration::from_millis(2500));
+    thread::sleep(
+        (since + line_timeout + Duration::from_millis(500))
+            .saturating_duration_since(Instant::now()),
+    );
+    let after = cpu_share(pid, Duration::from_millis(2500));
+    let (silent_end, silent_got) = silent.join().unwrap();
+    let (connect_end, connect_got) = connect.join().unwrap();
+    eprintln!(
+        "no_vm_attached({runtime}): daemon CPU {:.1}% of a core idle, {:.1}% while clients \
+         wait, {:.1}% after their deadlines; silent client closed after {silent_end:?}, \
+         CONNECT client after {connect_end:?} (read {:?})",
+        idle * 100.0,
+        waiting * 100.0,
+        after * 100.0,
+        String::from_utf8_lossy(&connect_got)
+    );
+    for (when, share) in [
+        ("idle", idle),
+        ("while clients wait", waiting),
+        ("after the deadlines", after),
+    ] {
+        assert!(
+            share < 0.10,
+            "the daemon with no VM uses {:.1}% of a core {when}",
+            share * 100.0
+        );
+    }
+    let silent_end = silent_end.expect("the daemon never closed the silent client");
+    assert!(
+        silent_end <= line_timeout + slack,
+        "the silent client was closed after {silent_end:?}, not at the {line_timeout:?} line \
+         timeout"
+    );
+    assert!(
+        silent_got.is_empty(),
+        "the silent client read {silent_got:?}"
+    );
+    let connect_end = connect_end.expect("the daemon never closed the CONNECT client");
+    assert!(
+        connect_end <= connect_timeout + slack,
+        "the CONNECT client was closed after {connect_end:?}, not at the {connect_timeout:?} \
+         connect timeout"
+    );
+    assert!(
+        !connect_got.starts_with(b"OK"),
+        "no guest, yet the CONNECT client read {:?}",
+        String::from_utf8_lossy(&connect_got)
+    );
+    assert!(daemon.running(), "{}", daemon.log());
+
+    // Now a VM on the same daemon.
+    let stop = Arc::new(AtomicBool::new(false));
+    let vm = Vm::boot(
+        &image,
+        &daemon.socket,
+        "socat -t 10 VSOCK-LISTEN:5003 EXEC:sha256sum\necho \"SERVED rc=$?\"\n",
+    );
+    let u = uds.clone();
+    let talk = peer(&stop, move |stop| {
+        let mut s = guest::connect(&u, 5003, stop)?;
+        guest::send_then_read(&mut s, 64 * 1024, 0x1d1e).ok()
+    });
+    let out = vm.wait(Duration::from_secs(180));
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(out.status, Some(0), "{}", out.serial);
+    assert_eq!(out.line("SERVED "), Some("rc=0"), "{}", out.serial);
+    let (sent, reply) = talk.join().unwrap().expect("a connection to the guest");
+    assert!(
+        reply.starts_with(&sent),
+        "{reply:?} is not the digest of {sent}"
+    );
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+}
+
+/// The number of bytes waiting unread in `stream`'s receive queue.
+fn unread(stream: &UnixStream) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which outlives the call.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(rc, 0, "FIONREAD: {}", std::io::Error::last_os_error());
+    n as usize
+}
+
+/// The reply a host program sends before closing, in `reply_then_close`.
+const REPLY: u64 = 300_000;
+
+/// A guest connects to a host program and writes much more than the program will ever read;
+/// the program answers with 300,000 bytes and closes its socket with the guest's bytes still
+/// unread (the daemon sees `ECONNRESET` on its next write). The guest must still receive the
+/// whole reply, and then see its connection end.
+fn reply_then_close(runtime: &str) {
+    let image = Image::require();
+    let _turn = guest::exclusive();
+    let daemon = Daemon::start(&image, runtime);
+    let stop = Arc::new(AtomicBool::new(false));
+    let l = guest::listen(&daemon.port_path(5020));
+    let host = peer(&stop, move |stop| {
+        let mut s = guest::accept(&l, stop)?;
+        // Let the guest's bytes pile up unread.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while unread(&s) < 128 * 1024 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        s.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+        let sent = guest::send(&mut s, REPLY, 0x7e91).ok()?;
+        let left = unread(&s);
+        drop(s);
+        Some((sent, left))
+    });
+    // socat's `nofork` makes the vsock socket the shell's stdin and stdout, so that a writer
+    // and a reader use it at once: the reader never waits on the writer.
+    let script = "head -c 1048576 /dev/urandom > /tmp/out\n\
+                  cat > /tmp/rt.sh <<'EOF'\n\
+                  cat /tmp/out &\n\
+                  cat > /tmp/in 2> /tmp/rerr\n\
+                  echo $? > /tmp/rrc\n\
+                  kill $! 2> /dev/null\n\
+                  EOF\n\
+                  t0=$(cut -d' ' -f1 /proc/uptime)\n\
+                  timeout 120 socat VSOCK-CONNECT:2:5020 'EXEC:sh /tmp/rt.sh,nofork' 2> /tmp/serr\n\
+                  rc=$?\n\
+                  t1=$(cut -d' ' -f1 /proc/uptime)\n\
+                  echo \"REPLY bytes=$(wc -c < /tmp/in) sha=$(sha256sum /tmp/in | cut -d' ' -f1) \
+                  reader=$(cat /tmp/rrc 2>/dev/null || echo none) socat=$rc t0=$t0 t1=$t1 \
+                  err=$(cat /tmp/rerr /tmp/serr | tr '\\n' ' ')\"\n";
+    let vm = Vm::boot(&image, &daemon.socket, script);
+    let out = vm.wait(Duration::from_secs(300));
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(out.status, Some(0), "{}", out.serial);
+    let (sent, left) = host.join().unwrap().expect("the host program's reply");
+    let reply = out.line("REPLY ").expect("the guest's report");
+    eprintln!("reply_then_close({runtime}): {reply}; {left} guest bytes unread at the close");
+    assert!(
+        left > 0,
+        "the host read everything: not the case under test"
+    );
+    assert_eq!(
+        field(reply, "bytes"),
+        Some(REPLY.to_string().as_str()),
+        "{reply}\n{}",
+        daemon.log()
+    );
+    assert_eq!(field(reply, "sha"), Some(sent.as_str()), "{reply}");
+    // The reader ended: end of file (0) or a reset (1), not the timeout's kill.
+    assert!(
+        matches!(field(reply, "reader"), Some("0" | "1")),
+        "the guest never saw the connection end: {reply}"
+    );
+    let t0: f64 = field(reply, "t0").unwrap().parse().unwrap();
+    let t1: f64 = field(reply, "t1").unwrap().parse().unwrap();
+    assert!(t1 - t0 < 60.0, "{reply}");
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+}
+
+/// How one storm client fared.
+#[derive(Debug)]
+enum Served {
+    /// `OK`, and the echo came back; the time to the `OK` line.
+    Yes(Duration),
+    /// The daemon closed or reset it before the `OK` line.
+    Reset(String),
+    /// Anything else.
+    Failed(String),
+}
+
+/// One host client: `CONNECT port`, `OK`, and a line echoed by the guest.
+fn storm_client(uds: &std::path::Path, port: u32, i: usize) -> Served {
+    let started = Instant::now();
+    let mut s = match UnixStream::connect(uds) {
+        Ok(s) => s,
+        Err(e) => return Served::Failed(format!("connect: {e}")),
+    };
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    if let Err(e) = s.write_all(format!("CONNECT {port}\n").as_bytes()) {
+        return Served::Reset(format!("write CONNECT: {e}"));
+    }
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        match s.read(&mut byte) {
+            Ok(0) => return Served::Reset(format!("end of file after {line:?}")),
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {
+                return Served::Reset(e.to_string())
+            }
+            Err(e) => return Served::Failed(format!("read the reply: {e}")),
+        }
+    }
+    let to_ok = started.elapsed();
+    if !line.starts_with(b"OK ") {
+        return Served::Failed(format!("reply {:?}", String::from_utf8_lossy(&line)));
+    }
+    let ping = format!("ping-{i}\n");
+    if let Err(e) = s.write_all(ping.as_bytes()) {
+        return Served::Failed(format!("write: {e}"));
+    }
+    let mut echo = vec![0u8; ping.len()];
+    if let Err(e) = s.read_exact(&mut echo) {
+        return Served::Failed(format!("read the echo: {e}"));
+    }
+    if echo != ping.as_bytes() {
+        return Served::Failed(format!("echo {:?}", String::from_utf8_lossy(&echo)));
+    }
+    Served::Yes(to_ok)
+}
+
+/// Boots a guest that echoes every connection to port 5030 (socat forks a child for each),
+/// and waits until a first connection is echoed. The guest powers off once the host connects
+/// to port 5031 and says how it went.
+fn echo_guest(image: &Image, daemon: &Daemon) -> Vm {
+    let mut vm = Vm::boot(
+        image,
+        &daemon.socket,
+        "socat VSOCK-LISTEN:5030,fork,backlog=512 PIPE &\n\
+         echo LISTENING\n\
+         echo \"DONE $(socat -u VSOCK-LISTEN:5031 STDOUT)\"\n",
+    );
+    vm.wait_for_line("LISTENING", Duration::from_secs(120));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(storm_client(&daemon.uds, 5030, 0), Served::Yes(_)) {
+        assert!(
+            Instant::now() < deadline,
+            "the guest's echo never answered:\n{}",
+            vm.serial()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    vm
+}
+
+/// Tells the echo guest the test is over, and waits for it to power off.
+fn echo_guest_done(vm: Vm, daemon: &Daemon, word: &str) {
+    let stop = AtomicBool::new(false);
+    let mut s = guest::connect(&daemon.uds, 5031, &stop).expect("the guest's done port");
+    s.write_all(format!("{word}\n").as_bytes()).unwrap();
+    drop(s);
+    let out = vm.wait(Duration::from_secs(60));
+    assert_eq!(out.line("DONE "), Some(word), "{}", out.serial);
+}
+
+/// 200 host clients connect at once, each `CONNECT`s to the guest's listener and has a line
+/// echoed: every one must be served, none reset.
+fn connect_storm(runtime: &str) {
+    const CLIENTS: usize = 200;
+    let image = Image::require();
+    let _turn = guest::exclusive();
+    let daemon = Daemon::start(&image, runtime);
+    let vm = echo_guest(&image, &daemon);
+
+    let start = Arc::new(std::sync::Barrier::new(CLIENTS));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (uds, start) = (daemon.uds.clone(), start.clone());
+            thread::spawn(move || {
+                start.wait();
+                storm_client(&uds, 5030, i + 1)
+            })
+        })
+        .collect();
+    let began = Instant::now();
+    let results: Vec<Served> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let took = began.elapsed();
+    let served: Vec<Duration> = results
+        .iter()
+        .filter_map(|r| match r {
+            Served::Yes(t) => Some(*t),
+            _ => None,
+        })
+        .collect();
+    let reset = results
+        .iter()
+        .filter(|r| matches!(r, Served::Reset(_)))
+        .count();
+    let failed: Vec<&str> = results
+        .iter()
+        .filter_map(|r| match r {
+            Served::Yes(_) => None,
+            Served::Reset(why) | Served::Failed(why) => Some(why.as_str()),
+        })
+        .collect();
+    eprintln!(
+        "connect_storm({runtime}): {} of {CLIENTS} served, {reset} reset, {} other failures, \
+         in {took:?}; slowest OK after {:?}",
+        served.len(),
+        failed.len() - reset,
+        served.iter().max()
+    );
+    echo_guest_done(vm, &daemon, if failed.is_empty() { "ok" } else { "bad" });
+    assert!(
+        failed.is_empty(),
+        "{} of {CLIENTS} clients not served ({reset} reset): {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+}
+
+/// 300 host clients connect and never finish their `CONNECT` line; a genuine client that
+/// comes after them must be served at once, not after the slow ones time out.
+fn slow_clients_then_one(runtime: &str) {
+    const SLOW: usize = 300;
+    let image = Image::require();
+    let _turn = guest::exclusive();
+    let daemon = Daemon::start(&image, runtime);
+    let vm = echo_guest(&image, &daemon);
+    let baseline = Instant::now();
+    let base = storm_client(&daemon.uds, 5030, 0);
+    let baseline = baseline.elapsed();
+
+    let slow: Vec<UnixStream> = (0..SLOW)
+        .map(|_| {
+            let mut s = UnixStream::connect(&daemon.uds).expect("connect a slow client");
+            let _ = s.write_all(b"CONNECT 50");
+            s
+        })
+        .collect();
+    // Let the daemon take them all in.
+    thread::sleep(Duration::from_millis(300));
+    let began = Instant::now();
+    let genuine = storm_client(&daemon.uds, 5030, 1);
+    let took = began.elapsed();
+    eprintln!(
+        "slow_clients_then_one({runtime}): with no slow client served in {baseline:?} \
+         ({base:?}); after {SLOW} slow clients: {genuine:?} in {took:?}"
+    );
+    drop(slow);
+    let ok = matches!(genuine, Served::Yes(_)) && took < Duration::from_secs(1);
+    echo_guest_done(vm, &daemon, if ok { "ok" } else { "bad" });
+    assert!(
+        matches!(genuine, Served::Yes(_)),
+        "the genuine client was not served on its first attempt: {genuine:?}"
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "the genuine client waited {took:?} behind {SLOW} slow ones"
+    );
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+}
+
+/// `--tx-buffer-size BYTES` (the credit update threshold follows it): 8 MiB each way with
+/// SHA-256 checked, on mio.
+fn tx_buffer_size(bytes: u32) {
+    const SIZE: u64 = 8 * MIB;
+    let image = Image::require();
+    let _turn = guest::exclusive();
+    let flag = bytes.to_string();
+    let daemon = Daemon::start_flags(&image, "mio", &["--tx-buffer-size", &flag]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let l = guest::listen(&daemon.port_path(5001));
+    let g2h = peer(&stop, move |stop| {
+        let mut s = guest::accept(&l, stop)?;
+        let began = Instant::now();
+        let got = guest::drain(&mut s).ok()?;
+        Some((got, began.elapsed()))
+    });
+    let u = daemon.uds.clone();
+    let h2g = peer(&stop, move |stop| {
+        let mut s = guest::connect(&u, 5002, stop)?;
+        let began = Instant::now();
+        let sent = guest::send(&mut s, SIZE, 0xb0f).ok();
+        drop(s);
+        Some((sent?, began.elapsed()))
+    });
+    let script = format!(
+        "head -c {SIZE} /dev/urandom > /tmp/blob\n\
+         echo \"SHA g2h $(sha256sum /tmp/blob | cut -d' ' -f1)\"\n\
+         socat -u -b 65536 OPEN:/tmp/blob VSOCK-CONNECT:2:5001 || echo \"FAIL g2h rc=$?\"\n\
+         rm -f /tmp/blob\n\
+         socat -u -b 65536 VSOCK-LISTEN:5002 OPEN:/tmp/in,creat || echo \"FAIL h2g rc=$?\"\n\
+         echo \"SHA h2g $(sha256sum /tmp/in | cut -d' ' -f1)\"\n"
+    );
+    let vm = Vm::boot(&image, &daemon.socket, &script);
+    let out = vm.wait(Duration::from_secs(300));
+    stop.store(true, Ordering::Relaxed);
+    let serial = &out.serial;
+    assert_eq!(out.status, Some(0), "{serial}");
+    assert!(out.line("FAIL").is_none(), "{serial}");
+    let ((bytes_in, digest), g2h_took) = g2h.join().unwrap().expect("guest->host stream");
+    assert_eq!(bytes_in, SIZE);
+    assert_eq!(out.line("SHA g2h "), Some(digest.as_str()), "guest->host");
+    let (sent, h2g_took) = h2g.join().unwrap().expect("host->guest stream");
+    assert_eq!(out.line("SHA h2g "), Some(sent.as_str()), "host->guest");
+    eprintln!(
+        "tx_buffer_size({bytes}): guest->host {:.1} MB/s, host->guest {:.1} MB/s",
+        SIZE as f64 / g2h_took.as_secs_f64() / 1e6,
+        SIZE as f64 / h2g_took.as_secs_f64() / 1e6
+    );
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+#[cfg_attr(
+    not(vsock_guest),
+    ignore = "no guest image or QEMU: run scripts/guest/build.sh"
+)]
+fn tx_buffer_size_32768() {
+    tx_buffer_size(32 * 1024);
+}
+
+#[test]
+#[cfg_attr(
+    not(vsock_guest),
+    ignore = "no guest image or QEMU: run scripts/guest/build.sh"
+)]
+fn tx_buffer_size_262144() {
+    tx_buffer_size(256 * 1024);
+}
+
+#[test]
+#[cfg_attr(
+    not(vsock_guest),
+    ignore = "no guest image or QEMU: run scripts/guest/build.sh"
+)]
+fn tx_buffer_size_1048576() {
+    tx_buffer_size(1024 * 1024);
+}
+
+/// One test per runtime and check, `#[ignore]`d (saying why) where `tests/build.rs` found no
+/// guest image or QEMU, unless `VSOCK_REQUIRE_GUEST=1`.
 macro_rules! on_each_runtime {
     ($($check:ident),* $(,)?) => {
-        mod mio { $( #[test] fn $check() { super::$check("mio") } )* }
-        mod tokio { $( #[test] fn $check() { super::$check("tokio") } )* }
-        mod smol { $( #[test] fn $check() { super::$check("smol") } )* }
+        on_each_runtime!(@on mio: $($check),*);
+        on_each_runtime!(@on tokio: $($check),*);
+        on_each_runtime!(@on smol: $($check),*);
+    };
+    (@on $runtime:ident: $($check:ident),*) => {
+        mod $runtime {
+            $(
+                #[test]
+                #[cfg_attr(
+                    not(vsock_guest),
+                    ignore = "no guest image or QEMU: run scripts/guest/build.sh"
+                )]
+                fn $check() {
+                    super::$check(stringify!($runtime))
+                }
+            )*
+        }
     };
 }
 
@@ -487,5 +997,9 @@ on_each_runtime!(
     guest_killed,
     recorded_trace,
     paused_vm,
-    sigterm_resets_the_guest
+    sigterm_resets_the_guest,
+    no_vm_attached,
+    reply_then_close,
+    connect_storm,
+    slow_clients_then_one,
 );

@@ -48,7 +48,8 @@ struct Args {
     uds_path: PathBuf,
 
     /// Bytes of guest data each connection may have in flight towards its host socket: the
-    /// receive buffer the device advertises to the guest.
+    /// receive buffer the device advertises to the guest (1 to 1073741824). The guest hears of
+    /// freed space each time a quarter of it (64 KiB at most) has gone to the host socket.
     #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024)]
     tx_buffer_size: u32,
 
@@ -100,8 +101,9 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     }
     check_socket_path("--socket", &args.socket)?;
 
-    let mut engine = vsock_core::Config::new(args.guest_cid);
-    engine.buffer_size = args.tx_buffer_size;
+    // The credit update threshold follows the buffer size, so every size the engine takes
+    // (1 byte to 1 GiB) works.
+    let engine = vsock_core::Config::new(args.guest_cid).with_buffer_size(args.tx_buffer_size);
     // Refuses a configuration the engine cannot run, before anything is bound.
     let device_features = VsockDevice::new(engine.clone(), Instant::ZERO)
         .map_err(|e| format!("bad configuration: {e}"))?

@@ -28,7 +28,12 @@ fn stderr(out: &Output) -> String {
 }
 
 fn start(socket: &Path, uds: &Path) -> Child {
+    start_with(socket, uds, &[])
+}
+
+fn start_with(socket: &Path, uds: &Path, flags: &[&str]) -> Child {
     let child = Command::new(DAEMON)
+        .args(flags)
         .arg("--socket")
         .arg(socket)
         .arg("--uds-path")
@@ -110,6 +115,17 @@ fn bad_flags_are_refused_with_a_reason() {
             "bad configuration",
         ),
         (
+            vec![
+                "--socket",
+                s,
+                "--uds-path",
+                u,
+                "--tx-buffer-size",
+                "1073741825",
+            ],
+            "bad configuration",
+        ),
+        (
             vec!["--socket", s, "--uds-path", u, "--record-snaplen", "9"],
             "--record",
         ),
@@ -119,6 +135,38 @@ fn bad_flags_are_refused_with_a_reason() {
         assert!(!out.status.success(), "{args:?} was accepted");
         assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
         assert!(!Path::new(s).exists(), "{args:?} left a socket behind");
+    }
+}
+
+#[test]
+fn every_tx_buffer_size_from_one_byte_to_1_gib_is_taken() {
+    // Sizes below the 64 KiB credit update threshold used to be refused: it now follows the
+    // buffer size.
+    for size in [
+        "1",
+        "4096",
+        "32768",
+        "65535",
+        "65536",
+        "262144",
+        "1048576",
+        "1073741824",
+    ] {
+        let dir = scratch(&format!("buf{size}"));
+        let (s, u) = (dir.join("s.sock"), dir.join("u"));
+        let child = start_with(&s, &u, &["--tx-buffer-size", size]);
+        signal(&child, "-TERM");
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "--tx-buffer-size {size}: {}",
+            stderr(&out)
+        );
+        assert!(
+            !stderr(&out).contains("credit update threshold"),
+            "{}",
+            stderr(&out)
+        );
     }
 }
 
