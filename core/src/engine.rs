@@ -279,6 +279,14 @@ impl Engine {
         }
     }
 
+    /// One past the highest slot index in use: what a walk over every connection covers. Not
+    /// the slab's capacity, which is reserved for `max_connections` (up to 2^20) however few
+    /// connections there are, so that commands such as [`stop`](Self::stop) cost what the
+    /// table holds, not what it could.
+    fn slots_used(&self) -> usize {
+        self.conns.iter().next_back().map_or(0, |(idx, _)| idx + 1)
+    }
+
     fn id(&self, idx: usize) -> ConnId {
         ConnId::new(idx as u32, self.conns[idx].generation)
     }
@@ -1038,7 +1046,7 @@ impl Engine {
     pub fn abort_all(&mut self, now: Instant) {
         self.note(now, &Event::AbortAll);
         self.advance(now);
-        for idx in 0..self.conns.capacity() {
+        for idx in 0..self.slots_used() {
             let Some(c) = self.conns.get(idx) else {
                 continue;
             };
@@ -1072,7 +1080,7 @@ impl Engine {
     pub fn stop(&mut self, now: Instant) {
         self.note(now, &Event::Stop);
         self.advance(now);
-        for idx in 0..self.conns.capacity() {
+        for idx in 0..self.slots_used() {
             let Some(c) = self.conns.get(idx) else {
                 continue;
             };
@@ -1093,7 +1101,7 @@ impl Engine {
     }
 
     fn forget_all(&mut self) {
-        for idx in 0..self.conns.capacity() {
+        for idx in 0..self.slots_used() {
             if !self.conns.contains(idx) {
                 continue;
             }
