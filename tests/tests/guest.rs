@@ -1,7 +1,9 @@
 //! The real Linux guest as the judge: the `vhost-user-vsock` daemon on each runtime, a Debian
 //! guest under QEMU, and its in-kernel virtio-vsock driver. One guest boot runs every check of
-//! `tests/guest/checks.sh` while the test plays the host side; a second test kills a guest
-//! mid-transfer and has the same daemon serve the next one.
+//! `tests/guest/checks.sh` while the test plays the host side; the others each boot a guest
+//! for one situation: a guest killed mid-transfer, a paused VM, SIGTERM, a recorded session,
+//! the daemon before any VM attaches, a host reply followed by a close, storms of host
+//! clients, and `--tx-buffer-size` (those on mio only).
 //!
 //! These tests are ignored (saying why) when QEMU or the guest image is missing, unless
 //! `VSOCK_REQUIRE_GUEST=1`; a missing release daemon fails them with the command that builds
