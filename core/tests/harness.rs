@@ -331,11 +331,16 @@ fn host_clients_still_sending_connect_cannot_fill_the_table() {
         .collect();
     s.run();
     // ...a prompt client still gets in, and the one that waited longest makes room...
-    let prompt = s.host_connect(b"CONNECT 5000\n").expect("a prompt client is accepted");
+    let prompt = s
+        .host_connect(b"CONNECT 5000\n")
+        .expect("a prompt client is accepted");
     s.run();
     assert_eq!(s.engine.stats().pending_evicted, 1);
     assert_eq!(s.engine.stats().accept_limit, 0);
-    assert!(s.any_sock(slow[0]).closed, "the oldest pending client was closed");
+    assert!(
+        s.any_sock(slow[0]).closed,
+        "the oldest pending client was closed"
+    );
     assert!(slow[1..].iter().all(|&c| !s.any_sock(c).closed));
     assert!(
         s.any_sock(prompt).received.starts_with(b"OK "),

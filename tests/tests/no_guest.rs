@@ -43,7 +43,10 @@ fn closed_within(s: &mut UnixStream, limit: Duration, what: &str) -> Duration {
             Ok(n) => panic!("{what}: unexpected bytes {:?}", &buf[..n]),
             Err(e) if e.kind() == ErrorKind::ConnectionReset => return start.elapsed(),
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                assert!(start.elapsed() < limit, "{what}: still open after {limit:?}");
+                assert!(
+                    start.elapsed() < limit,
+                    "{what}: still open after {limit:?}"
+                );
             }
             Err(e) => panic!("{what}: {e}"),
         }
