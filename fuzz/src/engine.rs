@@ -18,6 +18,8 @@
 //!   host, each side got every byte or saw the connection reset (an RST to the guest, a
 //!   `Close` for the host).
 
+use std::io::{self, Write};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arbitrary::Arbitrary;
@@ -30,11 +32,37 @@ use vsock_core::{
 /// The guest's CID in every run.
 pub const GUEST_CID: u64 = 3;
 
-/// A whole run: a configuration and the steps.
+/// A whole run: a configuration, the steps, and whether a trace is recorded.
 #[derive(Arbitrary, Debug)]
 pub struct Input {
     config: ConfigChoice,
+    record: Record,
     steps: Vec<Step>,
+}
+
+/// Whether the run is recorded (a `TraceWriter` attached before the given step, or never).
+/// A recorded run is replayed at the end, and the replay must reproduce it exactly.
+#[derive(Arbitrary, Debug, Clone, Copy)]
+enum Record {
+    No,
+    No2,
+    FromStart,
+    Before(u8),
+}
+
+/// A trace in memory, shared with the recorder the engine owns.
+#[derive(Clone, Default)]
+struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+
+impl Write for SharedBuf {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A small configuration, so that limits and timeouts are reached.
@@ -1109,6 +1137,10 @@ impl Harness {
                     progress += 1;
                 }
                 let _ = self.engine.handle_host_event(now, id, HostEvent::Writable);
+                if self.recs[i].host_failed {
+                    // A failed socket reads its error or end of file.
+                    let _ = self.engine.handle_host_event(now, id, HostEvent::Readable);
+                }
                 progress += self.drain_actions();
             }
             for i in 0..self.recs.len() {
@@ -1157,6 +1189,11 @@ impl Harness {
 
 /// Runs one input.
 pub fn run(input: &Input) {
+    let _ = reached(input);
+}
+
+/// Runs one input; returns the engine's counters after it, for choosing seeds.
+pub fn reached(input: &Input) -> vsock_core::Stats {
     let config = input.config.config();
     let now = Instant::from_secs(1);
     let engine = Engine::new(config.clone(), now).expect("a valid configuration");
@@ -1167,27 +1204,44 @@ pub fn run(input: &Input) {
         recs: Vec::new(),
         seq: 0,
     };
-    for step in &input.steps {
+    let attach_at = match input.record {
+        Record::No | Record::No2 => None,
+        Record::FromStart => Some(0),
+        Record::Before(k) => Some(k as usize % (input.steps.len() + 1)),
+    };
+    let trace = SharedBuf::default();
+    let mut recording = false;
+    for (i, step) in input.steps.iter().enumerate() {
+        if attach_at == Some(i) {
+            recording = h.attach(&trace);
+        }
         h.step(step);
     }
+    if attach_at == Some(input.steps.len()) {
+        recording = h.attach(&trace);
+    }
     h.finish();
+    if recording {
+        // Detaching finishes the file.
+        drop(h.engine.set_recorder(None).expect("detaching always works"));
+        let bytes = trace.0.lock().unwrap().clone();
+        match vsock_trace::replay(&bytes) {
+            Ok(_) => {}
+            Err(vsock_trace::ReplayError::Diverged(d)) => {
+                panic!("the replay of the recorded run diverged: {d}")
+            }
+            Err(e) => panic!("the recorded run does not replay: {e}"),
+        }
+    }
+    h.engine.stats().clone()
 }
 
-/// What a run reached, for choosing seeds: the engine's counters after it.
-pub fn reached(input: &Input) -> Option<vsock_core::Stats> {
-    let config = input.config.config();
-    let now = Instant::from_secs(1);
-    let engine = Engine::new(config.clone(), now).ok()?;
-    let mut h = Harness {
-        engine,
-        config,
-        now,
-        recs: Vec::new(),
-        seq: 0,
-    };
-    for step in &input.steps {
-        h.step(step);
+impl Harness {
+    /// Attaches a recorder writing to `trace`; false if the engine refuses one now (it cannot
+    /// record mid-session with connections open).
+    fn attach(&mut self, trace: &SharedBuf) -> bool {
+        let writer = vsock_trace::TraceWriter::new(trace.clone(), usize::MAX, 1_700_000_000)
+            .expect("writing to memory");
+        self.engine.set_recorder(Some(Box::new(writer))).is_ok()
     }
-    h.finish();
-    Some(h.engine.stats().clone())
 }
