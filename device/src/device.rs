@@ -397,7 +397,8 @@ impl VsockDevice {
     /// Serves the queues: the one synchronous section every runtime runs when woken (by a
     /// queue kick, socket readiness or a timer, after feeding the engine).
     ///
-    /// It takes the guest's tx packets (writing payload straight to sockets), performs the
+    /// It fires the engine's due deadlines, takes the guest's tx packets (writing payload
+    /// straight to sockets), performs the
     /// engine's socket actions, fills rx buffers (reading sockets straight into them), sends an
     /// owed transport reset, and reports which queues need an interrupt: one per queue per
     /// call, after all its used entries, as virtio-queue's notification rules prescribe
@@ -416,6 +417,7 @@ impl VsockDevice {
         queues: Queues<'_>,
         host: &mut H,
     ) -> Result<Served, DeviceError> {
+        self.fire_deadlines(now);
         if !self.activated {
             // A reset (or a restore of an inactive device) leaves the engine owing the
             // sockets of the forgotten connections their close: carry that out, so host
@@ -455,6 +457,23 @@ impl VsockDevice {
             + u64::from(served.notify_tx)
             + u64::from(served.notify_event);
         Ok(served)
+    }
+
+    /// The work that needs no guest: fires the engine's due deadlines and carries out the
+    /// socket actions the engine owes (closing a host client whose `CONNECT` line or guest
+    /// answer timed out, flushing, closing). For when there are no queues to
+    /// [`serve`](Self::serve) (no VM attached yet, a VM booting, the gap between two VMs):
+    /// afterwards the engine's next deadline lies in the future, never in the past, so a loop
+    /// that sleeps until it cannot spin. `serve` does this itself.
+    pub fn serve_host<H: HostSockets>(&mut self, now: Instant, host: &mut H) {
+        self.fire_deadlines(now);
+        self.drain_actions(now, host);
+    }
+
+    fn fire_deadlines(&mut self, now: Instant) {
+        if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+            self.engine.handle_timeout(now);
+        }
     }
 
     /// Carries out the socket actions the engine owes, without the queues: after a

@@ -1,9 +1,11 @@
 //! What a runtime's ready-made loop needs from its embedder: the queues and guest memory, a
 //! way to interrupt the guest, and the device lifecycle requests of the guest's driver.
 
+use tracing::{debug, warn};
 use vm_memory::GuestMemory;
+use vsock_core::Instant;
 
-use crate::{Queues, Served};
+use crate::{DeviceError, HostSockets, Queues, Served, VsockDevice};
 
 /// A device lifecycle change the guest's driver asked the VMM for, carried out by the loop
 /// that owns the device.
@@ -40,5 +42,73 @@ pub trait Transport {
     /// signals the kick descriptor after posting one. The default has none.
     fn take_request(&mut self) -> Option<DeviceRequest> {
         None
+    }
+}
+
+impl VsockDevice {
+    /// One wake-up's worth of device work through a [`Transport`]: the lifecycle requests it
+    /// holds (reset, stop, activation), then the queues it hands out, with the guest
+    /// interrupted as [`serve`](Self::serve) says. Without queues (no guest attached, a VM
+    /// booting, between two VMs) the host-side work is done all the same
+    /// ([`serve_host`](Self::serve_host)), so no deadline is left behind. Returns whether work
+    /// is left: serve again without waiting. A serve error is logged, not returned: the loop
+    /// goes on.
+    pub fn serve_transport<T: Transport, H: HostSockets>(
+        &mut self,
+        now: Instant,
+        transport: &mut T,
+        host: &mut H,
+    ) -> bool {
+        while let Some(request) = transport.take_request() {
+            self.apply(now, request, transport, host);
+        }
+        match transport.with_queues(|mem, queues| self.serve(now, mem, queues, host)) {
+            Some(Ok(served)) => {
+                transport.notify(&served);
+                served.more
+            }
+            // Between a reset and the next activation there is nothing to serve (and `serve`
+            // has done the host-side work).
+            Some(Err(DeviceError::NotActivated)) => false,
+            Some(Err(e)) => {
+                warn!(error = %e, "cannot serve the queues");
+                self.serve_host(now, host);
+                false
+            }
+            None => {
+                self.serve_host(now, host);
+                false
+            }
+        }
+    }
+
+    fn apply<T: Transport, H: HostSockets>(
+        &mut self,
+        now: Instant,
+        request: DeviceRequest,
+        transport: &mut T,
+        host: &mut H,
+    ) {
+        match request {
+            DeviceRequest::Reset => {
+                debug!("device reset requested");
+                self.reset(now);
+                // Close the dropped connections' sockets now, not at the next activation:
+                // the queues may be gone with the frontend that owned them.
+                self.perform_actions(now, host);
+            }
+            DeviceRequest::Stop => {
+                debug!("device stop requested");
+                self.stop(now);
+                self.perform_actions(now, host);
+            }
+            DeviceRequest::Activate { features } => {
+                if let Err(e) = self.ack_features(features) {
+                    warn!(error = %e, "refused the driver's features");
+                    return;
+                }
+                transport.with_queues(|_, queues| self.activate(queues));
+            }
+        }
     }
 }

@@ -10,7 +10,15 @@
 //!   [`vsock_device::HostSockets`], so [`VsockDevice::serve`] performs actions
 //!   through it: non-blocking connects, the `CONNECT` line read in bounded pieces, flushes,
 //!   half-closes, closes. Any socket error becomes an engine input (a reset), never a panic or
-//!   a stopped loop.
+//!   a stopped loop. Sockets sit in slots indexed by [`ConnId::index`], which is also the key
+//!   runtimes register them under.
+//! - [`Driver`]: what every runtime runs: the device, the socket table, the listener, the
+//!   clock, the accepts (a bounded round per wake-up, each client's line read at once), the
+//!   retry after `EMFILE`, the device lifecycle through a [`vsock_device::Transport`], and
+//!   the merged deadline. A runtime translates its events into [`Driver::accept`] and
+//!   [`Driver::ready`] and sleeps for [`Driver::timeout`].
+//! - [`DriverThread`]: a driver on a thread of its own, the one way the runtimes' ready-made
+//!   loops, the daemon and the test rig run one.
 //!
 //! What differs between runtimes is only how a socket is watched. That is the [`Reactor`]
 //! trait: `vsock-mio` registers sockets in a `mio::Registry`, `vsock-tokio` wraps them in
@@ -25,7 +33,6 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, ErrorKind, IoSlice, Read};
 use std::net::Shutdown;
@@ -39,6 +46,12 @@ use vsock_core::{
     Action, ConnId, Direction, Engine, HostEvent, Instant, Interest, Io, LineRead, SocketError,
 };
 use vsock_device::HostSockets;
+
+mod driver;
+mod thread;
+
+pub use driver::{Driver, DriverConfig, Readiness};
+pub use thread::DriverThread;
 
 /// The longest path a Unix socket address holds (`sun_path`, less its terminating zero).
 pub const MAX_SOCKET_PATH: usize = 107;
@@ -253,10 +266,12 @@ pub struct HostStats {
     pub closes: u64,
 }
 
-/// The host sockets of one device.
+/// The host sockets of one device, in a table indexed by connection slot
+/// ([`ConnId::index`], small and dense): the slot is also what runtimes register a socket
+/// under, so an event leads straight back to its connection.
 pub struct Host<R: Reactor> {
     path: UdsPath,
-    sockets: HashMap<u64, R::Socket>,
+    sockets: Sockets<R::Socket>,
     reactor: R,
     stats: HostStats,
 }
@@ -265,7 +280,7 @@ impl<R: Reactor> fmt::Debug for Host<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Host")
             .field("path", &self.path)
-            .field("sockets", &self.sockets.len())
+            .field("sockets", &self.sockets.live)
             .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
@@ -276,7 +291,7 @@ impl<R: Reactor> Host<R> {
     pub fn new(path: UdsPath, reactor: R) -> Self {
         Host {
             path,
-            sockets: HashMap::new(),
+            sockets: Sockets::default(),
             reactor,
             stats: HostStats::default(),
         }
@@ -304,17 +319,23 @@ impl<R: Reactor> Host<R> {
 
     /// The socket of a live connection.
     pub fn socket(&self, conn: ConnId) -> Option<&R::Socket> {
-        self.sockets.get(&conn.to_raw())
+        self.sockets.get(conn)
+    }
+
+    /// The live connection whose socket sits in table slot `slot`, for a runtime turning a
+    /// readiness event back into its connection.
+    pub fn conn_at(&self, slot: u32) -> Option<ConnId> {
+        self.sockets.conn_at(slot)
     }
 
     /// Live sockets.
     pub fn len(&self) -> usize {
-        self.sockets.len()
+        self.sockets.live
     }
 
     /// Whether no socket is live.
     pub fn is_empty(&self) -> bool {
-        self.sockets.is_empty()
+        self.sockets.live == 0
     }
 
     /// Takes a client accepted on the [`Listener`]: the engine gets it, or it is closed at once
@@ -331,7 +352,7 @@ impl<R: Reactor> Host<R> {
         };
         match self.reactor.register(conn, stream) {
             Ok(socket) => {
-                self.sockets.insert(conn.to_raw(), socket);
+                self.sockets.insert(conn, socket);
                 Some(conn)
             }
             Err(e) => {
@@ -345,9 +366,7 @@ impl<R: Reactor> Host<R> {
     }
 
     fn stream(&self, conn: ConnId) -> Option<&UnixStream> {
-        self.sockets
-            .get(&conn.to_raw())
-            .map(|s| self.reactor.stream(s))
+        self.sockets.get(conn).map(|s| self.reactor.stream(s))
     }
 
     fn connect(&mut self, now: Instant, engine: &mut Engine, conn: ConnId, port: u32) {
@@ -357,7 +376,7 @@ impl<R: Reactor> Host<R> {
         let event = match mio::net::UnixStream::connect(&path) {
             Ok(stream) => match self.reactor.register(conn, UnixStream::from(stream)) {
                 Ok(socket) => {
-                    self.sockets.insert(conn.to_raw(), socket);
+                    self.sockets.insert(conn, socket);
                     self.stats.connects += 1;
                     HostEvent::Connected
                 }
@@ -416,7 +435,7 @@ where
     R::Socket: AsFd,
 {
     fn fd(&self, conn: ConnId) -> Option<BorrowedFd<'_>> {
-        self.sockets.get(&conn.to_raw()).map(|s| s.as_fd())
+        self.sockets.get(conn).map(|s| s.as_fd())
     }
 
     fn perform(&mut self, now: Instant, engine: &mut Engine, action: Action) {
@@ -437,16 +456,77 @@ where
                 }
             }
             Action::Interest { conn, interest } => {
-                if let Some(socket) = self.sockets.get_mut(&conn.to_raw()) {
+                if let Some(socket) = self.sockets.get_mut(conn) {
                     self.reactor.set_interest(conn, socket, interest);
                 }
             }
             Action::Close { conn } => {
-                if let Some(socket) = self.sockets.remove(&conn.to_raw()) {
+                if let Some(socket) = self.sockets.remove(conn) {
                     self.reactor.deregister(conn, socket);
                     self.stats.closes += 1;
                 }
             }
         }
+    }
+}
+
+/// Sockets by connection slot. A slot holds the generation's handle too, so a stale handle
+/// never reaches a newer connection's socket.
+struct Sockets<S> {
+    slots: Vec<Option<(ConnId, S)>>,
+    live: usize,
+}
+
+impl<S> Default for Sockets<S> {
+    fn default() -> Self {
+        Sockets {
+            slots: Vec::new(),
+            live: 0,
+        }
+    }
+}
+
+impl<S> Sockets<S> {
+    fn get(&self, conn: ConnId) -> Option<&S> {
+        match self.slots.get(conn.index() as usize) {
+            Some(Some((c, s))) if *c == conn => Some(s),
+            _ => None,
+        }
+    }
+
+    fn get_mut(&mut self, conn: ConnId) -> Option<&mut S> {
+        match self.slots.get_mut(conn.index() as usize) {
+            Some(Some((c, s))) if *c == conn => Some(s),
+            _ => None,
+        }
+    }
+
+    fn conn_at(&self, slot: u32) -> Option<ConnId> {
+        match self.slots.get(slot as usize) {
+            Some(Some((c, _))) => Some(*c),
+            _ => None,
+        }
+    }
+
+    /// Stores `conn`'s socket. The engine reuses a slot only once its connection's socket was
+    /// closed, so the slot is free; a socket still there (a caller that skipped a close) is
+    /// dropped, which closes it.
+    fn insert(&mut self, conn: ConnId, socket: S) {
+        let i = conn.index() as usize;
+        if i >= self.slots.len() {
+            self.slots.resize_with(i + 1, || None);
+        }
+        if self.slots[i].replace((conn, socket)).is_none() {
+            self.live += 1;
+        }
+    }
+
+    fn remove(&mut self, conn: ConnId) -> Option<S> {
+        let slot = self.slots.get_mut(conn.index() as usize)?;
+        if !matches!(slot, Some((c, _)) if *c == conn) {
+            return None;
+        }
+        self.live -= 1;
+        slot.take().map(|(_, s)| s)
     }
 }

@@ -4,8 +4,9 @@
 //! [`VsockMio`] registers the host listener and every connection socket in the caller's
 //! `mio::Registry`, under tokens from a range the caller reserves ([`Tokens`]), so they sit in
 //! the caller's own loop next to its other sources. It translates readiness into engine
-//! inputs; everything else (the protocol, the queues) is `vsock-core` and `vsock-device`, and
-//! the sockets' system calls are `vsock-host`. This crate is only event translation.
+//! inputs for [`vsock_host::Driver`], which holds the device, the socket table, the listener,
+//! the clock and the deadlines for every runtime. This crate is only event translation and a
+//! ready-made loop.
 //!
 //! Sockets are registered edge-triggered for both directions once; the engine keeps track of
 //! what it already knows is readable or writable, so interest changes need no system call.
@@ -66,11 +67,11 @@
 //! ```
 //!
 //! Callers without a loop of their own use [`MioLoop`]: the same driver on a thread of its
-//! own, fed by a [`Transport`](vsock_device::Transport) and a kick descriptor.
+//! own ([`vsock_host::DriverThread`]), fed by a [`Transport`](vsock_device::Transport) and a
+//! kick descriptor.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -80,11 +81,11 @@ use std::time::Duration;
 use mio::event::Event;
 use mio::unix::SourceFd;
 use mio::{Interest as MioInterest, Registry, Token};
-use tracing::{debug, warn};
+use tracing::warn;
 use vm_memory::GuestMemory;
-use vsock_core::{Config, ConnId, HostEvent, Instant, Interest, SocketError};
+use vsock_core::{Config, ConnId, Interest};
 use vsock_device::{DeviceError, Queues, Served, VsockDevice};
-use vsock_host::{Host, Listener, Reactor, UdsPath};
+use vsock_host::{Driver, DriverConfig, DriverThread, Host, Reactor, Readiness};
 
 /// The tokens `VsockMio` uses in the caller's registry: `listener`, and one per connection
 /// slot from `first_conn` on (`first_conn + max_connections` must not collide with the
@@ -108,18 +109,10 @@ pub struct MioConfig {
     pub tokens: Tokens,
 }
 
-/// Watches sockets in a mio registry, edge-triggered.
+/// Watches sockets in a mio registry, edge-triggered, under the token of their table slot.
 pub struct MioReactor {
     registry: Registry,
     first: usize,
-    /// Connection slot to handle, for the tokens' events.
-    slots: HashMap<u32, ConnId>,
-}
-
-impl MioReactor {
-    fn token(&self, conn: ConnId) -> Token {
-        Token(self.first + conn.index() as usize)
-    }
 }
 
 impl Reactor for MioReactor {
@@ -129,10 +122,9 @@ impl Reactor for MioReactor {
         stream.set_nonblocking(true)?;
         self.registry.register(
             &mut SourceFd(&stream.as_raw_fd()),
-            self.token(conn),
+            Token(self.first + conn.index() as usize),
             MioInterest::READABLE | MioInterest::WRITABLE,
         )?;
-        self.slots.insert(conn.index(), conn);
         Ok(stream)
     }
 
@@ -149,87 +141,74 @@ impl Reactor for MioReactor {
         if let Err(e) = self.registry.deregister(&mut SourceFd(&socket.as_raw_fd())) {
             warn!(%conn, error = %e, "cannot deregister a socket");
         }
-        if self.slots.get(&conn.index()) == Some(&conn) {
-            self.slots.remove(&conn.index());
-        }
     }
 }
 
-/// How long after a failed accept (`EMFILE` and friends) the listener is tried again. It is
-/// watched edge-triggered, so the clients left in its backlog raise no new event: without a
-/// retry they would wait for the next client to connect, however long that takes.
-const ACCEPT_RETRY: Duration = Duration::from_millis(100);
-
-/// The most host clients accepted per wake-up. A flood of clients then cannot starve the
-/// queues and the clients already accepted: the rest wait in the backlog until the next
-/// round, which comes at once.
-const ACCEPT_BATCH: usize = 32;
-
-/// A vsock device driven from the caller's mio loop.
+/// A vsock device driven from the caller's mio loop: [`vsock_host::Driver`] with mio's event
+/// translation.
 pub struct VsockMio {
-    device: VsockDevice,
-    host: Host<MioReactor>,
-    listener: Listener,
+    driver: Driver<MioReactor>,
     tokens: Tokens,
-    epoch: std::time::Instant,
-    /// When to accept again after an accept failed with clients possibly still waiting.
-    accept_retry: Option<Instant>,
-    /// A round of accepts stopped at [`ACCEPT_BATCH`] with clients possibly still waiting.
-    accept_more: bool,
 }
 
 impl VsockMio {
-    /// Binds the listener at `<uds_path>`, registers it, and builds the device.
+    /// Binds the listener, registers it, and builds the device.
     ///
     /// # Errors
     ///
-    /// A bad path, a busy or unwritable listener path, a configuration the engine refuses.
+    /// A bad path, a busy or unwritable listener path, a configuration the engine refuses, a
+    /// registration the poll refuses.
     pub fn new(config: MioConfig, registry: &Registry) -> io::Result<Self> {
-        let path = UdsPath::new(config.uds_path.clone())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let listener = Listener::bind(path.listener())?;
-        registry.register(
-            &mut SourceFd(&listener_fd(&listener)),
-            config.tokens.listener,
-            MioInterest::READABLE,
-        )?;
-        let epoch = std::time::Instant::now();
-        let device = VsockDevice::new(config.engine, Instant::ZERO)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let reactor = MioReactor {
             registry: registry.try_clone()?,
             first: config.tokens.first_conn,
-            slots: HashMap::new(),
         };
+        let driver = Driver::new(
+            DriverConfig {
+                engine: config.engine,
+                uds_path: config.uds_path,
+            },
+            reactor,
+        )?;
+        registry.register(
+            &mut SourceFd(&listener_fd(driver.listener())),
+            config.tokens.listener,
+            MioInterest::READABLE,
+        )?;
         Ok(VsockMio {
-            device,
-            host: Host::new(path, reactor),
-            listener,
+            driver,
             tokens: config.tokens,
-            epoch,
-            accept_retry: None,
-            accept_more: false,
         })
     }
 
+    /// The runtime-neutral driver this wraps.
+    pub fn driver(&self) -> &Driver<MioReactor> {
+        &self.driver
+    }
+
+    /// The runtime-neutral driver this wraps.
+    pub fn driver_mut(&mut self) -> &mut Driver<MioReactor> {
+        &mut self.driver
+    }
+
     /// The engine's clock: time since this driver was made.
-    pub fn now(&self) -> Instant {
-        Instant::from_nanos(self.epoch.elapsed().as_nanos() as u64)
+    pub fn now(&self) -> vsock_core::Instant {
+        self.driver.now()
     }
 
     /// The device (features, config space, activation, reset, save/restore, stats).
     pub fn device(&self) -> &VsockDevice {
-        &self.device
+        self.driver.device()
     }
 
     /// The device (features, config space, activation, reset, save/restore, stats).
     pub fn device_mut(&mut self) -> &mut VsockDevice {
-        &mut self.device
+        self.driver.device_mut()
     }
 
     /// The host side (socket counters).
     pub fn host(&self) -> &Host<MioReactor> {
-        &self.host
+        self.driver.host()
     }
 
     /// Whether `token` is one of this driver's.
@@ -238,84 +217,31 @@ impl VsockMio {
             || token
                 .0
                 .checked_sub(self.tokens.first_conn)
-                .is_some_and(|slot| slot < self.device.engine().config().max_connections)
+                .is_some_and(|slot| slot < self.device().engine().config().max_connections)
     }
 
-    /// Translates one event of the caller's poll into engine inputs. Returns `false` if the
+    /// Translates one event of the caller's poll into driver inputs. Returns `false` if the
     /// token is not this driver's. Call [`serve`](Self::serve) after the batch.
     pub fn handle_event(&mut self, event: &Event) -> bool {
         let token = event.token();
         if !self.owns(token) {
             return false;
         }
-        let now = self.now();
         if token == self.tokens.listener {
-            self.accept_all(now);
+            self.driver.accept();
             return true;
         }
         let slot = (token.0 - self.tokens.first_conn) as u32;
-        let Some(&conn) = self.host.reactor().slots.get(&slot) else {
-            // A late event for a socket already closed.
-            return true;
-        };
-        let _span = tracing::trace_span!("vsock_conn", %conn).entered();
-        let engine = self.device.engine_mut();
-        if event.is_error() {
-            let _ = engine.handle_host_event(now, conn, HostEvent::Error(SocketError(0)));
-            return true;
-        }
         // A hang-up is reported as both, so the engine reads the end and writes the error.
-        if event.is_readable() || event.is_read_closed() {
-            let _ = engine.handle_host_event(now, conn, HostEvent::Readable);
-        }
-        if event.is_writable() || event.is_write_closed() {
-            let _ = engine.handle_host_event(now, conn, HostEvent::Writable);
-        }
+        self.driver.ready(
+            slot,
+            Readiness {
+                readable: event.is_readable() || event.is_read_closed(),
+                writable: event.is_writable() || event.is_write_closed(),
+                error: event.is_error(),
+            },
+        );
         true
-    }
-
-    fn accept_all(&mut self, now: Instant) {
-        self.accept_more = false;
-        let batch = ACCEPT_BATCH.min(self.device.engine().config().max_pending_host_clients);
-        for _ in 0..batch {
-            match self.listener.accept() {
-                Ok(Some(stream)) => {
-                    let engine = self.device.engine_mut();
-                    if let Some(conn) = self.host.adopt_client(now, engine, stream) {
-                        debug!(%conn, "host client");
-                        // Its line may already be there: read it now, so a prompt client is
-                        // no longer pending when the next one arrives (edge-triggered
-                        // registration reports it too; a spurious readable is harmless).
-                        let _ = engine.handle_host_event(now, conn, HostEvent::Readable);
-                        self.device.perform_actions(now, &mut self.host);
-                    }
-                }
-                Ok(None) => {
-                    self.accept_retry = None;
-                    return;
-                }
-                Err(e) => {
-                    // EMFILE and friends: the client waits in the backlog. Rather than spin,
-                    // try again after a pause (see `retry_accept`), or at the next event.
-                    if self.accept_retry.is_none() {
-                        warn!(error = %e, "accept failed; retrying");
-                    } else {
-                        debug!(error = %e, "accept failed again");
-                    }
-                    self.accept_retry = Some(now + ACCEPT_RETRY);
-                    return;
-                }
-            }
-        }
-        // More may wait: the next round comes after the queues and the other sockets had theirs.
-        self.accept_more = true;
-    }
-
-    /// Accepts the clients a failed accept left in the backlog, once the retry is due.
-    fn retry_accept(&mut self, now: Instant) {
-        if self.accept_more || self.accept_retry.is_some_and(|t| t <= now) {
-            self.accept_all(now);
-        }
     }
 
     /// Drains every pending event of `poll` (which must be the poll whose registry this
@@ -348,12 +274,10 @@ impl VsockMio {
     /// Resets every connection (RST to the guest, sockets closed): for a clean shutdown. Call
     /// [`serve`](Self::serve) afterwards so the RSTs reach the guest.
     pub fn abort_all(&mut self) {
-        let now = self.now();
-        self.device.engine_mut().abort_all(now);
+        self.driver.abort_all();
     }
 
-    /// Fires due deadlines (the engine's, and the retry of a failed accept) and serves the
-    /// queues (see `VsockDevice::serve`).
+    /// Fires due deadlines and serves the queues (see [`Driver::serve`]).
     ///
     /// # Errors
     ///
@@ -363,109 +287,29 @@ impl VsockMio {
         mem: &M,
         queues: Queues<'_>,
     ) -> Result<Served, DeviceError> {
-        let now = self.now();
-        self.fire_deadlines(now);
-        self.device.serve(now, mem, queues, &mut self.host)
+        self.driver.serve(mem, queues)
     }
 
-    /// The host-side work that needs no guest: fires due deadlines (the engine's, and the
-    /// retry of a failed accept) and carries out the socket actions they owe (closing a host
-    /// client whose `CONNECT` line or guest answer timed out, flushing, closing). Call it when
-    /// the device has no queues to [`serve`](Self::serve) (no VM attached yet, a VM booting,
-    /// the gap between two VMs): afterwards [`timeout`](Self::timeout) names a deadline in
-    /// the future, never one that has passed. [`serve`](Self::serve) does this itself.
+    /// The work that needs no guest, for when the caller has no queues to serve (see
+    /// [`Driver::serve_host`]).
     pub fn serve_host(&mut self) {
-        let now = self.now();
-        self.fire_deadlines(now);
-        self.device.perform_actions(now, &mut self.host);
+        self.driver.serve_host();
     }
 
-    fn fire_deadlines(&mut self, now: Instant) {
-        self.retry_accept(now);
-        let engine = self.device.engine_mut();
-        if engine.poll_timeout().is_some_and(|t| t <= now) {
-            engine.handle_timeout(now);
-        }
-    }
-
-    /// One [`serve`](Self::serve) through a [`Transport`](vsock_device::Transport): the queues
-    /// and memory from it, the interrupts to it. Returns whether work is left (serve again
-    /// without waiting). A serve error is logged, not returned: the loop goes on.
+    /// One wake-up through a [`Transport`](vsock_device::Transport) (see
+    /// [`Driver::serve_transport`]). Returns whether work is left.
     pub fn serve_transport<T: vsock_device::Transport>(&mut self, transport: &mut T) -> bool {
-        while let Some(request) = transport.take_request() {
-            self.apply(request, transport);
-        }
-        match transport.with_queues(|mem, queues| self.serve(mem, queues)) {
-            Some(Ok(served)) => {
-                transport.notify(&served);
-                served.more
-            }
-            // Between a reset and the next activation there is nothing to serve (and `serve`
-            // has done the host-side work).
-            Some(Err(DeviceError::NotActivated)) => false,
-            Some(Err(e)) => {
-                warn!(error = %e, "cannot serve the queues");
-                // Deadlines are due whether or not the queues can be served.
-                self.serve_host();
-                false
-            }
-            None => {
-                // No guest attached: timers and host clients are served all the same, or a
-                // passed deadline would make `timeout` return zero forever.
-                self.serve_host();
-                false
-            }
-        }
+        self.driver.serve_transport(transport)
     }
 
-    fn apply<T: vsock_device::Transport>(
-        &mut self,
-        request: vsock_device::DeviceRequest,
-        transport: &mut T,
-    ) {
-        let now = self.now();
-        match request {
-            vsock_device::DeviceRequest::Reset => {
-                debug!("device reset requested");
-                self.device.reset(now);
-                // Close the dropped connections' sockets now, not at the next activation:
-                // the queues may be gone with the frontend that owned them.
-                self.device.perform_actions(now, &mut self.host);
-            }
-            vsock_device::DeviceRequest::Stop => {
-                debug!("device stop requested");
-                self.device.stop(now);
-                self.device.perform_actions(now, &mut self.host);
-            }
-            vsock_device::DeviceRequest::Activate { features } => {
-                if let Err(e) = self.device.ack_features(features) {
-                    warn!(error = %e, "refused the driver's features");
-                    return;
-                }
-                let device = &mut self.device;
-                transport.with_queues(|_, queues| device.activate(queues));
-            }
-        }
-    }
-
-    /// How long the caller's poll may sleep before [`serve`](Self::serve) is due for a
-    /// deadline (the engine's, or the retry of a failed accept), or `None` if no deadline is
-    /// pending.
+    /// How long the caller's poll may sleep before [`serve`](Self::serve) is due (see
+    /// [`Driver::timeout`]).
     pub fn timeout(&mut self) -> Option<Duration> {
-        if self.accept_more {
-            return Some(Duration::ZERO);
-        }
-        let now = self.now();
-        let engine = self.device.engine_mut().poll_timeout();
-        let next = match (engine, self.accept_retry) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        next.map(|t| t.saturating_duration_since(now))
+        self.driver.timeout()
     }
 }
 
-fn listener_fd(listener: &Listener) -> std::os::fd::RawFd {
+fn listener_fd(listener: &vsock_host::Listener) -> std::os::fd::RawFd {
     use std::os::fd::AsFd;
     listener.as_fd().as_raw_fd()
 }
@@ -482,15 +326,24 @@ pub struct MioLoop {
 }
 
 impl MioLoop {
-    /// Binds the listener and builds the device, on a poll of its own. `config.tokens` must
-    /// stay clear of the two highest token values, which the loop keeps for itself.
+    /// Binds the listener and builds the device, on a poll of its own.
     ///
     /// # Errors
     ///
     /// As [`VsockMio::new`].
-    pub fn new(config: MioConfig) -> io::Result<Self> {
+    pub fn new(config: DriverConfig) -> io::Result<Self> {
         let poll = mio::Poll::new()?;
-        let vsock = VsockMio::new(config, poll.registry())?;
+        let vsock = VsockMio::new(
+            MioConfig {
+                engine: config.engine,
+                uds_path: config.uds_path,
+                tokens: Tokens {
+                    listener: Token(0),
+                    first_conn: 1,
+                },
+            },
+            poll.registry(),
+        )?;
         Ok(MioLoop { poll, vsock })
     }
 
@@ -510,7 +363,7 @@ impl MioLoop {
         self,
         mut transport: T,
         kick: std::os::fd::OwnedFd,
-    ) -> io::Result<MioThread> {
+    ) -> io::Result<DriverThread<VsockMio>> {
         let MioLoop {
             mut poll,
             mut vsock,
@@ -524,66 +377,47 @@ impl MioLoop {
             MioInterest::READABLE,
         )?;
         let stopping = stop.clone();
-        let handle = std::thread::Builder::new().name("vsock-mio".into()).spawn(
-            move || -> io::Result<VsockMio> {
-                let mut events = mio::Events::with_capacity(256);
-                loop {
-                    let more = vsock.serve_transport(&mut transport);
-                    let timeout = if more {
-                        Some(Duration::ZERO)
-                    } else {
-                        vsock.timeout()
-                    };
-                    match poll.poll(&mut events, timeout) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(e),
-                    }
-                    for event in events.iter() {
-                        match event.token() {
-                            LOOP_WAKER => {}
-                            LOOP_KICK => drain_kick(&kick)?,
-                            _ => {
-                                vsock.handle_event(event);
-                            }
+        // The loop keeps the waker too: the stop signal drops its own handle as soon as it has
+        // woken the loop, and closing the waker's last descriptor would take its pending
+        // event out of the poll before the loop sees it.
+        let awake = waker.clone();
+        let body = move || -> io::Result<VsockMio> {
+            let _awake = awake;
+            let mut events = mio::Events::with_capacity(256);
+            loop {
+                let more = vsock.serve_transport(&mut transport);
+                let timeout = if more {
+                    Some(Duration::ZERO)
+                } else {
+                    vsock.timeout()
+                };
+                match poll.poll(&mut events, timeout) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+                for event in events.iter() {
+                    match event.token() {
+                        LOOP_WAKER => {}
+                        LOOP_KICK => drain_kick(&kick)?,
+                        _ => {
+                            vsock.handle_event(event);
                         }
                     }
-                    if stopping.load(std::sync::atomic::Ordering::Acquire) {
-                        vsock.abort_all();
-                        vsock.serve_transport(&mut transport);
-                        return Ok(vsock);
-                    }
                 }
-            },
-        )?;
-        Ok(MioThread {
-            waker,
-            stop,
-            handle,
+                if stopping.load(std::sync::atomic::Ordering::Acquire) {
+                    vsock.abort_all();
+                    vsock.serve_transport(&mut transport);
+                    return Ok(vsock);
+                }
+            }
+        };
+        DriverThread::spawn("vsock-mio", body, move || {
+            stop.store(true, std::sync::atomic::Ordering::Release);
+            if let Err(e) = waker.wake() {
+                warn!(error = %e, "cannot wake the vsock loop");
+            }
         })
-    }
-}
-
-/// A [`MioLoop`] running on its thread.
-pub struct MioThread {
-    waker: std::sync::Arc<mio::Waker>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: std::thread::JoinHandle<io::Result<VsockMio>>,
-}
-
-impl MioThread {
-    /// Stops the loop: the guest's connections are reset (the RSTs delivered if it has rx
-    /// buffers) and every socket closed. Returns the driver; dropping it unlinks the listener.
-    ///
-    /// # Errors
-    ///
-    /// The loop's own failure, if it stopped on one.
-    pub fn stop(self) -> io::Result<VsockMio> {
-        self.stop.store(true, std::sync::atomic::Ordering::Release);
-        self.waker.wake()?;
-        self.handle
-            .join()
-            .map_err(|_| io::Error::other("the vsock loop panicked"))?
     }
 }
 

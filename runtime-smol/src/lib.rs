@@ -1,25 +1,21 @@
 //! Drives the vsock device from smol: the adapter for asynchronous VMMs on smol (or any
 //! executor, with `async-io`'s reactor).
 //!
-//! [`VsockSmol::run`] is one future per device. Like the tokio adapter, its host sockets live
-//! in a private `mio::Poll` whose descriptor `async-io` watches, so the event translation is
-//! `vsock-mio`'s, written once; this crate only waits: on that descriptor, on the guest's
-//! queue kicks, on the engine's next deadline, and on shutdown.
+//! [`VsockSmol::run`] is one future per device; [`VsockSmol::spawn`] runs it on a thread of
+//! its own. Like the tokio adapter, its host sockets live in a private `mio::Poll` whose
+//! descriptor `async-io` watches, so the event translation is `vsock-mio`'s and the driver is
+//! `vsock-host`'s, each written once; this crate only waits: on that descriptor, on the
+//! guest's queue kicks, on the next deadline, and on shutdown.
 //!
 //! # Embedding
 //!
 //! ```no_run
 //! # use vsock_device::Transport;
 //! # fn embed<T: Transport + Send + 'static>(transport: T, kick: std::os::fd::OwnedFd) -> std::io::Result<()> {
-//! use vsock_mio::{MioConfig, Tokens};
+//! use vsock_host::DriverConfig;
 //! use vsock_smol::VsockSmol;
 //!
-//! let config = MioConfig {
-//!     engine: vsock_core::Config::new(3),
-//!     uds_path: "/run/vm0/vsock".into(),
-//!     tokens: Tokens { listener: mio::Token(0), first_conn: 1 },
-//! };
-//! let vsock = VsockSmol::new(config)?;
+//! let vsock = VsockSmol::new(DriverConfig::new(3, "/run/vm0/vsock"))?;
 //! let (stop, stopped) = smol::channel::bounded::<()>(1);
 //! let task = smol::spawn(vsock.run(transport, kick, async move { let _ = stopped.recv().await; }));
 //! // ... later: a clean shutdown resets the guest's connections and closes the sockets.
@@ -33,15 +29,17 @@
 
 use std::fs::File;
 use std::future::Future;
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
 use std::pin::pin;
 
 use async_io::{Async, Timer};
 use futures_lite::future;
-use mio::{Events, Poll, Registry};
-use vsock_device::Transport;
-use vsock_mio::{MioConfig, VsockMio};
+use mio::{Events, Poll, Registry, Token};
+use vsock_device::{Transport, VsockDevice};
+use vsock_host::{DriverConfig, DriverThread, Host};
+use vsock_mio::{MioConfig, MioReactor, Tokens, VsockMio};
 
 /// A vsock device served by a smol task.
 pub struct VsockSmol {
@@ -64,10 +62,21 @@ impl VsockSmol {
     ///
     /// # Errors
     ///
-    /// As [`VsockMio::new`], or the reactor refusing the poll's descriptor.
-    pub fn new(config: MioConfig) -> io::Result<Self> {
+    /// A bad or busy listener path, a configuration the engine refuses, the poll's own, or
+    /// the reactor refusing the poll's descriptor.
+    pub fn new(config: DriverConfig) -> io::Result<Self> {
         let poll = Poll::new()?;
-        let vsock = VsockMio::new(config, poll.registry())?;
+        let vsock = VsockMio::new(
+            MioConfig {
+                engine: config.engine,
+                uds_path: config.uds_path,
+                tokens: Tokens {
+                    listener: Token(0),
+                    first_conn: 1,
+                },
+            },
+            poll.registry(),
+        )?;
         let watch = Async::new(poll.registry().try_clone()?)?;
         Ok(VsockSmol {
             poll,
@@ -77,15 +86,25 @@ impl VsockSmol {
         })
     }
 
-    /// The driver, for the device's features, config space, activation and counters before
-    /// the task starts.
-    pub fn driver_mut(&mut self) -> &mut VsockMio {
-        &mut self.vsock
+    /// The device: features, config space and activation before the task starts, counters
+    /// after it ends.
+    pub fn device(&self) -> &VsockDevice {
+        self.vsock.device()
+    }
+
+    /// The device: features, config space and activation before the task starts.
+    pub fn device_mut(&mut self) -> &mut VsockDevice {
+        self.vsock.device_mut()
+    }
+
+    /// The host side: the socket table (on the private poll's reactor) and its counters.
+    pub fn host(&self) -> &Host<MioReactor> {
+        self.vsock.host()
     }
 
     /// Serves until `shutdown` completes, then resets the guest's connections (delivering the
-    /// RSTs if the guest has rx buffers) and closes every socket. Returns the driver; dropping
-    /// it unlinks the listener.
+    /// RSTs if the guest has rx buffers), closes every socket and returns itself, for its
+    /// final counters; dropping it unlinks the listener.
     ///
     /// `kick` is a non-blocking descriptor that becomes readable when the guest kicks a
     /// queue; it is drained on each wake-up.
@@ -98,7 +117,7 @@ impl VsockSmol {
         mut transport: T,
         kick: OwnedFd,
         shutdown: impl Future<Output = ()>,
-    ) -> io::Result<VsockMio> {
+    ) -> io::Result<Self> {
         let kick = Async::new(File::from(kick))?;
         let mut shutdown = pin!(shutdown);
         loop {
@@ -130,6 +149,30 @@ impl VsockSmol {
         self.vsock.abort_all();
         self.vsock.dispatch(&mut self.poll, &mut self.events)?;
         self.vsock.serve_transport(&mut transport);
-        Ok(self.vsock)
+        Ok(self)
+    }
+
+    /// Serves on a thread of its own, on `async-io`'s `block_on`, until the returned handle's
+    /// [`stop`](DriverThread::stop).
+    ///
+    /// # Errors
+    ///
+    /// The thread or its stop signal could not be set up.
+    pub fn spawn<T: Transport + Send + 'static>(
+        self,
+        transport: T,
+        kick: OwnedFd,
+    ) -> io::Result<DriverThread<Self>> {
+        // The stop signal: a byte on a socket the shutdown future waits for.
+        let (mut stop, stopped) = UnixStream::pair()?;
+        let stopped = Async::new(stopped)?;
+        let body = move || {
+            async_io::block_on(self.run(transport, kick, async move {
+                let _ = stopped.readable().await;
+            }))
+        };
+        DriverThread::spawn("vsock-smol", body, move || {
+            let _ = stop.write_all(b"s");
+        })
     }
 }

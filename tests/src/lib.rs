@@ -23,8 +23,12 @@ use vm_memory::GuestMemoryMmap;
 use vsock_core::{Config, Instant};
 use vsock_device::testing::{Guest, Layout};
 
+use vsock_device::VsockDevice;
 use vsock_device::{DeviceRequest, Queues, Served, Transport};
-use vsock_mio::{MioConfig, MioLoop, MioThread, Tokens, VsockMio};
+use vsock_host::{DriverConfig, DriverThread, Host};
+use vsock_mio::{MioLoop, MioReactor, VsockMio};
+use vsock_smol::VsockSmol;
+use vsock_tokio::VsockTokio;
 
 /// The guest's CID in every scenario.
 pub const GUEST_CID: u64 = 3;
@@ -111,22 +115,40 @@ pub struct Rig {
     /// The directory holding `vsock` (the listener) and `vsock_<port>` sockets.
     pub dir: PathBuf,
     kick: UnixStream,
-    running: Option<Stopper>,
+    running: Option<DriverThread<Stopped>>,
     started: std::time::Instant,
     shared: Arc<Mutex<Shared>>,
     features: u64,
 }
 
-enum Stopper {
-    Mio(MioThread),
-    Tokio(
-        tokio::sync::oneshot::Sender<()>,
-        std::thread::JoinHandle<std::io::Result<VsockMio>>,
-    ),
-    Smol(
-        UnixStream,
-        std::thread::JoinHandle<std::io::Result<VsockMio>>,
-    ),
+/// A driver the rig stopped: every runtime's, behind one type.
+pub enum Stopped {
+    /// `vsock-mio`'s.
+    Mio(VsockMio),
+    /// `vsock-tokio`'s.
+    Tokio(VsockTokio),
+    /// `vsock-smol`'s.
+    Smol(VsockSmol),
+}
+
+impl Stopped {
+    /// The device, for its counters and the engine's.
+    pub fn device(&self) -> &VsockDevice {
+        match self {
+            Stopped::Mio(v) => v.device(),
+            Stopped::Tokio(v) => v.device(),
+            Stopped::Smol(v) => v.device(),
+        }
+    }
+
+    /// The host side: what is left of the socket table, and its counters.
+    pub fn host(&self) -> &Host<MioReactor> {
+        match self {
+            Stopped::Mio(v) => v.host(),
+            Stopped::Tokio(v) => v.host(),
+            Stopped::Smol(v) => v.host(),
+        }
+    }
 }
 
 impl Rig {
@@ -158,13 +180,9 @@ impl Rig {
         attached: bool,
     ) -> Rig {
         let dir = temp_dir();
-        let mio_config = MioConfig {
+        let driver_config = DriverConfig {
             engine: config,
             uds_path: dir.join("vsock"),
-            tokens: Tokens {
-                listener: mio::Token(0),
-                first_conn: 1,
-            },
         };
         let mut guest = Guest::new(GUEST_CID);
         guest.tx_layouts = vec![
@@ -173,15 +191,13 @@ impl Rig {
             Layout::Cuts(vec![20, 44, 300]),
         ];
         let mut queues = guest.driver.device_queues(false);
-        let activate = move |driver: &mut VsockMio, queues: &mut [Queue; 3]| {
+        let activate = move |device: &mut VsockDevice, queues: &mut [Queue; 3]| {
             if recorder.is_some() {
-                driver
-                    .device_mut()
+                device
                     .engine_mut()
                     .set_recorder(recorder)
                     .expect("an engine that has seen nothing takes a recorder");
             }
-            let device = driver.device_mut();
             if attached {
                 device.ack_features(device.features()).unwrap();
                 let [rx, tx, event] = queues;
@@ -196,77 +212,42 @@ impl Rig {
         let mem = guest.driver.mem.clone();
         let features = Arc::new(Mutex::new(0u64));
         let feats = features.clone();
-        let activate = move |driver: &mut VsockMio, queues: &mut [Queue; 3]| {
-            *feats.lock().unwrap() = activate(driver, queues);
+        let activate = move |device: &mut VsockDevice, queues: &mut [Queue; 3]| {
+            *feats.lock().unwrap() = activate(device, queues);
         };
-        // The queues move into the state shared with the runtime thread once activated.
-        let running;
-        let shared;
-        match runtime {
-            Runtime::Mio => {
-                let mut lp = MioLoop::new(mio_config).unwrap();
-                activate(lp.driver_mut(), &mut queues);
-                shared = Arc::new(Mutex::new(Shared {
-                    mem,
-                    queues,
-                    requests: VecDeque::new(),
-                    attached,
-                }));
-                running = Stopper::Mio(lp.spawn(RigTransport(shared.clone()), theirs).unwrap());
-            }
-            Runtime::Tokio => {
-                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-                let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-                let thread = std::thread::spawn(move || {
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .unwrap();
-                    rt.block_on(async move {
-                        let mut vsock = vsock_tokio::VsockTokio::new(mio_config)?;
-                        activate(vsock.driver_mut(), &mut queues);
-                        let shared = Arc::new(Mutex::new(Shared {
-                            mem,
-                            queues,
-                            requests: VecDeque::new(),
-                            attached,
-                        }));
-                        ready_tx.send(shared.clone()).unwrap();
-                        vsock
-                            .run(RigTransport(shared), theirs, async move {
-                                let _ = stopped.await;
-                            })
-                            .await
-                    })
-                });
-                shared = ready_rx.recv().expect("tokio adapter started");
-                running = Stopper::Tokio(stop, thread);
-            }
-            Runtime::Smol => {
-                let mut vsock = vsock_smol::VsockSmol::new(mio_config).unwrap();
-                activate(vsock.driver_mut(), &mut queues);
-                shared = Arc::new(Mutex::new(Shared {
-                    mem,
-                    queues,
-                    requests: VecDeque::new(),
-                    attached,
-                }));
-                let transport = RigTransport(shared.clone());
-                // Stop: a byte on a socket the shutdown future waits for.
-                let (stop_sock, stop_wait) = UnixStream::pair().unwrap();
-                let thread = std::thread::spawn(move || {
-                    futures_lite::future::block_on(async move {
-                        let wait = async_io::Async::new(stop_wait).unwrap();
-                        vsock
-                            .run(transport, theirs, async move {
-                                let _ = wait.readable().await;
-                            })
-                            .await
-                    })
-                });
-                running = Stopper::Smol(stop_sock, thread);
-            }
-        }
+        // The driver is built and the device activated here; the queues then move into the
+        // state shared with the runtime's thread.
+        let mut mio = None;
+        let mut tokio = None;
+        let mut smol = None;
+        let device = match runtime {
+            Runtime::Mio => mio
+                .insert(MioLoop::new(driver_config).unwrap())
+                .driver_mut()
+                .device_mut(),
+            Runtime::Tokio => tokio
+                .insert(VsockTokio::new(driver_config).unwrap())
+                .device_mut(),
+            Runtime::Smol => smol
+                .insert(VsockSmol::new(driver_config).unwrap())
+                .device_mut(),
+        };
+        activate(device, &mut queues);
+        let shared = Arc::new(Mutex::new(Shared {
+            mem,
+            queues,
+            requests: VecDeque::new(),
+            attached,
+        }));
+        let transport = RigTransport(shared.clone());
+        let running = if let Some(lp) = mio {
+            lp.spawn(transport, theirs).unwrap().map(Stopped::Mio)
+        } else if let Some(v) = tokio {
+            v.spawn(transport, theirs).unwrap().map(Stopped::Tokio)
+        } else {
+            let v = smol.expect("one runtime");
+            v.spawn(transport, theirs).unwrap().map(Stopped::Smol)
+        };
         let features = *features.lock().unwrap();
         Rig {
             guest,
@@ -369,24 +350,14 @@ impl Rig {
     }
 
     /// Stops the runtime (a clean shutdown) and returns the driver for its counters.
-    pub fn stop(self) -> VsockMio {
+    pub fn stop(self) -> Stopped {
         self.stop_with_guest().1
     }
 
     /// Stops the runtime (a clean shutdown); returns the guest, after one more look at its
     /// rings, and the driver.
-    pub fn stop_with_guest(mut self) -> (Guest, VsockMio) {
-        let vsock = match self.running.take().expect("running") {
-            Stopper::Mio(t) => t.stop().unwrap(),
-            Stopper::Tokio(stop, thread) => {
-                let _ = stop.send(());
-                thread.join().unwrap().unwrap()
-            }
-            Stopper::Smol(mut sock, thread) => {
-                sock.write_all(b"s").unwrap();
-                thread.join().unwrap().unwrap()
-            }
-        };
+    pub fn stop_with_guest(mut self) -> (Guest, Stopped) {
+        let vsock = self.running.take().expect("running").stop().unwrap();
         self.step();
         let Rig { guest, .. } = self;
         (guest, vsock)

@@ -2,7 +2,7 @@
 //! and timings.
 //!
 //! [`summarize`] reads a trace and returns its [`Summary`], whose `Display` is the report;
-//! [`summary`] writes the report of records [`read`](crate::replay::read) returned.
+//! [`summary`] writes the report of records [`read`] returned.
 //!
 //! A trace is input: nothing here trusts its order. Timestamps are the `now` the embedder
 //! gave each call, which may step back (the engine keeps its own clock monotonic), so every
@@ -310,7 +310,7 @@ pub fn summarize(bytes: &[u8]) -> Result<Summary, TraceError> {
     Ok(Summary::from_entries(&read(bytes)?))
 }
 
-/// Writes the summary of `entries` (a trace as [`read`](crate::replay::read) returns it) to
+/// Writes the summary of `entries` (a trace as [`read`] returns it) to
 /// `out`, as `vsock-replay --summary` prints it.
 ///
 /// # Errors

@@ -14,4 +14,4 @@ mod backend;
 mod runtime;
 
 pub use backend::{Memory, MemoryAtomic, Shared, VhostTransport, VsockBackend};
-pub use runtime::{start, Running, RuntimeKind};
+pub use runtime::{start, Report, Running, RuntimeKind};

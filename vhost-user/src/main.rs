@@ -15,8 +15,8 @@ use tracing::{error, info, warn};
 use vhost_user_backend::VhostUserDaemon;
 use vsock_core::Instant;
 use vsock_device::VsockDevice;
-use vsock_mio::{MioConfig, Tokens, VsockMio};
-use vsock_vhost_user::{RuntimeKind, Shared, VhostTransport};
+use vsock_host::DriverConfig;
+use vsock_vhost_user::{Report, RuntimeKind, Shared, VhostTransport};
 
 /// Serves a virtio-vsock device to a vhost-user frontend (QEMU's vhost-user-vsock-pci), and
 /// relays the guest's stream connections to host Unix sockets.
@@ -119,13 +119,9 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     let (wake, kick) = UnixStream::pair()?;
     kick.set_nonblocking(true)?;
     let shared = Shared::new(args.guest_cid, device_features, wake)?;
-    let config = MioConfig {
+    let config = DriverConfig {
         engine,
         uds_path: args.uds_path.clone(),
-        tokens: Tokens {
-            listener: mio::Token(0),
-            first_conn: 1,
-        },
     };
     let recorder = match &args.record {
         Some(path) => {
@@ -164,10 +160,10 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     if let Some(signal) = signals.forever().next() {
         info!(signal, "shutting down");
     }
-    let vsock = running.stop()?;
-    print_stats(&vsock);
-    // Dropping the driver unlinks `<uds_path>`; `_socket` unlinks the vhost-user socket.
-    drop(vsock);
+    // Stopping drops the driver, which unlinks `<uds_path>`; `_socket` unlinks the vhost-user
+    // socket.
+    let report = running.stop()?;
+    print_stats(&report);
     Ok(())
 }
 
@@ -221,8 +217,8 @@ fn check_socket_path(flag: &str, path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-fn print_stats(vsock: &VsockMio) {
-    let engine = vsock.device().engine().stats();
+fn print_stats(report: &Report) {
+    let engine = &report.engine;
     eprintln!(
         "vhost-user-vsock: guest->host {} bytes in {} packets, host->guest {} bytes in {} packets",
         engine.tx_bytes, engine.tx_packets, engine.rx_bytes, engine.rx_packets
@@ -238,8 +234,8 @@ fn print_stats(vsock: &VsockMio) {
         engine.rst_received
     );
     eprintln!("vhost-user-vsock: engine {engine:?}");
-    eprintln!("vhost-user-vsock: device {:?}", vsock.device().stats());
-    eprintln!("vhost-user-vsock: host {:?}", vsock.host().stats());
+    eprintln!("vhost-user-vsock: device {:?}", report.device);
+    eprintln!("vhost-user-vsock: host {:?}", report.host);
 }
 
 /// Removes a path when dropped.

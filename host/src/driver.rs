@@ -1,0 +1,266 @@
+//! The host-side driver every runtime runs: the device, its socket table, the listener, the
+//! clock, the accepts and the merged deadline. A runtime only translates its readiness events
+//! into [`Driver::accept`] and [`Driver::ready`], and sleeps for [`Driver::timeout`].
+
+use std::io;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tracing::{debug, warn};
+use vsock_core::{Config, HostEvent, Instant, SocketError};
+use vsock_device::vm_memory::GuestMemory;
+use vsock_device::{DeviceError, Queues, Served, Transport, VsockDevice};
+
+use crate::{Host, Listener, Reactor, UdsPath};
+
+/// What every runtime is configured with: the engine's configuration and the base path.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// The engine's configuration (guest CID, buffers, limits, timeouts).
+    pub engine: Config,
+    /// The base path `<uds_path>`: host clients connect to it, a guest connection to port
+    /// `P` goes to `<uds_path>_P`.
+    pub uds_path: PathBuf,
+}
+
+impl DriverConfig {
+    /// The defaults for a guest with CID `guest_cid`, at `uds_path`.
+    pub fn new(guest_cid: u64, uds_path: impl Into<PathBuf>) -> Self {
+        DriverConfig {
+            engine: Config::new(guest_cid),
+            uds_path: uds_path.into(),
+        }
+    }
+}
+
+/// What a runtime learned about one connection's socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Readiness {
+    /// Readable, or its read side hung up.
+    pub readable: bool,
+    /// Writable, or its write side hung up.
+    pub writable: bool,
+    /// The socket reported an error.
+    pub error: bool,
+}
+
+/// How long after a failed accept (`EMFILE` and friends) the listener is tried again. Runtimes
+/// watch it edge-triggered, so the clients left in its backlog raise no new event: without a
+/// retry they would wait for the next client to connect, however long that takes.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// The most host clients accepted per wake-up. A flood of clients then cannot starve the
+/// queues and the clients already accepted: the rest wait in the backlog until the next
+/// round, which comes at once.
+const ACCEPT_BATCH: usize = 32;
+
+/// The device and its host side, driven by one runtime.
+pub struct Driver<R: Reactor> {
+    device: VsockDevice,
+    host: Host<R>,
+    listener: Listener,
+    epoch: std::time::Instant,
+    /// When to accept again after an accept failed with clients possibly still waiting.
+    accept_retry: Option<Instant>,
+    /// A round of accepts stopped at [`ACCEPT_BATCH`] with clients possibly still waiting.
+    accept_more: bool,
+}
+
+impl<R: Reactor> std::fmt::Debug for Driver<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("device", &self.device)
+            .field("host", &self.host)
+            .field("listener", &self.listener)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Reactor> Driver<R>
+where
+    R::Socket: AsFd,
+{
+    /// Binds the listener at `<uds_path>` (non-blocking) and builds the device. The runtime
+    /// watches [`listener`](Self::listener) for readability and calls
+    /// [`accept`](Self::accept).
+    ///
+    /// # Errors
+    ///
+    /// A bad path, a busy or unwritable listener path, a configuration the engine refuses.
+    pub fn new(config: DriverConfig, reactor: R) -> io::Result<Self> {
+        let path = UdsPath::new(config.uds_path)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let listener = Listener::bind(path.listener())?;
+        let device = VsockDevice::new(config.engine, Instant::ZERO)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        Ok(Driver {
+            device,
+            host: Host::new(path, reactor),
+            listener,
+            epoch: std::time::Instant::now(),
+            accept_retry: None,
+            accept_more: false,
+        })
+    }
+
+    /// The engine's clock: time since this driver was made.
+    pub fn now(&self) -> Instant {
+        Instant::from_nanos(self.epoch.elapsed().as_nanos() as u64)
+    }
+
+    /// The listener host clients connect to.
+    pub fn listener(&self) -> &Listener {
+        &self.listener
+    }
+
+    /// The device (features, config space, activation, reset, save/restore, stats).
+    pub fn device(&self) -> &VsockDevice {
+        &self.device
+    }
+
+    /// The device (features, config space, activation, reset, save/restore, stats).
+    pub fn device_mut(&mut self) -> &mut VsockDevice {
+        &mut self.device
+    }
+
+    /// The host side (the socket table, its reactor and counters).
+    pub fn host(&self) -> &Host<R> {
+        &self.host
+    }
+
+    /// The host side (the socket table, its reactor and counters).
+    pub fn host_mut(&mut self) -> &mut Host<R> {
+        &mut self.host
+    }
+
+    /// The listener is readable: accepts a round of host clients, reading each one's
+    /// `CONNECT` line at once if it is already there (so a prompt client is no longer pending
+    /// when the next one arrives). Call [`serve_transport`](Self::serve_transport) or
+    /// [`serve`](Self::serve) after the batch of events.
+    pub fn accept(&mut self) {
+        let now = self.now();
+        self.accept_round(now);
+    }
+
+    fn accept_round(&mut self, now: Instant) {
+        self.accept_more = false;
+        let batch = ACCEPT_BATCH.min(self.device.engine().config().max_pending_host_clients);
+        for _ in 0..batch {
+            match self.listener.accept() {
+                Ok(Some(stream)) => {
+                    let engine = self.device.engine_mut();
+                    if let Some(conn) = self.host.adopt_client(now, engine, stream) {
+                        debug!(%conn, "host client");
+                        // Its line may already be there; a spurious readable is harmless.
+                        let _ = engine.handle_host_event(now, conn, HostEvent::Readable);
+                        self.device.perform_actions(now, &mut self.host);
+                    }
+                }
+                Ok(None) => {
+                    self.accept_retry = None;
+                    return;
+                }
+                Err(e) => {
+                    // EMFILE and friends: the client waits in the backlog. Rather than spin,
+                    // try again after a pause, or at the next event.
+                    if self.accept_retry.is_none() {
+                        warn!(error = %e, "accept failed; retrying");
+                    } else {
+                        debug!(error = %e, "accept failed again");
+                    }
+                    self.accept_retry = Some(now + ACCEPT_RETRY);
+                    return;
+                }
+            }
+        }
+        // More may wait: the next round comes after the queues and the other sockets had
+        // theirs.
+        self.accept_more = true;
+    }
+
+    /// The socket in table slot `slot` (the runtime's registration key: see
+    /// [`Host::conn_at`]) is ready. A late event for a socket already closed is ignored.
+    /// Call [`serve_transport`](Self::serve_transport) or [`serve`](Self::serve) after the
+    /// batch of events.
+    pub fn ready(&mut self, slot: u32, readiness: Readiness) {
+        let Some(conn) = self.host.conn_at(slot) else {
+            return;
+        };
+        let now = self.now();
+        let _span = tracing::trace_span!("vsock_conn", %conn).entered();
+        let engine = self.device.engine_mut();
+        if readiness.error {
+            // The engine still reads what the socket holds before it resets.
+            let _ = engine.handle_host_event(now, conn, HostEvent::Error(SocketError(0)));
+            return;
+        }
+        if readiness.readable {
+            let _ = engine.handle_host_event(now, conn, HostEvent::Readable);
+        }
+        if readiness.writable {
+            let _ = engine.handle_host_event(now, conn, HostEvent::Writable);
+        }
+    }
+
+    /// Fires due deadlines (the engine's, and the retry of accepts) and serves the queues
+    /// (see [`VsockDevice::serve`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`VsockDevice::serve`].
+    pub fn serve<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        queues: Queues<'_>,
+    ) -> Result<Served, DeviceError> {
+        let now = self.now();
+        self.retry_accept(now);
+        self.device.serve(now, mem, queues, &mut self.host)
+    }
+
+    /// One wake-up through a [`Transport`] (see [`VsockDevice::serve_transport`]), the
+    /// retry of accepts included. Returns whether work is left: serve again without waiting.
+    pub fn serve_transport<T: Transport>(&mut self, transport: &mut T) -> bool {
+        let now = self.now();
+        self.retry_accept(now);
+        self.device.serve_transport(now, transport, &mut self.host)
+    }
+
+    /// The host-side work that needs no guest (see [`VsockDevice::serve_host`]), the retry of
+    /// accepts included: for a loop of the caller's own with no queues to serve.
+    pub fn serve_host(&mut self) {
+        let now = self.now();
+        self.retry_accept(now);
+        self.device.serve_host(now, &mut self.host);
+    }
+
+    fn retry_accept(&mut self, now: Instant) {
+        if self.accept_more || self.accept_retry.is_some_and(|t| t <= now) {
+            self.accept_round(now);
+        }
+    }
+
+    /// Resets every connection (RST to the guest, sockets closed): for a clean shutdown. Serve
+    /// once more afterwards so the RSTs reach the guest.
+    pub fn abort_all(&mut self) {
+        let now = self.now();
+        self.device.engine_mut().abort_all(now);
+    }
+
+    /// How long the runtime may sleep before it must serve again for a deadline (the
+    /// engine's, or a round of accepts), or `None` if none is pending. After a serve, this is
+    /// never a deadline that has passed, unless more work is due at once.
+    pub fn timeout(&mut self) -> Option<Duration> {
+        if self.accept_more {
+            return Some(Duration::ZERO);
+        }
+        let now = self.now();
+        let engine = self.device.engine_mut().poll_timeout();
+        let next = match (engine, self.accept_retry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        next.map(|t| t.saturating_duration_since(now))
+    }
+}
