@@ -198,6 +198,7 @@ mod buf;
 mod config;
 mod conn;
 mod engine;
+mod error;
 mod io;
 pub mod record;
 mod stats;
@@ -208,7 +209,8 @@ pub mod wire;
 
 pub use config::{Config, ConfigError};
 pub use conn::{ConnId, ConnState, Origin};
-pub use engine::{ConnError, Engine, RxGrant, RxPacket, RxRead, TableFull, Tx, TxData};
+pub use engine::{Engine, RxGrant, RxPacket, RxRead, Tx, TxData};
+pub use error::{ConnError, TableFull};
 pub use io::{
     Action, Direction, GuestBytes, HostEvent, Interest, Io, LineRead, MemoryFault, SocketError,
 };

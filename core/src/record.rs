@@ -31,7 +31,7 @@
 //! [`Engine::set_recorder`](crate::Engine::set_recorder) refuses with an [`AttachError`].
 
 use crate::conn::ConnId;
-use crate::engine::TableFull;
+use crate::error::TableFull;
 use crate::io::{Action, GuestBytes, HostEvent, Io, LineRead};
 use crate::time::Instant;
 use crate::wire::Header;

@@ -1,0 +1,337 @@
+//! The grants that borrow the engine: a tx payload to place, an rx packet to send, an rx
+//! buffer to fill. Nothing changes until a grant is completed.
+
+use super::*;
+
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Source {
+    Orphan,
+    Conn(usize),
+}
+
+/// What [`Engine::handle_tx`] made of a guest packet.
+#[must_use]
+pub enum Tx<'a> {
+    /// The packet is fully handled (or dropped, or answered; see [`Stats`]).
+    Done,
+    /// The packet carries payload for a connection's socket: offer it, then
+    /// [`complete`](TxData::complete).
+    Data(TxData<'a>),
+}
+
+impl fmt::Debug for Tx<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Tx::Done => f.write_str("Done"),
+            Tx::Data(d) => f
+                .debug_struct("Data")
+                .field("conn", &d.conn)
+                .field("len", &d.len)
+                .field("direct", &d.direct)
+                .finish(),
+        }
+    }
+}
+
+/// Guest payload on its way to a host socket.
+///
+/// If [`direct`](Self::direct) is true, write the payload straight from guest memory to the
+/// connection's socket (once, non-blocking) and pass the result to
+/// [`complete`](Self::complete); otherwise pass `Io::Done(0)`. The engine copies whatever the
+/// socket did not take into the connection's buffer. Dropping this without completing it loses
+/// the payload, so the connection is reset.
+#[must_use]
+pub struct TxData<'a> {
+    pub(super) engine: &'a mut Engine,
+    pub(super) idx: usize,
+    pub(super) conn: ConnId,
+    pub(super) len: usize,
+    pub(super) direct: bool,
+    pub(super) done: bool,
+    /// The packet, for the recorder.
+    pub(super) header: Header,
+    pub(super) now: Instant,
+}
+
+impl TxData<'_> {
+    /// The connection the payload belongs to.
+    pub fn conn(&self) -> ConnId {
+        self.conn
+    }
+
+    /// Payload length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: an empty payload is handled without a `TxData`.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether the caller should write the payload to the socket now. False when earlier bytes
+    /// are still buffered (they must go first) or the socket is known not to be writable.
+    pub fn direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Finishes the packet. `written` is the result of the direct write (`Io::Done(0)` if none
+    /// was tried); `payload` gives access to the bytes the socket did not take.
+    ///
+    /// # Errors
+    ///
+    /// [`ConnError::Overrun`] if `written` claims more than [`len`](Self::len) bytes; the
+    /// connection is reset.
+    pub fn complete(mut self, written: Io, payload: &mut dyn GuestBytes) -> Result<(), ConnError> {
+        self.done = true;
+        let written = if self.direct { written } else { Io::Done(0) };
+        if self.engine.recorder.is_none() {
+            return self
+                .engine
+                .tx_complete(self.idx, self.len, self.direct, written, payload);
+        }
+        let (now, header, len) = (self.now, self.header, self.len);
+        self.engine.note_packet(now, false, &header, payload, len);
+        // Whether the payload could be read decides the outcome, so replay must know it.
+        let mut watched = Watched {
+            inner: payload,
+            faulted: false,
+        };
+        let result = self
+            .engine
+            .tx_complete(self.idx, len, self.direct, written, &mut watched);
+        let outcome = if watched.faulted {
+            TxOutcome::Unreadable(written)
+        } else {
+            TxOutcome::Written(written)
+        };
+        self.engine.note(now, &Event::TxWritten(outcome));
+        result
+    }
+}
+
+/// Guest bytes that remember whether a read of them failed.
+struct Watched<'a> {
+    pub(super) inner: &'a mut dyn GuestBytes,
+    pub(super) faulted: bool,
+}
+
+impl GuestBytes for Watched<'_> {
+    fn copy_to(&mut self, offset: usize, dst: &mut [u8]) -> Result<(), MemoryFault> {
+        let r = self.inner.copy_to(offset, dst);
+        self.faulted |= r.is_err();
+        r
+    }
+}
+
+impl Drop for TxData<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            if self.engine.recorder.is_some() {
+                let (now, header) = (self.now, self.header);
+                self.engine
+                    .note_packet(now, false, &header, &mut &[][..], 0);
+                self.engine
+                    .note(now, &Event::TxWritten(TxOutcome::Abandoned));
+            }
+            debug!(conn = %self.conn, "tx payload abandoned; resetting");
+            self.engine.stats.payload_faults += 1;
+            self.engine.reset_conn(self.idx);
+        }
+    }
+}
+
+/// A packet for the guest's rx queue, from [`Engine::poll_rx`].
+#[must_use]
+pub enum RxGrant<'a> {
+    /// A packet whose bytes the engine holds: write the header and payload, then
+    /// [`send`](RxPacket::send).
+    Packet(RxPacket<'a>),
+    /// Data to read from a host socket straight into the guest buffer, after the header.
+    Read(RxRead<'a>),
+}
+
+/// A packet whose bytes the engine holds.
+#[must_use]
+pub struct RxPacket<'a> {
+    pub(super) engine: &'a mut Engine,
+    pub(super) source: Source,
+    pub(super) header: Header,
+    pub(super) held: usize,
+}
+
+impl fmt::Debug for RxPacket<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RxPacket")
+            .field("header", &self.header)
+            .finish()
+    }
+}
+
+impl RxPacket<'_> {
+    /// The header to write.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The payload to write after the header (empty for control packets).
+    pub fn payload(&self) -> &[u8] {
+        match self.source {
+            Source::Conn(idx) => &self.engine.conns[idx].line.leftover()[..self.held],
+            Source::Orphan => &[],
+        }
+    }
+
+    /// The packet is in the guest's buffer: commit it. Returns the header.
+    pub fn send(self) -> Header {
+        let header = self.header;
+        if self.engine.recorder.is_some() {
+            let payload = match self.source {
+                Source::Conn(idx) => &self.engine.conns[idx].line.leftover()[..self.held],
+                Source::Orphan => &[],
+            };
+            if let Some(r) = self.engine.recorder.as_mut() {
+                r.packet(
+                    self.engine.now,
+                    true,
+                    &header,
+                    &mut &payload[..],
+                    payload.len(),
+                );
+            }
+        }
+        match self.source {
+            Source::Orphan => {
+                self.engine.resets.pop_front();
+                self.engine.stats.rx_packets += 1;
+                self.engine.stats.rst_sent += 1;
+            }
+            Source::Conn(idx) => {
+                if self.held > 0 {
+                    self.engine.conns[idx].line.consume_leftover(self.held);
+                }
+                self.engine.rx_queue.rotate_left(1);
+                self.engine.delivered(idx, &header);
+            }
+        }
+        header
+    }
+}
+
+/// Data to read from a host socket into a guest rx buffer.
+///
+/// Read at most [`max`](Self::max) bytes from the connection's socket into the buffer, after
+/// the header, then [`complete`](Self::complete) with the result and write the returned
+/// header. Dropping it changes nothing.
+#[must_use]
+pub struct RxRead<'a> {
+    pub(super) engine: &'a mut Engine,
+    pub(super) idx: usize,
+    pub(super) conn: ConnId,
+    pub(super) max: usize,
+}
+
+impl fmt::Debug for RxRead<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RxRead")
+            .field("conn", &self.conn)
+            .field("max", &self.max)
+            .finish()
+    }
+}
+
+impl RxRead<'_> {
+    /// The connection whose socket to read.
+    pub fn conn(&self) -> ConnId {
+        self.conn
+    }
+
+    /// The most bytes to read.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Reports the read. Returns the header to publish, or `None` if nothing goes to the guest
+    /// (the socket had nothing, or failed: the connection is then reset).
+    ///
+    /// `Io::Done(0)` is end of file; the buffer then carries a SHUTDOWN instead of data.
+    ///
+    /// # Errors
+    ///
+    /// [`ConnError::Overrun`] if `read` claims more than [`max`](Self::max) bytes; the
+    /// connection is reset and nothing is published.
+    pub fn complete(
+        self,
+        read: Io,
+        payload: &mut dyn GuestBytes,
+    ) -> Result<Option<Header>, ConnError> {
+        let engine = self.engine;
+        let idx = self.idx;
+        if engine.recorder.is_none() {
+            return Self::finish(engine, idx, self.conn, self.max, read);
+        }
+        let now = engine.now;
+        engine.note(now, &Event::RxRead(self.conn, read));
+        let result = Self::finish(engine, idx, self.conn, self.max, read);
+        if let Ok(Some(header)) = &result {
+            let n = header.len.get() as usize;
+            engine.note_packet(now, true, header, payload, n);
+        }
+        result
+    }
+
+    fn finish(
+        engine: &mut Engine,
+        idx: usize,
+        conn: ConnId,
+        max: usize,
+        read: Io,
+    ) -> Result<Option<Header>, ConnError> {
+        let c = &mut engine.conns[idx];
+        match read {
+            Io::Done(n) if n > max => {
+                engine.reset_conn(idx);
+                Err(ConnError::Overrun)
+            }
+            Io::Done(0) if c.host_broken => {
+                // Everything the broken socket held reached the guest; the bytes it could not
+                // take did not, which only a reset tells.
+                debug!(conn = %conn, "end of file on a broken host socket");
+                engine.reset_conn(idx);
+                Ok(None)
+            }
+            Io::Done(0) => {
+                debug!(conn = %conn, "host end of file");
+                c.host_eof = true;
+                c.readable = false;
+                let header = engine.header(idx, Op::Shutdown, SHUTDOWN_SEND, 0);
+                engine.rx_queue.rotate_left(1);
+                engine.delivered(idx, &header);
+                Ok(Some(header))
+            }
+            Io::Done(n) => {
+                // A short read does not prove the socket drained: the peer's end of file may
+                // sit behind the data, its edge already reported. Readiness is given up only
+                // on would-block, so edge-triggered callers never miss it.
+                let header = engine.header(idx, Op::Rw, 0, n as u32);
+                engine.rx_queue.rotate_left(1);
+                engine.delivered(idx, &header);
+                Ok(Some(header))
+            }
+            Io::WouldBlock => {
+                c.readable = false;
+                engine.reconcile(idx);
+                Ok(None)
+            }
+            Io::Error(e) => {
+                debug!(conn = %conn, error = %e, "host read failed");
+                // A broken socket's error was counted when it broke.
+                if !c.host_broken {
+                    engine.stats.host_errors += 1;
+                }
+                engine.reset_conn(idx);
+                Ok(None)
+            }
+        }
+    }
+}
