@@ -5,7 +5,7 @@ use super::*;
 impl Engine {
     /// Fires every deadline at or before `now`. Early and repeated calls are harmless.
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.note(now, &Event::Timeout);
+        self.sink.timeout(&self.conns, now);
         self.advance(now);
         while let Some(&Reverse((at, index, generation))) = self.timers.peek() {
             if at > self.now {
@@ -60,7 +60,7 @@ impl Engine {
     ///
     /// [`ConnError::Stale`] for a dead handle.
     pub fn reset_connection(&mut self, now: Instant, conn: ConnId) -> Result<(), ConnError> {
-        self.note(now, &Event::ResetConnection(conn));
+        self.sink.reset_connection(&self.conns, now, conn);
         self.advance(now);
         let idx = self.lookup(conn)?;
         self.stats.resets_by_caller += 1;
@@ -71,7 +71,7 @@ impl Engine {
     /// Resets every connection: each gets an RST to the guest and its socket closed. For a
     /// clean shutdown of a running device.
     pub fn abort_all(&mut self, now: Instant) {
-        self.note(now, &Event::AbortAll);
+        self.sink.abort_all(&self.conns, now);
         self.advance(now);
         for idx in 0..self.slots_used() {
             let Some(c) = self.conns.get(idx) else {
@@ -92,7 +92,7 @@ impl Engine {
     /// them too (a device reset, or a restore that sends a transport reset). Every socket gets
     /// its [`Action::Close`]; pending RST replies are dropped.
     pub fn reset(&mut self, now: Instant) {
-        self.note(now, &Event::Reset);
+        self.sink.reset(&self.conns, now);
         self.advance(now);
         self.resets.clear();
         self.forget_all();
@@ -105,7 +105,7 @@ impl Engine {
     /// ignores RSTs for connections it does not know. Beyond `max_pending_resets`, RSTs are
     /// dropped and counted.
     pub fn stop(&mut self, now: Instant) {
-        self.note(now, &Event::Stop);
+        self.sink.stop(&self.conns, now);
         self.advance(now);
         for idx in 0..self.slots_used() {
             let Some(c) = self.conns.get(idx) else {

@@ -85,27 +85,18 @@ impl TxData<'_> {
     pub fn complete(mut self, written: Io, payload: &mut dyn GuestBytes) -> Result<(), ConnError> {
         self.done = true;
         let written = if self.direct { written } else { Io::Done(0) };
-        if self.engine.recorder.is_none() {
-            return self
-                .engine
-                .tx_complete(self.idx, self.len, self.direct, written, payload);
-        }
         let (now, header, len) = (self.now, self.header, self.len);
-        self.engine.note_packet(now, false, &header, payload, len);
+        let engine = &mut *self.engine;
+        engine.sink.guest_packet(now, &header, payload, len);
         // Whether the payload could be read decides the outcome, so replay must know it.
         let mut watched = Watched {
             inner: payload,
             faulted: false,
         };
-        let result = self
-            .engine
-            .tx_complete(self.idx, len, self.direct, written, &mut watched);
-        let outcome = if watched.faulted {
-            TxOutcome::Unreadable(written)
-        } else {
-            TxOutcome::Written(written)
-        };
-        self.engine.note(now, &Event::TxWritten(outcome));
+        let result = engine.tx_complete(self.idx, len, self.direct, written, &mut watched);
+        engine
+            .sink
+            .tx_written(&engine.conns, now, written, watched.faulted);
         result
     }
 }
@@ -127,13 +118,10 @@ impl GuestBytes for Watched<'_> {
 impl Drop for TxData<'_> {
     fn drop(&mut self) {
         if !self.done {
-            if self.engine.recorder.is_some() {
-                let (now, header) = (self.now, self.header);
-                self.engine
-                    .note_packet(now, false, &header, &mut &[][..], 0);
-                self.engine
-                    .note(now, &Event::TxWritten(TxOutcome::Abandoned));
-            }
+            let engine = &mut *self.engine;
+            engine
+                .sink
+                .tx_abandoned(&engine.conns, self.now, &self.header);
             debug!(conn = %self.conn, "tx payload abandoned; resetting");
             self.engine.stats.payload_faults += 1;
             self.engine.reset_conn(self.idx);
@@ -185,21 +173,14 @@ impl RxPacket<'_> {
     /// The packet is in the guest's buffer: commit it. Returns the header.
     pub fn send(self) -> Header {
         let header = self.header;
-        if self.engine.recorder.is_some() {
-            let payload = match self.source {
-                Source::Conn(idx) => &self.engine.conns[idx].line.leftover()[..self.held],
-                Source::Orphan => &[],
-            };
-            if let Some(r) = self.engine.recorder.as_mut() {
-                r.packet(
-                    self.engine.now,
-                    true,
-                    &header,
-                    &mut &payload[..],
-                    payload.len(),
-                );
-            }
-        }
+        let engine = &mut *self.engine;
+        let payload = match self.source {
+            Source::Conn(idx) => &engine.conns[idx].line.leftover()[..self.held],
+            Source::Orphan => &[],
+        };
+        engine
+            .sink
+            .guest_bound(engine.now, &header, &mut &payload[..], payload.len());
         match self.source {
             Source::Orphan => {
                 self.engine.resets.pop_front();
@@ -267,15 +248,12 @@ impl RxRead<'_> {
     ) -> Result<Option<Header>, ConnError> {
         let engine = self.engine;
         let idx = self.idx;
-        if engine.recorder.is_none() {
-            return Self::finish(engine, idx, self.conn, self.max, read);
-        }
         let now = engine.now;
-        engine.note(now, &Event::RxRead(self.conn, read));
+        engine.sink.rx_read(&engine.conns, now, self.conn, read);
         let result = Self::finish(engine, idx, self.conn, self.max, read);
         if let Ok(Some(header)) = &result {
             let n = header.len.get() as usize;
-            engine.note_packet(now, true, header, payload, n);
+            engine.sink.guest_bound(now, header, payload, n);
         }
         result
     }

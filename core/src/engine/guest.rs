@@ -24,7 +24,7 @@ impl Engine {
             }),
             None => {
                 // No payload goes anywhere: the packet's story ends here.
-                self.note_packet(now, false, header, &mut &[][..], 0);
+                self.sink.guest_packet(now, header, &mut &[][..], 0);
                 Tx::Done
             }
         }

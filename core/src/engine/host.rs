@@ -9,7 +9,7 @@ impl Engine {
     /// socket is readable. On `Err`, close the socket: the table is full (counted).
     pub fn handle_accept(&mut self, now: Instant) -> Result<ConnId, TableFull> {
         let accepted = self.accept(now);
-        self.note(now, &Event::Accept(accepted));
+        self.sink.accept(&self.conns, now, accepted);
         accepted
     }
 
@@ -55,7 +55,7 @@ impl Engine {
         conn: ConnId,
         read: LineRead<'_>,
     ) -> Result<(), ConnError> {
-        self.note(now, &Event::ConnectLine(conn, read));
+        self.sink.connect_line(&self.conns, now, conn, read);
         self.advance(now);
         let idx = self.lookup(conn)?;
         let c = &mut self.conns[idx];
@@ -174,7 +174,7 @@ impl Engine {
         conn: ConnId,
         event: HostEvent,
     ) -> Result<(), ConnError> {
-        self.note(now, &Event::Host(conn, event));
+        self.sink.host_event(&self.conns, now, conn, event);
         self.advance(now);
         let idx = self.lookup(conn)?;
         let c = &mut self.conns[idx];
@@ -254,7 +254,7 @@ impl Engine {
         conn: ConnId,
         result: Io,
     ) -> Result<(), ConnError> {
-        self.note(now, &Event::HostWrite(conn, result));
+        self.sink.host_write(&self.conns, now, conn, result);
         self.advance(now);
         let idx = self.lookup(conn)?;
         let c = &mut self.conns[idx];

@@ -22,11 +22,13 @@ mod grant;
 mod guest;
 mod host;
 mod output;
+mod sink;
 mod upkeep;
 
 use grant::Source;
 pub use grant::{RxGrant, RxPacket, RxRead, Tx, TxData};
 use output::Next;
+use sink::Sink;
 
 use crate::buf::Pool;
 use crate::config::{Config, ConfigError};
@@ -86,7 +88,7 @@ pub struct Engine {
     reading_line: usize,
     stats: Stats,
     /// Told of every input and output, when attached.
-    recorder: Option<Box<dyn Recorder>>,
+    sink: Sink,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -119,7 +121,7 @@ impl Engine {
             reading_line: 0,
             stats: Stats::default(),
             config,
-            recorder: None,
+            sink: Sink::default(),
         })
     }
 
@@ -211,13 +213,7 @@ impl Engine {
 
     /// The `(guest_port, host_port)` of a live connection, once known.
     pub fn conn_ports(&self, conn: ConnId) -> Option<(u32, u32)> {
-        // A host client has ports only once its CONNECT line named one: one refused (or
-        // closed) while still sending it never had any, whatever its phase is now.
-        self.get(conn)
-            .filter(|c| {
-                c.origin == Origin::Guest || matches!(c.line.status(), ConnectStatus::Complete(_))
-            })
-            .map(|c| (c.key.guest_port, c.key.host_port))
+        sink::ports(&self.conns, conn)
     }
 
     /// Connections in the table, including those whose socket close is still owed.
@@ -307,45 +303,17 @@ impl Engine {
             self.act_queue.clear();
             self.timers.clear();
         }
-        let old = std::mem::replace(&mut self.recorder, recorder);
         let snapshot = Snapshot {
             next_generation: self.next_generation,
             next_host_port: self.next_host_port,
         };
-        if let Some(r) = self.recorder.as_mut() {
-            r.event(self.now, None, &Event::Start(&self.config, snapshot));
-        }
+        let old = self.sink.attach(recorder, self.now, &self.config, snapshot);
         Ok(old)
     }
 
     /// Whether a recorder is attached.
     pub fn is_recording(&self) -> bool {
-        self.recorder.is_some()
-    }
-
-    /// Reports `event` to the recorder, if any.
-    pub(super) fn note(&mut self, now: Instant, event: &Event<'_>) {
-        if self.recorder.is_none() {
-            return;
-        }
-        let ports = event.conn().and_then(|conn| self.conn_ports(conn));
-        if let Some(r) = self.recorder.as_mut() {
-            r.event(now, ports, event);
-        }
-    }
-
-    /// Reports a packet to the recorder, if any.
-    pub(super) fn note_packet(
-        &mut self,
-        now: Instant,
-        to_guest: bool,
-        header: &Header,
-        payload: &mut dyn GuestBytes,
-        available: usize,
-    ) {
-        if let Some(r) = self.recorder.as_mut() {
-            r.packet(now, to_guest, header, payload, available);
-        }
+        self.sink.is_on()
     }
 }
 

@@ -10,7 +10,7 @@ impl Engine {
         let looked = !self.act_queue.is_empty();
         let action = self.next_action();
         if looked {
-            self.note(self.now, &Event::Action(action));
+            self.sink.action(&self.conns, self.now, action);
         }
         action
     }
@@ -104,7 +104,7 @@ impl Engine {
                 Some(RxDecision::Orphan(_) | RxDecision::Packet { .. }) => Grant::Packet,
                 Some(RxDecision::Read { conn, .. }) => Grant::Read(conn),
             };
-            self.note(now, &Event::PollRx { room, grant });
+            self.sink.poll_rx(&self.conns, now, room, grant);
         }
         Some(match decision? {
             RxDecision::Orphan(header) => RxGrant::Packet(RxPacket {
