@@ -29,8 +29,9 @@ pub trait HostSockets {
     /// memory. `None` if the caller has no socket for it (the connection is then reset).
     fn fd(&self, conn: ConnId) -> Option<BorrowedFd<'_>>;
 
-    /// Carries out one engine action (connect, read the `CONNECT` line, flush, shut down,
-    /// change interest, close), reporting results back to `engine`.
+    /// Carries out one engine action (connect, read the `CONNECT` line, shut down, change
+    /// interest, close), reporting results back to `engine`. [`Action::Flush`] never reaches
+    /// it: the device writes to sockets itself (see the crate documentation).
     fn perform(&mut self, now: Instant, engine: &mut Engine, action: Action);
 }
 
@@ -487,9 +488,28 @@ impl VsockDevice {
         let mut acted = false;
         while let Some(action) = self.engine.poll_action() {
             acted = true;
-            host.perform(now, &mut self.engine, action);
+            match action {
+                Action::Flush { conn } => self.flush(now, conn, host),
+                other => host.perform(now, &mut self.engine, other),
+            }
         }
         acted
+    }
+
+    /// Writes what the engine holds for `conn`'s socket (the rest of the `OK` line, or guest
+    /// bytes the socket refused before): the device owns every write to a socket, this one and
+    /// the direct write of a tx payload from guest memory.
+    fn flush<H: HostSockets>(&mut self, now: Instant, conn: ConnId, host: &H) {
+        let Ok(bufs) = self.engine.host_bytes(conn) else {
+            return;
+        };
+        let result = match host.fd(conn) {
+            Some(fd) => crate::memory::send_host_bytes(fd, bufs),
+            None => Err(std::io::Error::from_raw_os_error(libc::EBADF)),
+        };
+        let _ = self
+            .engine
+            .handle_host_write(now, conn, Io::from_result(&result));
     }
 
     /// Sends the owed TRANSPORT_RESET in the first usable event buffer (unusable ones are

@@ -10,6 +10,12 @@
 //! copied, into the engine's bounded buffer), and an rx buffer is filled with one `readv`,
 //! its header written last.
 //!
+//! The device owns every data transfer on a connection's socket: those two, and the flush of
+//! what the engine buffered (the `OK` line, guest bytes a socket refused before), each a
+//! `sendmsg`/`recvmsg` with `MSG_DONTWAIT` (and `MSG_NOSIGNAL` for writes). The runtime's
+//! [`HostSockets`] owns the socket's life: connect, the `CONNECT` line, shutdown, interest,
+//! close.
+//!
 //! Guest memory is hostile: every chain is returned to the used ring however malformed, every
 //! malformed chain is counted in [`DeviceStats`], and no input from guest memory panics the
 //! device or stops it serving.

@@ -266,6 +266,30 @@ impl<'s> Span<'s> {
     }
 }
 
+/// Writes `bufs` (host memory: bytes the engine holds for the socket) to the socket `fd` with
+/// one `sendmsg`, never blocking and never raising SIGPIPE.
+pub(crate) fn send_host_bytes(fd: BorrowedFd<'_>, bufs: [&[u8]; 2]) -> io::Result<usize> {
+    let iov = iovecs(2, |i| (bufs[i].as_ptr(), bufs[i].len()));
+    let mut msg = message(&iov, 2);
+    // SAFETY: the two iovecs describe the slices in `bufs`, which outlive the call, and
+    // `sendmsg` only reads through them. `msg` points at `iov`, which outlives the call, with
+    // 2 initialised entries. `fd` is a valid borrowed descriptor. MSG_DONTWAIT keeps the call
+    // from blocking whatever the descriptor's mode; MSG_NOSIGNAL turns a closed peer into
+    // EPIPE instead of SIGPIPE.
+    let r = unsafe {
+        libc::sendmsg(
+            fd.as_raw_fd(),
+            &raw mut msg,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
 /// A message header for `sendmsg`/`recvmsg` over the first `n` entries of `iov`, with no
 /// address and no control data.
 fn message(iov: &[libc::iovec; MAX_IOV], n: usize) -> libc::msghdr {

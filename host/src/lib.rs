@@ -8,7 +8,7 @@
 //!   listener refused).
 //! - [`Host`]: the table of connection sockets. It implements
 //!   [`vsock_device::HostSockets`], so [`VsockDevice::serve`] performs actions
-//!   through it: non-blocking connects, the `CONNECT` line read in bounded pieces, flushes,
+//!   through it: non-blocking connects, the `CONNECT` line read in bounded pieces,
 //!   half-closes, closes. Any socket error becomes an engine input (a reset), never a panic or
 //!   a stopped loop. Sockets sit in slots indexed by [`ConnId::index`], which is also the key
 //!   runtimes register them under.
@@ -24,9 +24,10 @@
 //! trait: `vsock-mio` registers sockets in a `mio::Registry`, `vsock-tokio` wraps them in
 //! `AsyncFd`, `vsock-smol` in `async_io::Async`. No protocol decision is made here or there.
 //!
-//! Every write is a `sendmsg` with `MSG_NOSIGNAL`: a peer that has gone is `EPIPE`, never
-//! `SIGPIPE`, whatever signal disposition the embedding process keeps (a VMM in C, or one that
-//! restored the default, would otherwise be killed).
+//! This crate owns each socket's life (connect, the `CONNECT` line, shutdown, watching,
+//! close); the device owns the data moved on it, every write included (a `sendmsg` with
+//! `MSG_NOSIGNAL`: a peer that has gone is `EPIPE`, never `SIGPIPE`, whatever signal
+//! disposition the embedding process keeps).
 //!
 //! [`Action`]: vsock_core::Action
 //! [`VsockDevice::serve`]: vsock_device::VsockDevice::serve
@@ -34,7 +35,7 @@
 #![warn(missing_docs)]
 
 use std::fmt;
-use std::io::{self, ErrorKind, IoSlice, Read};
+use std::io::{self, ErrorKind, Read};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -43,7 +44,7 @@ use std::path::{Path, PathBuf};
 use tracing::{debug, warn};
 use vsock_core::wire::CONNECT_LINE_MAX;
 use vsock_core::{
-    Action, ConnId, Direction, Engine, HostEvent, Instant, Interest, Io, LineRead, SocketError,
+    Action, ConnId, Direction, Engine, HostEvent, Instant, Interest, LineRead, SocketError,
 };
 use vsock_device::HostSockets;
 
@@ -412,22 +413,6 @@ impl<R: Reactor> Host<R> {
         };
         let _ = engine.handle_connect_line(now, conn, read);
     }
-
-    fn flush(&mut self, now: Instant, engine: &mut Engine, conn: ConnId) {
-        let Some(stream) = self.stream(conn) else {
-            return;
-        };
-        let Ok([a, b]) = engine.host_bytes(conn) else {
-            return;
-        };
-        // MSG_NOSIGNAL: a closed peer is EPIPE, not a signal; MSG_DONTWAIT: never blocks,
-        // whatever the descriptor's mode.
-        let result = socket2::SockRef::from(stream).send_vectored_with_flags(
-            &[IoSlice::new(a), IoSlice::new(b)],
-            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-        );
-        let _ = engine.handle_host_write(now, conn, Io::from_result(&result));
-    }
 }
 
 impl<R: Reactor> HostSockets for Host<R>
@@ -444,7 +429,8 @@ where
         match action {
             Action::Connect { conn, port } => self.connect(now, engine, conn, port),
             Action::ReadConnectLine { conn, max } => self.read_line(now, engine, conn, max),
-            Action::Flush { conn } => self.flush(now, engine, conn),
+            // The device writes to sockets itself (`VsockDevice::serve`).
+            Action::Flush { .. } => {}
             Action::Shutdown { conn, direction } => {
                 if let Some(stream) = self.stream(conn) {
                     let how = match direction {
