@@ -24,7 +24,7 @@ use std::fmt;
 use crate::buf::Ring;
 use crate::stats::ConnStats;
 use crate::time::Instant;
-use crate::wire::{ConnectParser, OkLine, SocketType};
+use crate::wire::{ConnectParser, OkLine, Op, SocketType, SHUTDOWN_RCV};
 use crate::Interest;
 
 /// A handle to a connection: a slot index and a generation, so a handle outlived by its
@@ -275,6 +275,85 @@ impl Conn {
             && self.guest_shut & crate::wire::SHUTDOWN_RCV == 0
     }
 
+    /// What this connection sends the guest next, given an rx buffer with `room` bytes of
+    /// payload: the decision is the connection's own, in the fixed priority of owed packets.
+    pub(crate) fn next_rx(&self, room: usize, max_packet_payload: u32) -> Next {
+        let control = |op| Next::Packet {
+            op,
+            flags: 0,
+            held: 0,
+        };
+        if self.owed_rx & owed_rx::RST != 0 {
+            return control(Op::Rst);
+        }
+        if self.owed_rx & owed_rx::RESPONSE != 0 {
+            return control(Op::Response);
+        }
+        if self.owed_rx & owed_rx::REQUEST != 0 {
+            return control(Op::Request);
+        }
+        if self.owed_rx & owed_rx::SHUTDOWN_RCV != 0 {
+            return Next::Packet {
+                op: Op::Shutdown,
+                flags: SHUTDOWN_RCV,
+                held: 0,
+            };
+        }
+        let mut blocked = false;
+        let credit = self.peer_credit() as usize;
+        if self.to_guest_open() {
+            let held = self.line.leftover().len();
+            let max = credit.min(room).min(max_packet_payload as usize);
+            if held > 0 || self.readable {
+                if max > 0 && held > 0 {
+                    return Next::Packet {
+                        op: Op::Rw,
+                        flags: 0,
+                        held: held.min(max),
+                    };
+                }
+                if max > 0 {
+                    return Next::Read(max);
+                }
+                if credit > 0 {
+                    blocked = true;
+                } else if !self.credit_requested {
+                    return control(Op::CreditRequest);
+                }
+            }
+        }
+        if self.owed_rx & owed_rx::CREDIT_UPDATE != 0 {
+            return control(Op::CreditUpdate);
+        }
+        if blocked {
+            Next::Blocked
+        } else {
+            Next::Nothing
+        }
+    }
+
+    /// The readiness this connection wants to hear of from its socket.
+    pub(crate) fn wanted_interest(&self) -> Interest {
+        match self.phase {
+            Phase::ConnectLine => Interest {
+                readable: !self.readable,
+                writable: false,
+            },
+            Phase::GuestConnecting => Interest {
+                readable: false,
+                writable: true,
+            },
+            Phase::Established => Interest {
+                readable: !self.readable
+                    && self.to_guest_open()
+                    && self.line.leftover().is_empty()
+                    && self.peer_credit() > 0,
+                writable: !self.writable && self.host_pending() > 0,
+            },
+            Phase::HostConnecting | Phase::Resetting | Phase::Closed => Interest::default(),
+        }
+    }
+
     pub(crate) fn state(&self) -> ConnState {
         use crate::wire::{SHUTDOWN_BOTH, SHUTDOWN_SEND};
         match self.phase {
@@ -297,4 +376,16 @@ impl Conn {
             }
         }
     }
+}
+
+pub(crate) enum Next {
+    Packet {
+        op: Op,
+        flags: u32,
+        held: usize,
+    },
+    Read(usize),
+    /// Data is waiting but this rx buffer has no room for payload.
+    Blocked,
+    Nothing,
 }

@@ -25,16 +25,16 @@ mod output;
 mod sink;
 mod upkeep;
 
+use crate::conn::Next;
 use grant::Source;
 pub use grant::{RxGrant, RxPacket, RxRead, Tx, TxData};
-use output::Next;
 use sink::Sink;
 
 use crate::buf::Pool;
 use crate::config::{Config, ConfigError};
 use crate::conn::{owed_act, owed_rx, Conn, ConnId, ConnState, Key, Origin, Phase};
 use crate::error::{ConnError, TableFull};
-use crate::io::{Action, Direction, GuestBytes, HostEvent, Interest, Io, LineRead, MemoryFault};
+use crate::io::{Action, Direction, GuestBytes, HostEvent, Io, LineRead, MemoryFault};
 use crate::record::{AttachError, Event, Grant, Recorder, ResumeError, Snapshot, TxOutcome};
 use crate::stats::{ConnStats, Stats};
 use crate::time::Instant;

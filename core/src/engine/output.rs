@@ -69,7 +69,7 @@ impl Engine {
                     direction: Direction::Write,
                 }),
                 owed_act::INTEREST => {
-                    let want = Self::wanted_interest(c);
+                    let want = c.wanted_interest();
                     (want != c.interest).then(|| {
                         c.interest = want;
                         Action::Interest {
@@ -158,7 +158,7 @@ impl Engine {
                 self.rx_queue.pop_front();
                 continue;
             }
-            match self.next_rx(idx, room) {
+            match self.conns[idx].next_rx(room, self.config.max_packet_payload) {
                 Next::Packet { op, flags, held } => {
                     let header = self.header(idx, op, flags, held as u32);
                     return Some(RxDecision::Packet { idx, header, held });
@@ -191,64 +191,6 @@ impl Engine {
             }
         }
         None
-    }
-
-    pub(super) fn next_rx(&self, idx: usize, room: usize) -> Next {
-        let c = &self.conns[idx];
-        let control = |op| Next::Packet {
-            op,
-            flags: 0,
-            held: 0,
-        };
-        if c.owed_rx & owed_rx::RST != 0 {
-            return control(Op::Rst);
-        }
-        if c.owed_rx & owed_rx::RESPONSE != 0 {
-            return control(Op::Response);
-        }
-        if c.owed_rx & owed_rx::REQUEST != 0 {
-            return control(Op::Request);
-        }
-        if c.owed_rx & owed_rx::SHUTDOWN_RCV != 0 {
-            return Next::Packet {
-                op: Op::Shutdown,
-                flags: SHUTDOWN_RCV,
-                held: 0,
-            };
-        }
-        let mut blocked = false;
-        let credit = c.peer_credit() as usize;
-        if c.to_guest_open() {
-            let held = c.line.leftover().len();
-            let max = credit
-                .min(room)
-                .min(self.config.max_packet_payload as usize);
-            if held > 0 || c.readable {
-                if max > 0 && held > 0 {
-                    return Next::Packet {
-                        op: Op::Rw,
-                        flags: 0,
-                        held: held.min(max),
-                    };
-                }
-                if max > 0 {
-                    return Next::Read(max);
-                }
-                if credit > 0 {
-                    blocked = true;
-                } else if !c.credit_requested {
-                    return control(Op::CreditRequest);
-                }
-            }
-        }
-        if c.owed_rx & owed_rx::CREDIT_UPDATE != 0 {
-            return control(Op::CreditUpdate);
-        }
-        if blocked {
-            Next::Blocked
-        } else {
-            Next::Nothing
-        }
     }
 
     pub(super) fn header(&self, idx: usize, op: Op, flags: u32, len: u32) -> Header {
@@ -309,18 +251,6 @@ impl Engine {
         }
         self.reconcile(idx);
     }
-}
-
-pub(super) enum Next {
-    Packet {
-        op: Op,
-        flags: u32,
-        held: usize,
-    },
-    Read(usize),
-    /// Data is waiting but this rx buffer has no room for payload.
-    Blocked,
-    Nothing,
 }
 
 /// What `poll_rx` decided, before it borrows the engine for the grant.

@@ -129,27 +129,6 @@ impl Engine {
         queue.push_back((index, generation));
     }
 
-    pub(super) fn wanted_interest(c: &Conn) -> Interest {
-        match c.phase {
-            Phase::ConnectLine => Interest {
-                readable: !c.readable,
-                writable: false,
-            },
-            Phase::GuestConnecting => Interest {
-                readable: false,
-                writable: true,
-            },
-            Phase::Established => Interest {
-                readable: !c.readable
-                    && c.to_guest_open()
-                    && c.line.leftover().is_empty()
-                    && c.peer_credit() > 0,
-                writable: !c.writable && c.host_pending() > 0,
-            },
-            Phase::HostConnecting | Phase::Resetting | Phase::Closed => Interest::default(),
-        }
-    }
-
     /// Brings a connection's derived state up to date after anything changed: what it owes
     /// the socket and the guest, whether it is finished, and its queue memberships.
     pub(super) fn reconcile(&mut self, idx: usize) {
@@ -216,7 +195,7 @@ impl Engine {
             }
         }
         let c = &mut self.conns[idx];
-        if c.socket_open && Self::wanted_interest(c) != c.interest {
+        if c.socket_open && c.wanted_interest() != c.interest {
             c.owed_act |= owed_act::INTEREST;
         }
         let generation = c.generation;
@@ -231,7 +210,12 @@ impl Engine {
             );
         }
         let c = &self.conns[idx];
-        if !c.in_rx_queue && !matches!(self.next_rx(idx, usize::MAX), Next::Nothing) {
+        if !c.in_rx_queue
+            && !matches!(
+                c.next_rx(usize::MAX, self.config.max_packet_payload),
+                Next::Nothing
+            )
+        {
             self.conns[idx].in_rx_queue = true;
             Self::enqueue(
                 &mut self.rx_queue,
