@@ -1,0 +1,531 @@
+//! The one synchronous "serve the queues" section: tx chains to sockets, socket bytes and
+//! owed packets into rx chains, the transport reset on the event queue, and the engine's
+//! socket actions in between.
+
+use super::*;
+
+impl VsockDevice {
+    /// Serves the queues: the one synchronous section every runtime runs when woken (by a
+    /// queue kick, socket readiness or a timer, after feeding the engine).
+    ///
+    /// It fires the engine's due deadlines, takes the guest's tx packets (writing payload
+    /// straight to sockets), performs the
+    /// engine's socket actions, fills rx buffers (reading sockets straight into them), sends an
+    /// owed transport reset, and reports which queues need an interrupt: one per queue per
+    /// call, after all its used entries, as virtio-queue's notification rules prescribe
+    /// (disable, drain, re-enable, re-check).
+    ///
+    /// # Errors
+    ///
+    /// [`DeviceError::NotActivated`] before activation (after closing the sockets a reset
+    /// left owed); [`DeviceError::Queue`] if a queue's rings are unreachable or its available
+    /// index runs more than a queue ahead. Malformed chains are never errors: each is
+    /// returned to the guest and counted.
+    pub fn serve<M: GuestMemory, H: HostSockets>(
+        &mut self,
+        now: Instant,
+        mem: &M,
+        queues: Queues<'_>,
+        host: &mut H,
+    ) -> Result<Served, DeviceError> {
+        self.fire_deadlines(now);
+        if !self.activated {
+            // A reset (or a restore of an inactive device) leaves the engine owing the
+            // sockets of the forgotten connections their close: carry that out, so host
+            // applications see their connection end without waiting for a re-activation.
+            self.drain_actions(now, host);
+            return Err(DeviceError::NotActivated);
+        }
+        let mut served = Served::default();
+        let Queues { rx, tx, event } = queues;
+
+        if self.event_owed {
+            served.notify_event = self.send_transport_reset(mem, event)?;
+        }
+
+        let (tx_used, tx_more) = self.process_tx(now, mem, tx, host)?;
+        let mut rx_used = false;
+        // One budget for the whole call: rx work is bounded however the rounds go.
+        let mut rx_budget = CHAIN_BUDGET;
+        let rx_more = loop {
+            let acted = self.drain_actions(now, host);
+            let (used, more) = self.process_rx(now, mem, rx, host, &mut rx_budget)?;
+            rx_used |= used;
+            // Delivering packets may owe actions (a delivered RST closes a socket) and
+            // actions may make packets (a flush frees credit): go round until both are quiet.
+            if more || (!acted && !used) {
+                break more;
+            }
+        };
+        if tx_used && tx.needs_notification(mem)? {
+            served.notify_tx = true;
+        }
+        if rx_used && rx.needs_notification(mem)? {
+            served.notify_rx = true;
+        }
+        served.more = tx_more || rx_more;
+        self.stats.notifications += u64::from(served.notify_rx)
+            + u64::from(served.notify_tx)
+            + u64::from(served.notify_event);
+        Ok(served)
+    }
+
+    /// The work that needs no guest: fires the engine's due deadlines and carries out the
+    /// socket actions the engine owes (closing a host client whose `CONNECT` line or guest
+    /// answer timed out, flushing, closing). For when there are no queues to
+    /// [`serve`](Self::serve) (no VM attached yet, a VM booting, the gap between two VMs):
+    /// afterwards the engine's next deadline lies in the future, never in the past, so a loop
+    /// that sleeps until it cannot spin. `serve` does this itself.
+    pub fn serve_host<H: HostSockets>(&mut self, now: Instant, host: &mut H) {
+        self.fire_deadlines(now);
+        self.drain_actions(now, host);
+    }
+
+    fn fire_deadlines(&mut self, now: Instant) {
+        if self.engine.poll_timeout().is_some_and(|t| t <= now) {
+            self.engine.handle_timeout(now);
+        }
+    }
+
+    /// Carries out the socket actions the engine owes, without the queues: after a
+    /// [`reset`](Self::reset), this closes the dropped connections' sockets at once, even when
+    /// the queues are gone with the frontend that owned them. Returns whether there were any.
+    pub fn perform_actions<H: HostSockets>(&mut self, now: Instant, host: &mut H) -> bool {
+        self.drain_actions(now, host)
+    }
+
+    fn drain_actions<H: HostSockets>(&mut self, now: Instant, host: &mut H) -> bool {
+        let mut acted = false;
+        while let Some(action) = self.engine.poll_action() {
+            acted = true;
+            match action {
+                Action::Flush { conn } => self.flush(now, conn, host),
+                other => host.perform(now, &mut self.engine, other),
+            }
+        }
+        acted
+    }
+
+    /// Writes what the engine holds for `conn`'s socket (the rest of the `OK` line, or guest
+    /// bytes the socket refused before): the device owns every write to a socket, this one and
+    /// the direct write of a tx payload from guest memory.
+    fn flush<H: HostSockets>(&mut self, now: Instant, conn: ConnId, host: &H) {
+        let Ok(bufs) = self.engine.host_bytes(conn) else {
+            return;
+        };
+        let result = match host.fd(conn) {
+            Some(fd) => crate::memory::send_host_bytes(fd, bufs),
+            None => Err(std::io::Error::from_raw_os_error(libc::EBADF)),
+        };
+        let _ = self
+            .engine
+            .handle_host_write(now, conn, Io::from_result(&result));
+    }
+
+    /// Sends the owed TRANSPORT_RESET in the first usable event buffer (unusable ones are
+    /// returned empty on the way). Returns whether the guest must be notified.
+    fn send_transport_reset<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        queue: &mut Queue,
+    ) -> Result<bool, DeviceError> {
+        let mut used = false;
+        let mut stalled = false;
+        for _ in 0..CHAIN_BUDGET {
+            if !self.event_owed {
+                break;
+            }
+            if let Some(chain) = queue.pop_descriptor_chain(mem) {
+                stalled = false;
+                used |= self.event_chain(mem, queue, chain)?;
+                continue;
+            }
+            // No buffer yet: stays owed until the driver posts one.
+            if !queue.enable_notification(mem)? {
+                break;
+            }
+            check_stall(queue, mem, false, &mut stalled)?;
+        }
+        Ok(used && queue.needs_notification(mem)?)
+    }
+
+    /// Fills one event chain with the TRANSPORT_RESET. Returns whether it was returned to the
+    /// used ring.
+    fn event_chain<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        queue: &mut Queue,
+        chain: DescriptorChain<&M>,
+    ) -> Result<bool, DeviceError> {
+        let head = chain.head_index();
+        let event = Event {
+            id: EVENT_TRANSPORT_RESET.into(),
+        };
+        let len = match self.flatten(chain, true) {
+            Ok(total) if total >= 4 => {
+                let span = Span::new(&self.segs, 0, total);
+                match span.write(mem, 0, event.as_bytes()) {
+                    Ok(()) => {
+                        self.event_owed = false;
+                        self.stats.event_chains += 1;
+                        debug!("sent TRANSPORT_RESET");
+                        4
+                    }
+                    Err(MemoryFault) => {
+                        self.stats.event_bad_chain += 1;
+                        0
+                    }
+                }
+            }
+            _ => {
+                self.stats.event_bad_chain += 1;
+                0
+            }
+        };
+        // A head out of range names no descriptor: nothing to return.
+        if head >= queue.size() {
+            return Ok(false);
+        }
+        queue.add_used(mem, head, len)?;
+        Ok(true)
+    }
+
+    /// Flattens a chain's descriptors into `self.segs`: all write-only if `writable`, all
+    /// readable otherwise. Returns the total length, or `Err(wrong_direction)` if a descriptor
+    /// goes the wrong way (`true`) or the chain is too long, too large or broken (`false`).
+    fn flatten<M>(
+        &mut self,
+        chain: DescriptorChain<M>,
+        writable: bool,
+    ) -> Result<usize, bool>
+    where
+        M: std::ops::Deref,
+        M::Target: GuestMemory,
+    {
+        self.segs.clear();
+        let mut total: usize = 0;
+        let mut descriptors = 0usize;
+        let mut last_has_next = false;
+        for desc in chain {
+            if desc.is_write_only() != writable {
+                return Err(true);
+            }
+            if self.segs.len() == Self::MAX_CHAIN {
+                return Err(false);
+            }
+            total = total.checked_add(desc.len() as usize).ok_or(false)?;
+            descriptors += 1;
+            last_has_next = desc.has_next();
+            if desc.len() > 0 {
+                self.segs.push(Seg {
+                    addr: desc.addr().0,
+                    len: desc.len(),
+                });
+            }
+        }
+        // virtio-queue ends the iteration silently when the chain breaks: a head or `next`
+        // index out of range, a descriptor or indirect table it cannot read, a bad indirect
+        // table, or a loop (cut after as many descriptors as the queue or table holds). A chain
+        // that yielded nothing, or whose last descriptor still points to a next one, is such a
+        // broken chain, not a short one.
+        if descriptors == 0 || last_has_next {
+            return Err(false);
+        }
+        Ok(total)
+    }
+
+    /// Takes tx chains. Returns (any used, budget exhausted).
+    fn process_tx<M: GuestMemory, H: HostSockets>(
+        &mut self,
+        now: Instant,
+        mem: &M,
+        queue: &mut Queue,
+        host: &mut H,
+    ) -> Result<(bool, bool), DeviceError> {
+        let mut used = false;
+        let mut budget = CHAIN_BUDGET;
+        let mut stalled = false;
+        loop {
+            queue.disable_notification(mem)?;
+            let mut popped = false;
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                popped = true;
+                let head = chain.head_index();
+                self.tx_chain(now, mem, chain, host);
+                self.stats.tx_chains += 1;
+                // Every tx chain goes back, malformed or not; a head out of range (counted as
+                // unreadable by `tx_chain`) names no descriptor, so there is nothing to return.
+                if head < queue.size() {
+                    queue.add_used(mem, head, 0)?;
+                    used = true;
+                }
+                budget -= 1;
+                if budget == 0 {
+                    return Ok((used, true));
+                }
+            }
+            if !queue.enable_notification(mem)? {
+                return Ok((used, false));
+            }
+            check_stall(queue, mem, popped, &mut stalled)?;
+        }
+    }
+
+    fn tx_chain<M, H>(
+        &mut self,
+        now: Instant,
+        mem: &M,
+        chain: DescriptorChain<&M>,
+        host: &mut H,
+    ) where
+        M: GuestMemory,
+        H: HostSockets,
+    {
+        let total = match self.flatten(chain, false) {
+            Ok(total) => total,
+            Err(true) => {
+                self.stats.tx_write_only += 1;
+                return;
+            }
+            Err(false) => {
+                self.stats.tx_bad_memory += 1;
+                return;
+            }
+        };
+        if total < HEADER_LEN {
+            self.stats.tx_too_short += 1;
+            return;
+        }
+        let all = Span::new(&self.segs, 0, total);
+        let mut raw = [0u8; HEADER_LEN];
+        if all.read(mem, 0, &mut raw).is_err() {
+            self.stats.tx_bad_memory += 1;
+            return;
+        }
+        let header = Header::read_from(&raw).expect("HEADER_LEN bytes make a header");
+        let len = header.len.get() as usize;
+        let available = total - HEADER_LEN;
+        trace!(?header, total, "tx chain");
+        match self.engine.handle_tx(now, &header) {
+            Tx::Done => {}
+            Tx::Data(data) if len > available => {
+                // The header claims bytes the chain does not have: they cannot be delivered,
+                // so the connection must not go on as if they were.
+                self.stats.tx_len_beyond_chain += 1;
+                let _ = data.complete(Io::Done(0), &mut Unreadable);
+            }
+            Tx::Data(data) if !Span::new(&self.segs, HEADER_LEN, len).in_memory(mem) => {
+                // The payload lies (partly) outside guest memory: it cannot be delivered
+                // either. Checked up front, so no byte of it reaches the socket.
+                self.stats.tx_bad_memory += 1;
+                let _ = data.complete(Io::Done(0), &mut Unreadable);
+            }
+            Tx::Data(data) => {
+                let payload = Span::new(&self.segs, HEADER_LEN, len);
+                let written = if data.direct() {
+                    match host.fd(data.conn()) {
+                        Some(fd) => match payload.write_to_fd(mem, len, fd) {
+                            Ok(r) => Io::from_result(&r),
+                            Err(MemoryFault) => Io::Done(0),
+                        },
+                        None => Io::Error(SocketError(libc::EBADF)),
+                    }
+                } else {
+                    Io::Done(0)
+                };
+                let mut bytes = PayloadBytes { mem, span: payload };
+                if data.complete(written, &mut bytes).is_err() {
+                    // A write that claims more than was offered: the engine reset it.
+                    debug!("socket reported more bytes than offered");
+                }
+            }
+        }
+    }
+
+    /// Fills rx chains, at most `budget` of them. Returns (any used, budget exhausted with
+    /// packets still waiting).
+    fn process_rx<M: GuestMemory, H: HostSockets>(
+        &mut self,
+        now: Instant,
+        mem: &M,
+        queue: &mut Queue,
+        host: &mut H,
+        budget: &mut usize,
+    ) -> Result<(bool, bool), DeviceError> {
+        let mut used = false;
+        let mut stalled = false;
+        loop {
+            queue.disable_notification(mem)?;
+            let mut popped = false;
+            while self.engine.has_pending_rx() {
+                let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                    break;
+                };
+                popped = true;
+                let head = chain.head_index();
+                match self.rx_chain(now, mem, chain, host) {
+                    // A head out of range (counted as unreadable by `rx_chain`) names no
+                    // descriptor: nothing to return.
+                    Some(_) if head >= queue.size() => {}
+                    Some(len) => {
+                        queue.add_used(mem, head, len)?;
+                        self.stats.rx_chains += 1;
+                        used = true;
+                    }
+                    None => {
+                        // Nothing to send after all: give the buffer back unused.
+                        queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                        return Ok((used, false));
+                    }
+                }
+                *budget -= 1;
+                if *budget == 0 {
+                    return Ok((used, self.engine.has_pending_rx()));
+                }
+            }
+            if !self.engine.has_pending_rx() {
+                return Ok((used, false));
+            }
+            // Out of buffers with packets waiting: ask to be kicked when the guest posts more,
+            // unless it already did.
+            if !queue.enable_notification(mem)? {
+                return Ok((used, false));
+            }
+            check_stall(queue, mem, popped, &mut stalled)?;
+        }
+    }
+
+    /// Fills one rx chain. Returns the used length, or `None` if there was nothing to send.
+    fn rx_chain<M, H>(
+        &mut self,
+        now: Instant,
+        mem: &M,
+        chain: DescriptorChain<&M>,
+        host: &mut H,
+    ) -> Option<u32>
+    where
+        M: GuestMemory,
+        H: HostSockets,
+    {
+        let total = match self.flatten(chain, true) {
+            Ok(total) => total,
+            Err(true) => {
+                self.stats.rx_read_only += 1;
+                return Some(0);
+            }
+            Err(false) => {
+                self.stats.rx_bad_memory += 1;
+                return Some(0);
+            }
+        };
+        if total < HEADER_LEN {
+            self.stats.rx_too_short += 1;
+            return Some(0);
+        }
+        if !self.segs.iter().all(|s| {
+            mem.check_range(
+                vm_memory::GuestAddress(s.addr),
+                s.len as usize,
+                vm_memory::Permissions::Write,
+            )
+        }) {
+            self.stats.rx_bad_memory += 1;
+            return Some(0);
+        }
+        let all = Span::new(&self.segs, 0, total);
+        let room = (total - HEADER_LEN).min(u32::MAX as usize - HEADER_LEN);
+        loop {
+            let Some(grant) = self.engine.poll_rx(now, room) else {
+                if room == 0 && self.engine.has_pending_rx() {
+                    // Only data is waiting and this buffer has no room for any: it can never
+                    // be filled, and putting it back would stop the ring behind it.
+                    self.stats.rx_too_short += 1;
+                    return Some(0);
+                }
+                return None;
+            };
+            match grant {
+                RxGrant::Packet(packet) => {
+                    let payload_len = packet.payload().len();
+                    // The whole chain was checked above, so these writes stay in guest memory.
+                    if all.write(mem, HEADER_LEN, packet.payload()).is_err()
+                        || all.write(mem, 0, packet.header().as_bytes()).is_err()
+                    {
+                        self.stats.rx_bad_memory += 1;
+                        return Some(0);
+                    }
+                    let _ = packet.send();
+                    return Some((HEADER_LEN + payload_len) as u32);
+                }
+                RxGrant::Read(read) => {
+                    let conn = read.conn();
+                    let data = Span::new(&self.segs, HEADER_LEN, room);
+                    let io = match host.fd(read.conn()) {
+                        Some(fd) => match data.read_from_fd(mem, read.max(), fd) {
+                            Ok(r) => Io::from_result(&r),
+                            Err(MemoryFault) => {
+                                self.stats.rx_bad_memory += 1;
+                                return Some(0);
+                            }
+                        },
+                        None => Io::Error(SocketError(libc::EBADF)),
+                    };
+                    // The recorder, if any, reads the bytes back from the buffer.
+                    let mut bytes = PayloadBytes { mem, span: data };
+                    match read.complete(io, &mut bytes) {
+                        Ok(Some(header)) => {
+                            // Publish the header only now that the data is in.
+                            if all.write(mem, 0, header.as_bytes()).is_err() {
+                                // The bytes left the socket but never reached the guest:
+                                // the stream cannot go on as if they had.
+                                self.stats.rx_bad_memory += 1;
+                                let _ = self.engine.reset_connection(now, conn);
+                                return Some(0);
+                            }
+                            return Some((HEADER_LEN + header.len.get() as usize) as u32);
+                        }
+                        // Would block, or failed (the connection is reset): try the next one.
+                        Ok(None) | Err(_) => continue,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A payload that cannot be read: the chain ended before it.
+struct Unreadable;
+
+impl GuestBytes for Unreadable {
+    fn copy_to(&mut self, _offset: usize, _dst: &mut [u8]) -> Result<(), MemoryFault> {
+        Err(MemoryFault)
+    }
+}
+
+/// Called when `enable_notification` reports chains still available after the pop loop.
+/// That is normal once (the driver posted meanwhile), but two rounds in a row that pop
+/// nothing mean the ring cannot be popped at all: an available index more than a queue ahead
+/// of the device, or an available ring outside guest memory. `pop_descriptor_chain` hides
+/// that as "no chain", so without this check the caller would spin forever.
+fn check_stall<M: GuestMemory>(
+    queue: &mut Queue,
+    mem: &M,
+    popped: bool,
+    stalled: &mut bool,
+) -> Result<(), DeviceError> {
+    if popped {
+        *stalled = false;
+        return Ok(());
+    }
+    if !*stalled {
+        *stalled = true;
+        return Ok(());
+    }
+    debug!("available ring cannot be popped");
+    Err(DeviceError::Queue(
+        queue
+            .iter(mem)
+            .err()
+            .unwrap_or(virtio_queue::Error::InvalidAvailRingIndex),
+    ))
+}
