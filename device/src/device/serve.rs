@@ -193,11 +193,7 @@ impl VsockDevice {
     /// Flattens a chain's descriptors into `self.segs`: all write-only if `writable`, all
     /// readable otherwise. Returns the total length, or `Err(wrong_direction)` if a descriptor
     /// goes the wrong way (`true`) or the chain is too long, too large or broken (`false`).
-    fn flatten<M>(
-        &mut self,
-        chain: DescriptorChain<M>,
-        writable: bool,
-    ) -> Result<usize, bool>
+    fn flatten<M>(&mut self, chain: DescriptorChain<M>, writable: bool) -> Result<usize, bool>
     where
         M: std::ops::Deref,
         M::Target: GuestMemory,
@@ -271,13 +267,8 @@ impl VsockDevice {
         }
     }
 
-    fn tx_chain<M, H>(
-        &mut self,
-        now: Instant,
-        mem: &M,
-        chain: DescriptorChain<&M>,
-        host: &mut H,
-    ) where
+    fn tx_chain<M, H>(&mut self, now: Instant, mem: &M, chain: DescriptorChain<&M>, host: &mut H)
+    where
         M: GuestMemory,
         H: HostSockets,
     {
