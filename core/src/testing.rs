@@ -8,6 +8,10 @@
 //! credit requests, RST for packets to no socket, RST once the host shut down both directions,
 //! and an 8 s close timeout after `close()`. The engine's tests run it over a direct call, the
 //! device's over real virtqueues.
+//!
+//! The module also holds what the test suites of every crate share: [`pattern`], the byte
+//! stream they send and compare, and [`guest_pkt`] and [`host_pkt`], stream packet headers
+//! between guest [`GUEST_CID`] and the host.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
@@ -467,4 +471,70 @@ impl LinuxGuest {
             Op::Request => unreachable!("handled above"),
         }
     }
+}
+
+/// The guest CID of the headers [`guest_pkt`] and [`host_pkt`] build.
+pub const GUEST_CID: u64 = 3;
+
+/// A stream packet header from guest [`GUEST_CID`] to the host.
+pub fn guest_pkt(
+    op: Op,
+    src_port: u32,
+    dst_port: u32,
+    len: u32,
+    flags: u32,
+    buf_alloc: u32,
+    fwd_cnt: u32,
+) -> Header {
+    Packet {
+        src_cid: GUEST_CID,
+        dst_cid: HOST_CID,
+        src_port,
+        dst_port,
+        len,
+        socket_type: SocketType::Stream,
+        op,
+        flags,
+        buf_alloc,
+        fwd_cnt,
+    }
+    .to_header()
+}
+
+/// A stream packet header from the host to guest [`GUEST_CID`], as the engine sends it.
+pub fn host_pkt(
+    op: Op,
+    src_port: u32,
+    dst_port: u32,
+    len: u32,
+    flags: u32,
+    buf_alloc: u32,
+    fwd_cnt: u32,
+) -> Header {
+    Packet {
+        src_cid: HOST_CID,
+        dst_cid: GUEST_CID,
+        src_port,
+        dst_port,
+        len,
+        socket_type: SocketType::Stream,
+        op,
+        flags,
+        buf_alloc,
+        fwd_cnt,
+    }
+    .to_header()
+}
+
+/// `len` bytes of a stream that differs for each `seed` (modulo 251): byte `i` is
+/// `(31 i + 7919 seed) mod 251`. Tests send it and compare what arrives with a second call.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            ((i as u64)
+                .wrapping_mul(31)
+                .wrapping_add(seed.wrapping_mul(7919))
+                % 251) as u8
+        })
+        .collect()
 }

@@ -5,7 +5,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use vsock_core::wire::{Header, Op, Packet, SocketType, HOST_CID};
+use vsock_core::testing::{guest_pkt, GUEST_BUF_ALLOC};
+use vsock_core::wire::{Header, Op};
 use vsock_core::{Action, Config, ConnId, Engine, HostEvent, Instant, Io, RxGrant, Tx};
 
 struct Counting;
@@ -58,19 +59,7 @@ const GUEST_CID: u64 = 3;
 const CONNS: u32 = 100;
 
 fn header(guest_port: u32, host_port: u32, op: Op, len: u32, fwd_cnt: u32) -> Header {
-    Packet {
-        src_cid: GUEST_CID,
-        dst_cid: HOST_CID,
-        src_port: guest_port,
-        dst_port: host_port,
-        len,
-        socket_type: SocketType::Stream,
-        op,
-        flags: 0,
-        buf_alloc: 256 * 1024,
-        fwd_cnt,
-    }
-    .to_header()
+    guest_pkt(op, guest_port, host_port, len, 0, GUEST_BUF_ALLOC, fwd_cnt)
 }
 
 /// A driver that moves data without allocating in its own hot loop either, so the counter

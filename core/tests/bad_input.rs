@@ -1,6 +1,7 @@
 //! Hostile input, one class per row: each gets its protocol reaction and exactly one named
 //! counter, and nothing else moves. No RST is ever answered with an RST.
 
+use vsock_core::testing::{guest_pkt, host_pkt};
 use vsock_core::wire::{Header, Op, HOST_CID, SHUTDOWN_SEND};
 use vsock_core::{
     Action, Config, ConnId, Engine, HostEvent, Instant, Io, LineRead, RxGrant, SocketError, Stats,
@@ -40,18 +41,9 @@ fn config() -> Config {
 
 /// A guest header with a raw op, stream type, from the guest to the host.
 fn hdr(op: u16, src_port: u32, dst_port: u32, len: u32) -> Header {
-    Header {
-        src_cid: GUEST_CID.into(),
-        dst_cid: HOST_CID.into(),
-        src_port: src_port.into(),
-        dst_port: dst_port.into(),
-        len: len.into(),
-        type_: STREAM.into(),
-        op: op.into(),
-        flags: 0.into(),
-        buf_alloc: GUEST_BUF.into(),
-        fwd_cnt: 0.into(),
-    }
+    let mut h = guest_pkt(Op::Rw, src_port, dst_port, len, 0, GUEST_BUF, 0);
+    h.op = op.into();
+    h
 }
 
 fn op(o: Op) -> u16 {
@@ -71,18 +63,9 @@ fn cids(mut h: Header, src: u64, dst: u64) -> Header {
 
 /// An RST from the host to the guest, as the engine must send it.
 fn rst(src_port: u32, dst_port: u32, type_: u16, buf_alloc: u32) -> Header {
-    Header {
-        src_cid: HOST_CID.into(),
-        dst_cid: GUEST_CID.into(),
-        src_port: src_port.into(),
-        dst_port: dst_port.into(),
-        len: 0.into(),
-        type_: type_.into(),
-        op: RST.into(),
-        flags: 0.into(),
-        buf_alloc: buf_alloc.into(),
-        fwd_cnt: 0.into(),
-    }
+    let mut h = host_pkt(Op::Rst, src_port, dst_port, 0, 0, buf_alloc, 0);
+    h.type_ = type_.into();
+    h
 }
 
 /// Every counter of `Stats`, by name, and whether it counts a fault (as opposed to traffic).

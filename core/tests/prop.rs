@@ -80,9 +80,8 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use sim::{Listen, Sim, World, ECONNRESET, EPIPE, GUEST_CID, GUEST_CLOSE_TIMEOUT, RX_BUF};
-use vsock_core::wire::{
-    Header, Op, Packet, SocketType, HOST_CID, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND,
-};
+use vsock_core::testing::guest_pkt;
+use vsock_core::wire::{Header, Op, HOST_CID, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND};
 use vsock_core::{Config, ConnId, SocketError};
 
 /// Host listeners `<uds>_<port>` and how they answer.
@@ -803,19 +802,7 @@ impl Script {
                     return;
                 };
                 let g = &self.sim.guest.conns[&key];
-                let mut h = Packet {
-                    src_cid: GUEST_CID,
-                    dst_cid: HOST_CID,
-                    src_port: key.0,
-                    dst_port: key.1,
-                    len: 0,
-                    socket_type: SocketType::Stream,
-                    op: Op::Rw,
-                    flags: 0,
-                    buf_alloc: sim::GUEST_BUF_ALLOC,
-                    fwd_cnt: g.fwd_cnt,
-                }
-                .to_header();
+                let mut h = guest_pkt(Op::Rw, key.0, key.1, 0, 0, sim::GUEST_BUF_ALLOC, g.fwd_cnt);
                 h.op = op.into();
                 let v32 = value as u32;
                 let v16 = value as u16;
@@ -1336,19 +1323,7 @@ fn actions_after_batch(packets: &[(Op, u32)]) -> Vec<vsock_core::Action> {
     let now = Instant::from_secs(1);
     let mut engine = Engine::new(Sim::default_config(), now).unwrap();
     for &(op, guest_port) in packets {
-        let header = Packet {
-            src_cid: GUEST_CID,
-            dst_cid: HOST_CID,
-            src_port: guest_port,
-            dst_port: 100,
-            len: 0,
-            socket_type: SocketType::Stream,
-            op,
-            flags: 0,
-            buf_alloc: sim::GUEST_BUF_ALLOC,
-            fwd_cnt: 0,
-        }
-        .to_header();
+        let header = guest_pkt(op, guest_port, 100, 0, 0, sim::GUEST_BUF_ALLOC, 0);
         let _ = engine.handle_tx(now, &header);
     }
     let actions: Vec<Action> = std::iter::from_fn(|| engine.poll_action()).collect();

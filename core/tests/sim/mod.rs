@@ -20,7 +20,7 @@ use vsock_core::{
 // The guest's constants and types, for the tests (not every test binary uses them all).
 #[allow(unused_imports)]
 pub use vsock_core::testing::{
-    GuestConn, GuestKey, LinuxGuest, GUEST_BUF_ALLOC, GUEST_CLOSE_TIMEOUT, GUEST_MAX_PKT,
+    pattern, GuestConn, GuestKey, LinuxGuest, GUEST_BUF_ALLOC, GUEST_CLOSE_TIMEOUT, GUEST_MAX_PKT,
 };
 
 pub const GUEST_CID: u64 = 3;
@@ -808,17 +808,6 @@ impl Sim {
 }
 
 /// A deterministic byte pattern for payloads: every position distinct modulo 251.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| {
-            ((i as u64)
-                .wrapping_mul(31)
-                .wrapping_add(seed.wrapping_mul(7919))
-                % 251) as u8
-        })
-        .collect()
-}
-
 /// A tiny seeded generator for tests that script random sizes.
 pub struct Lcg(pub u64);
 
