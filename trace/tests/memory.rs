@@ -6,7 +6,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use vsock_core::wire::{Header, Op, Packet, SocketType, HOST_CID};
+use vsock_core::testing::guest_pkt;
+use vsock_core::wire::{Header, Op};
 use vsock_core::{
     Action, Config, Engine, GuestBytes, HostEvent, Instant, Io, MemoryFault, RxGrant, Tx,
 };
@@ -72,19 +73,7 @@ fn peak_of<T>(f: impl FnOnce() -> T) -> (T, usize) {
 }
 
 fn from_guest(op: Op, src_port: u32, dst_port: u32, len: u32) -> Header {
-    Packet {
-        src_cid: 3,
-        dst_cid: HOST_CID,
-        src_port,
-        dst_port,
-        len,
-        socket_type: SocketType::Stream,
-        op,
-        flags: 0,
-        buf_alloc: 65536,
-        fwd_cnt: 0,
-    }
-    .to_header()
+    guest_pkt(op, src_port, dst_port, len, 0, 65536, 0)
 }
 
 /// A payload of zeros as long as asked, without holding it.

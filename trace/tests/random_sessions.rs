@@ -2,7 +2,8 @@
 //! number of inputs (connections made, closed, reset, stopped before it): every trace
 //! replays exactly.
 
-use vsock_core::wire::{Op, Packet, SocketType, HOST_CID};
+use vsock_core::testing::guest_pkt;
+use vsock_core::wire::Op;
 use vsock_core::{
     Action, Config, ConnId, Engine, HostEvent, Instant, Io, LineRead, RxGrant, SocketError, Tx,
 };
@@ -83,23 +84,15 @@ fn random_sessions_recorded_late_replay_exactly() {
                     ];
                     let op = ops[(r >> 40) as usize % ops.len()];
                     let len = if op == Op::Rw { (v % 120) as u32 } else { 0 };
-                    let h = Packet {
-                        src_cid: 3,
-                        dst_cid: HOST_CID,
-                        src_port: 100 + (r >> 48) as u32 % 3,
-                        dst_port: if (r >> 52) % 2 == 0 {
-                            200
-                        } else {
-                            (1 << 30) + (r >> 53) as u32 % 3
-                        },
-                        len,
-                        socket_type: SocketType::Stream,
-                        op,
-                        flags: (r >> 56) as u32 % 4,
-                        buf_alloc: (r >> 16) as u32 % 1000,
-                        fwd_cnt: 0,
-                    }
-                    .to_header();
+                    let src_port = 100 + (r >> 48) as u32 % 3;
+                    let dst_port = if (r >> 52) % 2 == 0 {
+                        200
+                    } else {
+                        (1 << 30) + (r >> 53) as u32 % 3
+                    };
+                    let flags = (r >> 56) as u32 % 4;
+                    let buf_alloc = (r >> 16) as u32 % 1000;
+                    let h = guest_pkt(op, src_port, dst_port, len, flags, buf_alloc, 0);
                     let payload = vec![7u8; len as usize];
                     if let Tx::Data(d) = e.handle_tx(now, &h) {
                         if v % 7 == 0 {

@@ -1,6 +1,7 @@
 //! Recording edge cases at the engine boundary, each replayed exactly.
 
-use vsock_core::wire::{Op, Packet, SocketType, HOST_CID};
+use vsock_core::testing::guest_pkt;
+use vsock_core::wire::Op;
 use vsock_core::{
     Action, Config, Engine, GuestBytes, HostEvent, Instant, Io, MemoryFault, RxGrant, Tx,
 };
@@ -11,19 +12,7 @@ mod common;
 use common::Shared;
 
 fn from_guest(op: Op, len: u32) -> vsock_core::wire::Header {
-    Packet {
-        src_cid: 3,
-        dst_cid: HOST_CID,
-        src_port: 50_000,
-        dst_port: 80,
-        len,
-        socket_type: SocketType::Stream,
-        op,
-        flags: 0,
-        buf_alloc: 65536,
-        fwd_cnt: 0,
-    }
-    .to_header()
+    guest_pkt(op, 50_000, 80, len, 0, 65536, 0)
 }
 
 /// Drains actions (answering a connect) and rx grants (committing packets).

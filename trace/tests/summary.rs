@@ -1,7 +1,8 @@
 //! `vsock-replay --summary` over traces whose timestamps do not only go forward: the engine
 //! takes a `now` that steps back (it keeps its own clock monotonic), and records it as given.
 
-use vsock_core::wire::{Op, Packet, SocketType, HOST_CID};
+use vsock_core::testing::guest_pkt;
+use vsock_core::wire::Op;
 use vsock_core::{Action, Config, Engine, HostEvent, Instant, RxGrant, Tx};
 use vsock_trace::replay::read;
 use vsock_trace::summary::summary;
@@ -11,19 +12,7 @@ mod common;
 use common::Shared;
 
 fn from_guest(op: Op, src_port: u32) -> vsock_core::wire::Header {
-    Packet {
-        src_cid: 3,
-        dst_cid: HOST_CID,
-        src_port,
-        dst_port: 80,
-        len: 0,
-        socket_type: SocketType::Stream,
-        op,
-        flags: 0,
-        buf_alloc: 65536,
-        fwd_cnt: 0,
-    }
-    .to_header()
+    guest_pkt(op, src_port, 80, 0, 0, 65536, 0)
 }
 
 /// A guest connection whose packets' `now` goes 100 s (the start), 50 s, 200 s, 20 s.

@@ -11,14 +11,17 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 
 use virtio_queue::Queue;
-use vsock_core::wire::{Header, Op, Packet, SocketType, HOST_CID};
+use vsock_core::testing::guest_pkt;
+// Shared with the other crates' tests (not every test binary, nor the bench, uses them all).
+#[allow(unused_imports)]
+pub use vsock_core::testing::{pattern, GUEST_CID};
+use vsock_core::wire::{Header, Op};
 use vsock_core::{
     Action, Config, ConnId, Direction, Engine, HostEvent, Instant, Io, LineRead, SocketError,
 };
 use vsock_device::testing::{parse_rx, Driver, Layout, Used, RX_BUF_SIZE};
 use vsock_device::{DeviceError, DeviceState, HostSockets, Queues, Served, VsockDevice};
 
-pub const GUEST_CID: u64 = 3;
 pub const GUEST_BUF_ALLOC: u32 = 256 * 1024;
 
 /// Host sockets over real socket pairs, watched edge-triggered in an epoll instance: the engine
@@ -354,19 +357,15 @@ impl Default for Bed {
 
 /// A guest packet.
 pub fn pkt(op: Op, guest_port: u32, host_port: u32, len: u32, flags: u32, fwd_cnt: u32) -> Header {
-    Packet {
-        src_cid: GUEST_CID,
-        dst_cid: HOST_CID,
-        src_port: guest_port,
-        dst_port: host_port,
-        len,
-        socket_type: SocketType::Stream,
+    guest_pkt(
         op,
+        guest_port,
+        host_port,
+        len,
         flags,
-        buf_alloc: GUEST_BUF_ALLOC,
+        GUEST_BUF_ALLOC,
         fwd_cnt,
-    }
-    .to_header()
+    )
 }
 
 pub fn op_of(h: &Header) -> Op {
@@ -425,15 +424,4 @@ pub fn app_read_all(app: &mut UnixStream) -> Vec<u8> {
     }
     app.set_nonblocking(false).unwrap();
     out
-}
-
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| {
-            ((i as u64)
-                .wrapping_mul(31)
-                .wrapping_add(seed.wrapping_mul(7919))
-                % 251) as u8
-        })
-        .collect()
 }
