@@ -21,8 +21,11 @@
 //!   loops, the daemon and the test rig run one.
 //!
 //! What differs between runtimes is only how a socket is watched. That is the [`Reactor`]
-//! trait: `vsock-mio` registers sockets in a `mio::Registry`, `vsock-tokio` wraps them in
-//! `AsyncFd`, `vsock-smol` in `async_io::Async`. No protocol decision is made here or there.
+//! trait, and `vsock-mio` has its one implementation: sockets registered in a
+//! `mio::Registry`. `vsock-tokio` and `vsock-smol` use it too: their sockets live in a private
+//! `mio::Poll`, whose own descriptor they wait on (tokio through `AsyncFd`, smol through
+//! `async_io::Async`) before draining its events as `vsock-mio` does. No protocol decision is
+//! made here or there.
 //!
 //! This crate owns each socket's life (connect, the `CONNECT` line, shutdown, watching,
 //! close); the device owns the data moved on it, every write included (a `sendmsg` with
