@@ -5,6 +5,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
+use vsock_core::testing::pattern;
 use vsock_core::wire::SHUTDOWN_SEND;
 use vsock_core::Config;
 use vsock_tests::{open_fds, Rig, Runtime};
@@ -33,12 +34,6 @@ fn echo_service(listener: UnixListener) -> std::thread::JoinHandle<usize> {
         s.shutdown(std::net::Shutdown::Write).unwrap();
         total
     })
-}
-
-fn pattern(seed: u32, len: usize) -> Vec<u8> {
-    (0..len as u32)
-        .map(|i| (i.wrapping_mul(31).wrapping_add(seed) % 251) as u8)
-        .collect()
 }
 
 fn guest_connects_and_echoes(rt: Runtime) {
@@ -542,7 +537,7 @@ fn a_thousand_concurrent_connections_each_move_data(rt: Runtime) {
         keys.iter().all(|k| g.stack.conn(*k).established)
     });
     for (i, k) in keys.iter().enumerate() {
-        rig.guest.stack.write(*k, &pattern(i as u32, EACH));
+        rig.guest.stack.write(*k, &pattern(i as u64, EACH));
     }
     rig.until("all echoed", LONG, |g| {
         keys.iter().all(|k| g.stack.conn(*k).read.len() == EACH)
@@ -550,7 +545,7 @@ fn a_thousand_concurrent_connections_each_move_data(rt: Runtime) {
     for (i, k) in keys.iter().enumerate() {
         assert_eq!(
             rig.guest.stack.conn(*k).read,
-            pattern(i as u32, EACH),
+            pattern(i as u64, EACH),
             "connection {i}"
         );
     }
