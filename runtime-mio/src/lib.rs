@@ -109,6 +109,21 @@ pub struct MioConfig {
     pub tokens: Tokens,
 }
 
+impl MioConfig {
+    /// The configuration for a driver on a poll of its own (a [`MioLoop`], or the private
+    /// poll the tokio and smol adapters watch): the listener at token 0, slot `i` at `1 + i`.
+    pub fn own_poll(config: DriverConfig) -> MioConfig {
+        MioConfig {
+            engine: config.engine,
+            uds_path: config.uds_path,
+            tokens: Tokens {
+                listener: Token(0),
+                first_conn: 1,
+            },
+        }
+    }
+}
+
 /// Watches sockets in a mio registry, edge-triggered, under the token of their table slot.
 pub struct MioReactor {
     registry: Registry,
@@ -333,17 +348,7 @@ impl MioLoop {
     /// As [`VsockMio::new`].
     pub fn new(config: DriverConfig) -> io::Result<Self> {
         let poll = mio::Poll::new()?;
-        let vsock = VsockMio::new(
-            MioConfig {
-                engine: config.engine,
-                uds_path: config.uds_path,
-                tokens: Tokens {
-                    listener: Token(0),
-                    first_conn: 1,
-                },
-            },
-            poll.registry(),
-        )?;
+        let vsock = VsockMio::new(MioConfig::own_poll(config), poll.registry())?;
         Ok(MioLoop { poll, vsock })
     }
 

@@ -36,10 +36,10 @@ use std::pin::pin;
 
 use async_io::{Async, Timer};
 use futures_lite::future;
-use mio::{Events, Poll, Registry, Token};
+use mio::{Events, Poll, Registry};
 use vsock_device::{Transport, VsockDevice};
 use vsock_host::{DriverConfig, DriverThread, Host};
-use vsock_mio::{MioConfig, MioReactor, Tokens, VsockMio};
+use vsock_mio::{MioConfig, MioReactor, VsockMio};
 
 /// A vsock device served by a smol task.
 pub struct VsockSmol {
@@ -66,17 +66,7 @@ impl VsockSmol {
     /// the reactor refusing the poll's descriptor.
     pub fn new(config: DriverConfig) -> io::Result<Self> {
         let poll = Poll::new()?;
-        let vsock = VsockMio::new(
-            MioConfig {
-                engine: config.engine,
-                uds_path: config.uds_path,
-                tokens: Tokens {
-                    listener: Token(0),
-                    first_conn: 1,
-                },
-            },
-            poll.registry(),
-        )?;
+        let vsock = VsockMio::new(MioConfig::own_poll(config), poll.registry())?;
         let watch = Async::new(poll.registry().try_clone()?)?;
         Ok(VsockSmol {
             poll,

@@ -33,12 +33,12 @@ use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use mio::{Events, Poll, Token};
+use mio::{Events, Poll};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use vsock_device::{Transport, VsockDevice};
 use vsock_host::{DriverConfig, DriverThread, Host};
-use vsock_mio::{MioConfig, MioReactor, Tokens, VsockMio};
+use vsock_mio::{MioConfig, MioReactor, VsockMio};
 
 /// A vsock device served by a tokio task.
 pub struct VsockTokio {
@@ -55,17 +55,7 @@ impl VsockTokio {
     /// A bad or busy listener path, a configuration the engine refuses, the poll's own.
     pub fn new(config: DriverConfig) -> io::Result<Self> {
         let poll = Poll::new()?;
-        let vsock = VsockMio::new(
-            MioConfig {
-                engine: config.engine,
-                uds_path: config.uds_path,
-                tokens: Tokens {
-                    listener: Token(0),
-                    first_conn: 1,
-                },
-            },
-            poll.registry(),
-        )?;
+        let vsock = VsockMio::new(MioConfig::own_poll(config), poll.registry())?;
         Ok(VsockTokio {
             poll,
             events: Events::with_capacity(256),
