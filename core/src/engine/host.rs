@@ -308,11 +308,13 @@ impl Engine {
     /// our socket) is read and delivered, and then the guest gets an RST: only a reset tells it
     /// that bytes it sent were lost. With nothing left to deliver, the reset is at once.
     pub(super) fn host_broken(&mut self, idx: usize) {
-        self.stats.host_errors += 1;
         let c = &mut self.conns[idx];
         if c.host_broken {
+            // Counted when it broke.
             return;
         }
+        self.stats.host_errors += 1;
+        let c = &mut self.conns[idx];
         if !c.to_guest_open() || !c.socket_open {
             self.reset_conn(idx);
             return;
