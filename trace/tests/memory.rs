@@ -8,13 +8,11 @@ use std::sync::Mutex;
 
 use vsock_core::testing::guest_pkt;
 use vsock_core::wire::{Header, Op};
-use vsock_core::{
-    Action, Config, Engine, GuestBytes, HostEvent, Instant, Io, MemoryFault, RxGrant, Tx,
-};
+use vsock_core::{Config, Engine, GuestBytes, Instant, Io, MemoryFault, Tx};
 use vsock_trace::{replay, replay_within, ReplayError, TraceWriter, DEFAULT_MEMORY_BUDGET};
 
 mod common;
-use common::Shared;
+use common::{settle, Shared};
 
 struct Counting;
 
@@ -83,34 +81,6 @@ impl GuestBytes for Zeros {
     fn copy_to(&mut self, _: usize, dst: &mut [u8]) -> Result<(), MemoryFault> {
         dst.fill(0);
         Ok(())
-    }
-}
-
-fn settle(e: &mut Engine, now: Instant) {
-    loop {
-        let mut busy = false;
-        while let Some(a) = e.poll_action() {
-            busy = true;
-            if let Action::Connect { conn, .. } = a {
-                e.handle_host_event(now, conn, HostEvent::Connected)
-                    .unwrap();
-                e.handle_host_event(now, conn, HostEvent::Writable).unwrap();
-            }
-        }
-        while let Some(g) = e.poll_rx(now, 4096) {
-            busy = true;
-            match g {
-                RxGrant::Packet(p) => {
-                    let _ = p.send();
-                }
-                RxGrant::Read(r) => {
-                    let _ = r.complete(Io::WouldBlock, &mut &[][..]);
-                }
-            }
-        }
-        if !busy {
-            return;
-        }
     }
 }
 

@@ -2,46 +2,15 @@
 
 use vsock_core::testing::guest_pkt;
 use vsock_core::wire::Op;
-use vsock_core::{
-    Action, Config, Engine, GuestBytes, HostEvent, Instant, Io, MemoryFault, RxGrant, Tx,
-};
+use vsock_core::{Action, Config, Engine, GuestBytes, HostEvent, Instant, Io, MemoryFault, Tx};
 use vsock_trace::replay::{read, Item};
 use vsock_trace::{replay, TraceWriter};
 
 mod common;
-use common::Shared;
+use common::{settle, Shared};
 
 fn from_guest(op: Op, len: u32) -> vsock_core::wire::Header {
     guest_pkt(op, 50_000, 80, len, 0, 65536, 0)
-}
-
-/// Drains actions (answering a connect) and rx grants (committing packets).
-fn settle(e: &mut Engine, now: Instant) {
-    loop {
-        let mut busy = false;
-        while let Some(a) = e.poll_action() {
-            busy = true;
-            if let Action::Connect { conn, .. } = a {
-                e.handle_host_event(now, conn, HostEvent::Connected)
-                    .unwrap();
-                e.handle_host_event(now, conn, HostEvent::Writable).unwrap();
-            }
-        }
-        while let Some(g) = e.poll_rx(now, 4096) {
-            busy = true;
-            match g {
-                RxGrant::Packet(p) => {
-                    let _ = p.send();
-                }
-                RxGrant::Read(r) => {
-                    let _ = r.complete(Io::WouldBlock, &mut &[][..]);
-                }
-            }
-        }
-        if !busy {
-            return;
-        }
-    }
 }
 
 /// An engine with a recorder writing into memory.
