@@ -1,0 +1,242 @@
+//! Benchmarks of the vsock device, in process: the engine alone, the device relaying for a
+//! guest thread on each runtime, latency, and fairness and scale. Every figure that depends on
+//! the machine is a ratio against a baseline measured in the same process at the same moment,
+//! with medians over repetitions; counts that do not depend on the machine's speed
+//! (instructions, system calls, context switches, bytes) are reported alongside. See
+//! `BENCHMARKS.md` at the repository root for what each figure means and how it is measured,
+//! and `scripts/bench` for the one command that runs them all.
+//!
+//! Each part prints lines a script can read:
+//!
+//! - `row<TAB>part<TAB>name<TAB>value<TAB>unit<TAB>note`: one figure of the results table;
+//! - `target NAME measured VALUE goal VALUE met|missed`: one target (see [`TARGETS`]).
+//!
+//! Progress and diagnostics go to stderr.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod alloc;
+pub mod guest;
+pub mod parts;
+pub mod rig;
+pub mod ring;
+pub mod sys;
+
+use rig::Runtime;
+
+/// Which way a target's goal points.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Goal {
+    /// Met when the measured value is at most the goal.
+    AtMost(f64),
+    /// Met when the measured value is at least the goal.
+    AtLeast(f64),
+}
+
+impl Goal {
+    /// The goal's value.
+    pub fn value(self) -> f64 {
+        match self {
+            Goal::AtMost(v) | Goal::AtLeast(v) => v,
+        }
+    }
+
+    /// Whether `measured` meets it (a value that could not be measured never does).
+    pub fn met(self, measured: f64) -> bool {
+        match self {
+            Goal::AtMost(v) => measured <= v,
+            Goal::AtLeast(v) => measured >= v,
+        }
+    }
+
+    /// `<=` or `>=`.
+    pub fn sign(self) -> &'static str {
+        match self {
+            Goal::AtMost(_) => "<=",
+            Goal::AtLeast(_) => ">=",
+        }
+    }
+}
+
+/// Every target, with its goal and the part that measures it: the one list the parts and
+/// `scripts/bench` (through `vsock-bench targets`) share.
+pub const TARGETS: &[(&str, &str, Goal)] = &[
+    ("engine_tx64k_ns", "engine", Goal::AtMost(100.0)),
+    ("engine_rx4k_ns", "engine", Goal::AtMost(100.0)),
+    ("relay_g2h_cpu_ratio", "relay", Goal::AtMost(1.5)),
+    ("relay_h2g_cpu_ratio", "relay", Goal::AtMost(2.0)),
+    ("rtt_ratio", "latency", Goal::AtMost(2.0)),
+    ("streams8_g2h", "streams", Goal::AtLeast(1.0)),
+    ("streams64_g2h", "streams", Goal::AtLeast(1.0)),
+    ("streams8_h2g", "streams", Goal::AtLeast(1.0)),
+    ("streams64_h2g", "streams", Goal::AtLeast(1.0)),
+    ("setup_rate_ratio", "setup", Goal::AtLeast(0.2)),
+    ("idle_conn_bytes", "idle", Goal::AtMost(512.0)),
+    ("idle_conn_bytes_100k", "idle", Goal::AtMost(512.0)),
+    ("idle_100k_of_bound", "idle", Goal::AtMost(1.0)),
+];
+
+/// The goal of target `name`.
+///
+/// # Panics
+///
+/// If there is no such target (a bug in a part).
+pub fn goal(name: &str) -> Goal {
+    TARGETS
+        .iter()
+        .find(|t| t.0 == name)
+        .map(|t| t.2)
+        .unwrap_or_else(|| panic!("no target {name}"))
+}
+
+/// A number as the table shows it: three significant digits, no exponent.
+pub fn fmt_value(v: f64) -> String {
+    if !v.is_finite() {
+        return "n/a".into();
+    }
+    let a = v.abs();
+    if a >= 100.0 || a == 0.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else if a >= 0.01 {
+        format!("{v:.3}")
+    } else {
+        format!("{v:.5}")
+    }
+}
+
+/// The lines one part prints.
+pub struct Report {
+    part: &'static str,
+}
+
+impl Report {
+    /// The report of part `part`.
+    pub fn new(part: &'static str) -> Report {
+        Report { part }
+    }
+
+    /// One figure of the table.
+    pub fn row(&self, name: &str, value: f64, unit: &str, note: &str) {
+        println!(
+            "row\t{}\t{name}\t{}\t{unit}\t{note}",
+            self.part,
+            fmt_value(value)
+        );
+    }
+
+    /// One target: its row in the table (with the goal), and its `target` line.
+    pub fn target(&self, name: &str, measured: f64, note: &str) {
+        let goal = goal(name);
+        let met = measured.is_finite() && goal.met(measured);
+        let verdict = if met { "met" } else { "missed" };
+        self.row(
+            name,
+            measured,
+            "",
+            &format!(
+                "target {} {}: {verdict}; {note}",
+                goal.sign(),
+                fmt_value(goal.value())
+            ),
+        );
+        println!(
+            "target {name} measured {} goal {} {verdict}",
+            fmt_value(measured),
+            fmt_value(goal.value())
+        );
+    }
+}
+
+/// Options every part takes.
+#[derive(Clone, Debug)]
+pub struct Opts {
+    /// The short run (`--quick`): fewer bytes and repetitions.
+    pub quick: bool,
+    /// Repetitions whose median is reported (`--reps N`; 3 quick, 7 full).
+    pub reps: usize,
+    /// The runtimes to measure (`--runtime mio,tokio,smol`; all by default).
+    pub runtimes: Vec<Runtime>,
+    /// The guest's data packet rate, packets per second (`--rate N`; 0 or absent: as fast as
+    /// credit allows). For host to guest, the host peer's 64 KiB writes per second.
+    pub rate: Option<u64>,
+    /// Bytes per throughput run (`--mib N`).
+    pub bytes: u64,
+}
+
+impl Opts {
+    /// Parses the options after the part's name.
+    ///
+    /// # Errors
+    ///
+    /// An unknown option or a bad value.
+    pub fn parse(args: &[String]) -> Result<Opts, String> {
+        let mut quick = false;
+        let mut reps = None;
+        let mut runtimes = Runtime::ALL.to_vec();
+        let mut rate = None;
+        let mut mib = None;
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let mut value = |name: &str| {
+                it.next()
+                    .cloned()
+                    .ok_or_else(|| format!("{name} needs a value"))
+            };
+            match a.as_str() {
+                "--quick" => quick = true,
+                "--reps" => reps = Some(num(&value("--reps")?)?),
+                "--rate" => rate = Some(num(&value("--rate")?)?).filter(|&r| r > 0),
+                "--mib" => mib = Some(num(&value("--mib")?)?),
+                "--runtime" => {
+                    runtimes = value("--runtime")?
+                        .split(',')
+                        .map(|s| Runtime::parse(s).ok_or(format!("unknown runtime {s}")))
+                        .collect::<Result<_, _>>()?;
+                }
+                other => return Err(format!("unknown option {other}")),
+            }
+        }
+        Ok(Opts {
+            quick,
+            reps: reps
+                .map(|r| r as usize)
+                .unwrap_or(if quick { 3 } else { 7 }),
+            runtimes,
+            rate,
+            bytes: mib.unwrap_or(if quick { 256 } else { 1024 }) << 20,
+        })
+    }
+}
+
+fn num(s: &str) -> Result<u64, String> {
+    s.parse().map_err(|_| format!("not a number: {s}"))
+}
+
+/// The median of `values` (the mean of the middle two for an even count; NaN if empty).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| !x.is_nan()).collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Prints a progress line on stderr.
+pub fn progress(msg: &str) {
+    eprintln!("vsock-bench: {msg}");
+}
+
+/// Bytes in a GiB, as a float.
+pub const GIB: f64 = (1u64 << 30) as f64;
+/// Bytes in a MiB, as a float.
+pub const MIB: f64 = (1u64 << 20) as f64;

@@ -1,0 +1,270 @@
+//! Part 4, fairness and scale: 1, 8 and 64 parallel streams each way through the device,
+//! sharing the same total; aggregate throughput against one stream's, measured in the same
+//! repetition, and Jain's fairness index over the streams' own throughputs.
+//!
+//! The host peer is one thread serving every stream with `poll` (non-blocking sockets, one
+//! 64 KiB read or write per ready stream per round), for one stream as for 64, so the ratios
+//! compare the device with itself.
+
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::guest::{Guest, State, MAX_PKT};
+use crate::parts::relay::{Dir, CHUNK, PORT};
+use crate::rig::{bench_config, Device, Runtime};
+use crate::sys::poll_many;
+use crate::{median, progress, Opts, Report, MIB};
+
+/// Stream counts measured.
+pub const COUNTS: [usize; 3] = [1, 8, 64];
+
+/// One run: aggregate MiB/s and Jain's index over per-stream throughput.
+struct Run {
+    mib_s: f64,
+    jain: f64,
+}
+
+fn jain(x: &[f64]) -> f64 {
+    let sum: f64 = x.iter().sum();
+    let sq: f64 = x.iter().map(|v| v * v).sum();
+    sum * sum / (x.len() as f64 * sq)
+}
+
+fn accept_all(listener: &UnixListener, n: usize) -> Vec<UnixStream> {
+    (0..n)
+        .map(|_| {
+            let (s, _) = listener.accept().expect("accept");
+            s.set_nonblocking(true).expect("non-blocking");
+            s
+        })
+        .collect()
+}
+
+/// Reads `share` bytes from each stream; returns when each finished.
+fn read_peer(streams: Vec<UnixStream>, share: u64) -> Vec<Instant> {
+    let mut streams = streams;
+    let n = streams.len();
+    let mut got = vec![0u64; n];
+    let mut done: Vec<Option<Instant>> = vec![None; n];
+    let mut buf = vec![0u8; CHUNK];
+    let mut ready = Vec::new();
+    while done.iter().any(Option::is_none) {
+        let open: Vec<usize> = (0..n).filter(|&i| done[i].is_none()).collect();
+        let fds: Vec<_> = open.iter().map(|&i| streams[i].as_fd()).collect();
+        let events = vec![libc::POLLIN; fds.len()];
+        poll_many(&fds, &events, &mut ready, Duration::from_secs(1));
+        let ready_now: Vec<usize> = open
+            .iter()
+            .zip(&ready)
+            .filter(|(_, &r)| r != 0)
+            .map(|(&i, _)| i)
+            .collect();
+        for i in ready_now {
+            match streams[i].read(&mut buf) {
+                Ok(0) => panic!("stream {i}: end of file after {} bytes", got[i]),
+                Ok(k) => {
+                    got[i] += k as u64;
+                    if got[i] >= share {
+                        done[i] = Some(Instant::now());
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("stream {i}: {e}"),
+            }
+        }
+    }
+    streams.clear();
+    done.into_iter().map(|d| d.expect("done")).collect()
+}
+
+/// Writes `share` bytes to each stream.
+fn write_peer(streams: &[UnixStream], share: u64) {
+    let n = streams.len();
+    let mut sent = vec![0u64; n];
+    let buf = vec![0x33u8; CHUNK];
+    let mut ready = Vec::new();
+    let mut s: Vec<&UnixStream> = streams.iter().collect();
+    while sent.iter().any(|&k| k < share) {
+        let open: Vec<usize> = (0..n).filter(|&i| sent[i] < share).collect();
+        let fds: Vec<_> = open.iter().map(|&i| s[i].as_fd()).collect();
+        let events = vec![libc::POLLOUT; fds.len()];
+        poll_many(&fds, &events, &mut ready, Duration::from_secs(1));
+        let ready_now: Vec<usize> = open
+            .iter()
+            .zip(&ready)
+            .filter(|(_, &r)| r != 0)
+            .map(|(&i, _)| i)
+            .collect();
+        for i in ready_now {
+            let k = (share - sent[i]).min(CHUNK as u64) as usize;
+            match s[i].write(&buf[..k]) {
+                Ok(w) => sent[i] += w as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("stream {i}: {e}"),
+            }
+        }
+    }
+    s.clear();
+}
+
+fn connect_all(guest: &mut Guest, n: usize) -> Vec<usize> {
+    let ids: Vec<usize> = (0..n).map(|_| guest.connect(PORT)).collect();
+    guest.run_until("every RESPONSE", Duration::from_secs(30), |g| {
+        ids.iter().all(|&i| g.conns[i].state != State::Connecting)
+    });
+    for &i in &ids {
+        assert_eq!(guest.conns[i].state, State::Established, "stream {i}");
+    }
+    ids
+}
+
+fn g2h(rt: Runtime, n: usize, bytes: u64) -> Run {
+    let share = bytes / n as u64;
+    let mut guest = Guest::new();
+    let dev = Device::start(rt, bench_config(), &guest);
+    let listener = UnixListener::bind(dev.port_path(PORT)).expect("bind");
+    let peer = thread::spawn(move || read_peer(accept_all(&listener, n), share));
+    let ids = connect_all(&mut guest, n);
+    let start = Instant::now();
+    for &i in &ids {
+        guest.send(i, share, MAX_PKT);
+    }
+    guest.run_until("everything sent", Duration::from_secs(600), |g| {
+        ids.iter().all(|&i| g.conns[i].to_send == 0)
+    });
+    let done = peer.join().expect("host peer");
+    let end = done.iter().max().copied().expect("streams");
+    for &i in &ids {
+        guest.rst(i);
+    }
+    guest.step();
+    dev.stop();
+    let per: Vec<f64> = done
+        .iter()
+        .map(|t| share as f64 / MIB / (*t - start).as_secs_f64())
+        .collect();
+    Run {
+        mib_s: (share * n as u64) as f64 / MIB / (end - start).as_secs_f64(),
+        jain: jain(&per),
+    }
+}
+
+fn h2g(rt: Runtime, n: usize, bytes: u64) -> Run {
+    let share = bytes / n as u64;
+    let mut guest = Guest::new();
+    let dev = Device::start(rt, bench_config(), &guest);
+    let listener = UnixListener::bind(dev.port_path(PORT)).expect("bind");
+    let (go, gone) = mpsc::channel::<()>();
+    let (fin, finished) = mpsc::channel::<()>();
+    let peer = thread::spawn(move || {
+        let streams = accept_all(&listener, n);
+        gone.recv().expect("go");
+        write_peer(&streams, share);
+        let _ = finished.recv();
+    });
+    let ids = connect_all(&mut guest, n);
+    for &i in &ids {
+        guest.conns[i].rx_goal = share;
+    }
+    let start = Instant::now();
+    go.send(()).expect("peer waits");
+    guest.run_until("everything received", Duration::from_secs(600), |g| {
+        ids.iter().all(|&i| g.conns[i].received >= share)
+    });
+    let end = Instant::now();
+    let _ = fin.send(());
+    peer.join().expect("host peer");
+    let per: Vec<f64> = ids
+        .iter()
+        .map(|&i| {
+            let t = guest.conns[i].rx_done_at.expect("done");
+            share as f64 / MIB / (t - start).as_secs_f64()
+        })
+        .collect();
+    for &i in &ids {
+        guest.rst(i);
+    }
+    guest.step();
+    dev.stop();
+    Run {
+        mib_s: (share * n as u64) as f64 / MIB / (end - start).as_secs_f64(),
+        jain: jain(&per),
+    }
+}
+
+/// Part 4: streams.
+pub fn run(opts: &Opts) {
+    let report = Report::new("streams");
+    // All runtimes in a full run; the quick run measures the target's runtime only.
+    let runtimes: Vec<Runtime> = if opts.quick {
+        opts.runtimes.iter().copied().take(1).collect()
+    } else {
+        opts.runtimes.clone()
+    };
+    for dir in [Dir::G2h, Dir::H2g] {
+        for &rt in &runtimes {
+            let mut runs: Vec<Vec<Run>> = COUNTS.iter().map(|_| Vec::new()).collect();
+            for rep in 0..opts.reps {
+                for (k, &n) in COUNTS.iter().enumerate() {
+                    let run = match dir {
+                        Dir::G2h => g2h(rt, n, opts.bytes),
+                        Dir::H2g => h2g(rt, n, opts.bytes),
+                    };
+                    progress(&format!(
+                        "streams {} {} rep {rep} x{n}: {:.0} MiB/s, fairness {:.3}",
+                        dir.name(),
+                        rt.name(),
+                        run.mib_s,
+                        run.jain
+                    ));
+                    runs[k].push(run);
+                }
+            }
+            let (d, r) = (dir.name(), rt.name());
+            for (k, &n) in COUNTS.iter().enumerate() {
+                let mib: Vec<f64> = runs[k].iter().map(|x| x.mib_s).collect();
+                report.row(
+                    &format!("{d}_{r}_x{n}_mib_s"),
+                    median(&mib),
+                    "MiB/s",
+                    &format!(
+                        "aggregate of {n} stream(s), {} MiB in all",
+                        opts.bytes >> 20
+                    ),
+                );
+                if n > 1 {
+                    let ratios: Vec<f64> = runs[k]
+                        .iter()
+                        .zip(&runs[0])
+                        .map(|(x, one)| x.mib_s / one.mib_s)
+                        .collect();
+                    let ratio = median(&ratios);
+                    let jains: Vec<f64> = runs[k].iter().map(|x| x.jain).collect();
+                    report.row(
+                        &format!("{d}_{r}_x{n}_ratio"),
+                        ratio,
+                        "x one",
+                        "aggregate / one stream's, median of per-repetition ratios",
+                    );
+                    report.row(
+                        &format!("{d}_{r}_x{n}_fairness"),
+                        median(&jains),
+                        "Jain",
+                        "Jain's index over the streams' throughputs (1 = equal)",
+                    );
+                    if rt == runtimes[0] {
+                        report.target(
+                            &format!("streams{n}_{d}"),
+                            ratio,
+                            &format!("{r}: aggregate of {n} / one stream's"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! The device under test: a [`Guest`]'s rings served by one runtime's ready-made loop on a
+//! thread of its own, through a [`Transport`] that owns the device's view of the queues and
+//! interrupts the guest through an eventfd, and a kick eventfd the guest writes.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vsock_core::testing::GUEST_CID;
+use vsock_core::{Config, Stats};
+use vsock_device::{DeviceStats, Queues, Served, Transport, VsockDevice};
+use vsock_host::{DriverConfig, DriverThread};
+use vsock_mio::MioLoop;
+use vsock_smol::VsockSmol;
+use vsock_tokio::VsockTokio;
+
+use crate::guest::Guest;
+use crate::sys::{threads_named, EventFd};
+
+/// A runtime crate's ready-made loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runtime {
+    /// `vsock_mio::MioLoop`.
+    Mio,
+    /// `vsock_tokio::VsockTokio::spawn` (a current-thread runtime).
+    Tokio,
+    /// `vsock_smol::VsockSmol::spawn` (`async_io::block_on`).
+    Smol,
+}
+
+impl Runtime {
+    /// All three.
+    pub const ALL: [Runtime; 3] = [Runtime::Mio, Runtime::Tokio, Runtime::Smol];
+
+    /// Its name in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Runtime::Mio => "mio",
+            Runtime::Tokio => "tokio",
+            Runtime::Smol => "smol",
+        }
+    }
+
+    /// Parses a name.
+    pub fn parse(s: &str) -> Option<Runtime> {
+        Runtime::ALL.into_iter().find(|r| r.name() == s)
+    }
+
+    /// The names of the threads whose CPU is the device's: the loop's thread, and for smol
+    /// async-io's own reactor thread, which takes over the reactor whenever `block_on` is not
+    /// polling it.
+    fn threads(self) -> &'static [&'static str] {
+        match self {
+            Runtime::Mio => &["vsock-mio"],
+            Runtime::Tokio => &["vsock-tokio"],
+            Runtime::Smol => &["vsock-smol", "async-io"],
+        }
+    }
+}
+
+/// What the device's loop left when stopped.
+#[derive(Clone, Debug)]
+pub struct Final {
+    /// The device's counters.
+    pub device: DeviceStats,
+    /// The engine's counters.
+    pub engine: Stats,
+}
+
+impl Final {
+    fn of(device: &VsockDevice) -> Final {
+        Final {
+            device: device.stats().clone(),
+            engine: device.engine().stats().clone(),
+        }
+    }
+}
+
+/// The VMM's side of the transport: the device's view of the queues and the guest's
+/// interrupt. It is the device thread's alone, so it needs no lock.
+struct BenchTransport {
+    mem: GuestMemoryMmap,
+    queues: [Queue; 3],
+    irq: EventFd,
+}
+
+impl Transport for BenchTransport {
+    type Memory = GuestMemoryMmap;
+
+    fn with_queues<R>(&mut self, f: impl FnOnce(&GuestMemoryMmap, Queues<'_>) -> R) -> Option<R> {
+        let [rx, tx, event] = &mut self.queues;
+        Some(f(&self.mem, Queues { rx, tx, event }))
+    }
+
+    fn notify(&mut self, served: &Served) {
+        // One interrupt line for the three queues: the guest looks at both rings when woken.
+        if served.notify_rx || served.notify_tx || served.notify_event {
+            self.irq.signal();
+        }
+    }
+}
+
+/// A directory of sockets, removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A fresh directory under the system's temporary directory.
+    pub fn new(what: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "vsock-bench-{}-{what}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("temporary directory");
+        TempDir(dir)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One device on one runtime, serving a guest's rings.
+pub struct Device {
+    /// The runtime.
+    pub runtime: Runtime,
+    thread: Option<DriverThread<Final>>,
+    tids: Vec<i32>,
+    dir: TempDir,
+}
+
+/// The engine configuration of every in-process benchmark: the defaults, with room for the
+/// streams and set-up benchmarks' connections.
+pub fn bench_config() -> Config {
+    let mut config = Config::new(GUEST_CID);
+    config.max_connections = 4096;
+    config
+}
+
+impl Device {
+    /// Starts a device with `config` on `runtime`, activated with every feature it offers
+    /// (EVENT_IDX among them) on `guest`'s rings.
+    pub fn start(runtime: Runtime, config: Config, guest: &Guest) -> Device {
+        let dir = TempDir::new(runtime.name());
+        let driver_config = DriverConfig {
+            engine: config,
+            uds_path: dir.path().join("vsock"),
+        };
+        let mut queues = guest.device_queues();
+        let activate = |device: &mut VsockDevice, queues: &mut [Queue; 3]| {
+            device
+                .ack_features(device.features())
+                .expect("the device's own features");
+            let [rx, tx, event] = queues;
+            device.activate(Queues { rx, tx, event });
+            assert!(device.event_idx(), "EVENT_IDX negotiated");
+        };
+        let kick = guest.kick_fd();
+        let irq = guest.irq();
+        let mem = guest.mem.clone();
+        let thread = match runtime {
+            Runtime::Mio => {
+                let mut lp = MioLoop::new(driver_config).expect("mio loop");
+                activate(lp.driver_mut().device_mut(), &mut queues);
+                let transport = BenchTransport { mem, queues, irq };
+                lp.spawn(transport, kick)
+                    .expect("spawn")
+                    .map(|v| Final::of(v.device()))
+            }
+            Runtime::Tokio => {
+                let mut v = VsockTokio::new(driver_config).expect("tokio driver");
+                activate(v.device_mut(), &mut queues);
+                let transport = BenchTransport { mem, queues, irq };
+                v.spawn(transport, kick)
+                    .expect("spawn")
+                    .map(|v| Final::of(v.device()))
+            }
+            Runtime::Smol => {
+                let mut v = VsockSmol::new(driver_config).expect("smol driver");
+                activate(v.device_mut(), &mut queues);
+                let transport = BenchTransport { mem, queues, irq };
+                v.spawn(transport, kick)
+                    .expect("spawn")
+                    .map(|v| Final::of(v.device()))
+            }
+        };
+        // A thread names itself once it runs: wait for the loop's name to appear.
+        let started = std::time::Instant::now();
+        let tids = loop {
+            let tids: Vec<i32> = runtime
+                .threads()
+                .iter()
+                .flat_map(|name| threads_named(name))
+                .collect();
+            if !threads_named(runtime.threads()[0]).is_empty() {
+                break tids;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(5),
+                "the {} loop's thread",
+                runtime.name()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        Device {
+            runtime,
+            thread: Some(thread),
+            tids,
+            dir,
+        }
+    }
+
+    /// `<uds_path>_<port>`, where a guest connection to `port` goes.
+    pub fn port_path(&self, port: u32) -> PathBuf {
+        self.dir.path().join(format!("vsock_{port}"))
+    }
+
+    /// `<uds_path>`, where host clients connect.
+    pub fn listener_path(&self) -> PathBuf {
+        self.dir.path().join("vsock")
+    }
+
+    /// The device's threads: the loop's, and for smol async-io's reactor thread.
+    pub fn tids(&self) -> &[i32] {
+        &self.tids
+    }
+
+    /// Stops the loop and returns its counters.
+    pub fn stop(mut self) -> Final {
+        self.thread
+            .take()
+            .expect("running")
+            .stop()
+            .expect("the loop stops cleanly")
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.stop();
+        }
+    }
+}
