@@ -53,6 +53,7 @@ fn main() {
                 }
             };
             vsock_bench::sys::raise_fd_limit();
+            opts.placement.set();
             run(&opts);
         }
     }

@@ -17,6 +17,7 @@ use vsock_tokio::VsockTokio;
 
 use crate::guest::Guest;
 use crate::sys::{threads_named, EventFd};
+use crate::Placement;
 
 /// A runtime crate's ready-made loop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +46,11 @@ impl Runtime {
     /// Parses a name.
     pub fn parse(s: &str) -> Option<Runtime> {
         Runtime::ALL.into_iter().find(|r| r.name() == s)
+    }
+
+    /// The device's threads' names, for the notes.
+    pub fn thread_names(self) -> String {
+        self.threads().join(" + ")
     }
 
     /// The names of the threads whose CPU is the device's: the loop's thread, and for smol
@@ -211,6 +217,11 @@ impl Device {
             );
             std::thread::sleep(std::time::Duration::from_millis(1));
         };
+        for &t in &tids {
+            Placement::place_measured(t);
+        }
+        // The caller is the guest.
+        Placement::place_peer();
         Device {
             runtime,
             thread: Some(thread),

@@ -374,3 +374,72 @@ impl Measured {
         }
     }
 }
+
+/// Binds thread `tid` (0: the calling thread) to the CPUs in `cpus`.
+pub fn set_affinity(tid: i32, cpus: &[usize]) {
+    // SAFETY: cpu_set_t is plain data, valid when zeroed; CPU_ZERO and CPU_SET only write
+    // inside it; sched_setaffinity reads `size_of::<cpu_set_t>()` bytes of it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// CPUs online.
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// An epoll instance, edge-triggered: the host peer of the streams benchmark watches every
+/// stream with one.
+pub struct Epoll(OwnedFd);
+
+impl Epoll {
+    /// A new epoll instance.
+    pub fn new() -> io::Result<Epoll> {
+        // SAFETY: epoll_create1 takes a flag; a negative return is an error, checked below.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a descriptor epoll_create1 just opened, owned by nothing else.
+        Ok(Epoll(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Watches `fd`, edge-triggered, for readability (`write` false) or writability, under
+    /// `token`.
+    pub fn add(&self, fd: BorrowedFd<'_>, write: bool, token: u64) -> io::Result<()> {
+        let dir = if write { libc::EPOLLOUT } else { libc::EPOLLIN };
+        let mut ev = libc::epoll_event {
+            events: (dir | libc::EPOLLET) as u32,
+            u64: token,
+        };
+        // SAFETY: `ev` is a valid epoll_event for the call to read; both descriptors are open.
+        let r = unsafe {
+            libc::epoll_ctl(
+                self.0.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                fd.as_raw_fd(),
+                &mut ev,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for events; `tokens` gets the tokens of the ready descriptors.
+    pub fn wait(&self, tokens: &mut Vec<u64>, timeout: Duration) {
+        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 64];
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: `evs` has room for the 64 events the call may write.
+        let n = unsafe { libc::epoll_wait(self.0.as_raw_fd(), evs.as_mut_ptr(), 64, ms) };
+        tokens.clear();
+        tokens.extend(evs.iter().take(n.max(0) as usize).map(|e| e.u64));
+    }
+}

@@ -12,7 +12,7 @@ use vsock_core::testing::{guest_pkt, GUEST_CID};
 use vsock_core::wire::{Op, HEADER_LEN, SHUTDOWN_BOTH};
 use vsock_core::{Action, Config, ConnId, Engine, HostEvent, Instant, Io, LineRead, RxGrant, Tx};
 
-use crate::{median, progress, Opts, Report};
+use crate::{median, progress, Opts, Placement, Report};
 
 /// Linux's receive buffer, which the guest advertises.
 const GUEST_BUF: u32 = 256 * 1024;
@@ -353,6 +353,7 @@ fn instructions(case: Case, n: u64) -> Result<f64, String> {
 /// Part 1.
 pub fn run(opts: &Opts) {
     let report = Report::new("engine");
+    Placement::place_measured(0);
     let mut tx64k = f64::NAN;
     let mut rx4k = f64::NAN;
     for case in Case::ALL {

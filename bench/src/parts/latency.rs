@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use crate::guest::{Guest, State};
 use crate::parts::relay::PORT;
 use crate::rig::{bench_config, Device, Runtime};
-use crate::{median, progress, Opts, Report};
+use crate::sys::{gettid, Measured, Window};
+use crate::{median, progress, spread, Opts, Placement, Report};
 
 const WARM: usize = 200;
 
@@ -28,13 +29,50 @@ fn echo(mut s: UnixStream) {
     }
 }
 
-/// Median round trip, in microseconds, of `n` raw ping-pongs.
-pub fn raw(n: usize) -> f64 {
+/// One ping-pong run: the median round trip, and what the measured thread (the device's, or
+/// the raw echo thread) did per round trip.
+pub struct Pings {
+    /// Median round trip, microseconds.
+    pub rtt_us: f64,
+    /// The measured thread's CPU time per round trip, microseconds.
+    pub cpu_us: f64,
+    /// Its wake-ups per round trip.
+    pub wakes: f64,
+    /// Its system calls per round trip (NaN if not counted).
+    pub syscalls: f64,
+}
+
+impl Pings {
+    fn of(rtts: &[f64], m: &Measured) -> Pings {
+        let n = rtts.len() as u64;
+        Pings {
+            rtt_us: median(rtts),
+            cpu_us: m.threads.cpu_ns as f64 / 1000.0 / n as f64,
+            wakes: m.wakes_per(n),
+            syscalls: m.syscalls_per(n),
+        }
+    }
+}
+
+/// `n` raw ping-pongs.
+pub fn raw(n: usize) -> Pings {
     let (mut a, b) = UnixStream::pair().expect("socketpair");
-    let peer = thread::spawn(move || echo(b));
+    // The echo side stands where the device's thread would.
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let peer = thread::spawn(move || {
+        Placement::place_measured(0);
+        tid_tx.send(gettid()).expect("main waits");
+        echo(b)
+    });
+    let tid = tid_rx.recv().expect("echo thread's id");
+    Placement::place_peer();
     let mut rtts = Vec::with_capacity(n);
     let mut byte = [0u8; 1];
+    let mut w = None;
     for i in 0..WARM + n {
+        if i == WARM {
+            w = Some(Window::open(&[tid]));
+        }
         let t = Instant::now();
         a.write_all(&[i as u8]).expect("write");
         a.read_exact(&mut byte).expect("read");
@@ -42,20 +80,28 @@ pub fn raw(n: usize) -> f64 {
             rtts.push(t.elapsed().as_nanos() as f64 / 1000.0);
         }
     }
+    let m = w.expect("warmed up").close();
     drop(a);
     peer.join().expect("echo");
-    median(&rtts)
+    Pings::of(&rtts, &m)
 }
 
-/// Median round trip, in microseconds, of `n` ping-pongs through the device on `rt`.
-pub fn device(rt: Runtime, n: usize) -> f64 {
+/// `n` ping-pongs through the device on `rt`.
+pub fn device(rt: Runtime, n: usize) -> Pings {
     let mut guest = Guest::new();
     let dev = Device::start(rt, bench_config(), &guest);
     let listener = UnixListener::bind(dev.port_path(PORT)).expect("bind");
-    let peer = thread::spawn(move || echo(listener.accept().expect("accept").0));
+    let peer = thread::spawn(move || {
+        Placement::place_peer();
+        echo(listener.accept().expect("accept").0)
+    });
     let id = guest.connect_wait(PORT);
     let mut rtts = Vec::with_capacity(n);
+    let mut w = None;
     for i in 0..WARM + n {
+        if i == WARM {
+            w = Some(Window::open(dev.tids()));
+        }
         let t = Instant::now();
         guest.send(id, 1, 1);
         let want = i as u64 + 1;
@@ -67,63 +113,135 @@ pub fn device(rt: Runtime, n: usize) -> f64 {
             rtts.push(t.elapsed().as_nanos() as f64 / 1000.0);
         }
     }
+    let m = w.expect("warmed up").close();
     guest.rst(id);
     guest.step();
     let fin = dev.stop();
     peer.join().expect("echo");
     assert_eq!(fin.engine.credit_violation, 0);
-    median(&rtts)
+    Pings::of(&rtts, &m)
 }
 
-/// Part 3.
+/// Part 3: the placement in force (the target's), then the other two for the table.
 pub fn run(opts: &Opts) {
     let report = Report::new("latency");
     let n = if opts.quick { 2000 } else { 10_000 };
-    let mut raws = Vec::new();
-    let mut devs: Vec<Vec<f64>> = opts.runtimes.iter().map(|_| Vec::new()).collect();
-    for rep in 0..opts.reps {
-        raws.push(raw(n));
-        for (i, &rt) in opts.runtimes.iter().enumerate() {
-            let us = device(rt, n);
-            progress(&format!(
-                "latency rep {rep} {}: {us:.1} us, raw {:.1} us",
-                rt.name(),
-                raws[rep]
-            ));
-            devs[i].push(us);
-        }
-    }
-    report.row(
-        "raw_rtt_us",
-        median(&raws),
-        "us",
-        &format!("baseline: 1-byte ping-pong, two threads, socketpair; median of {n}"),
+    let chosen = Placement::current();
+    let mut order = vec![chosen];
+    order.extend(
+        [Placement::Split, Placement::One, Placement::Free]
+            .into_iter()
+            .filter(|&p| p != chosen),
     );
-    let mut target = None;
-    for (i, &rt) in opts.runtimes.iter().enumerate() {
-        let ratios: Vec<f64> = devs[i].iter().zip(&raws).map(|(d, r)| d / r).collect();
-        let ratio = median(&ratios);
+    for placement in order {
+        placement.set();
+        let p = placement.name();
+        let mut raw_runs = Vec::new();
+        let mut dev_runs: Vec<Vec<Pings>> = opts.runtimes.iter().map(|_| Vec::new()).collect();
+        for rep in 0..opts.reps {
+            raw_runs.push(raw(n));
+            for (i, &rt) in opts.runtimes.iter().enumerate() {
+                let d = device(rt, n);
+                progress(&format!(
+                    "latency {p} rep {rep} {}: {:.1} us, raw {:.1} us",
+                    rt.name(),
+                    d.rtt_us,
+                    raw_runs[rep].rtt_us
+                ));
+                dev_runs[i].push(d);
+            }
+        }
+        let raws: Vec<f64> = raw_runs.iter().map(|r| r.rtt_us).collect();
+        let devs: Vec<Vec<f64>> = dev_runs
+            .iter()
+            .map(|runs| runs.iter().map(|r| r.rtt_us).collect())
+            .collect();
+        if placement == chosen {
+            per_rtt(
+                &report,
+                &format!("{p}_raw"),
+                "the raw echo thread",
+                &raw_runs,
+            );
+            for (i, &rt) in opts.runtimes.iter().enumerate() {
+                per_rtt(
+                    &report,
+                    &format!("{p}_{}", rt.name()),
+                    "the device's threads",
+                    &dev_runs[i],
+                );
+            }
+        }
         report.row(
-            &format!("{}_rtt_us", rt.name()),
-            median(&devs[i]),
+            &format!("{p}_raw_rtt_us"),
+            median(&raws),
             "us",
-            &format!("guest 1 byte -> host echo -> guest rx interrupt; median of {n}"),
+            &format!(
+                "baseline: 1-byte ping-pong, two threads, socketpair; median of {n}; {}",
+                placement_note(placement)
+            ),
         );
-        report.row(
-            &format!("{}_rtt_ratio", rt.name()),
-            ratio,
-            "x raw",
-            "median of per-repetition ratios",
-        );
-        if rt == Runtime::Mio || target.is_none() {
-            target = Some((rt, ratio));
+        let mut target = None;
+        for (i, &rt) in opts.runtimes.iter().enumerate() {
+            let ratios: Vec<f64> = devs[i].iter().zip(&raws).map(|(d, r)| d / r).collect();
+            let ratio = median(&ratios);
+            report.row(
+                &format!("{p}_{}_rtt_us", rt.name()),
+                median(&devs[i]),
+                "us",
+                &format!("guest 1 byte -> host echo -> guest rx interrupt; median of {n}"),
+            );
+            report.row(
+                &format!("{p}_{}_rtt_ratio", rt.name()),
+                ratio,
+                "x raw",
+                &format!("device / raw, each repetition; {}", spread(&ratios)),
+            );
+            if rt == Runtime::Mio || target.is_none() {
+                target = Some((rt, ratio));
+            }
+        }
+        if let (true, Some((rt, ratio))) = (placement == chosen, target) {
+            report.target(
+                "rtt_ratio",
+                ratio,
+                &format!("{}, placement {p}: median RTT device / raw", rt.name()),
+            );
         }
     }
-    if let Some((rt, ratio)) = target {
-        report.target(
-            "rtt_ratio",
-            ratio,
-            &format!("{}: median RTT device / raw", rt.name()),
-        );
+    chosen.set();
+}
+
+/// Rows for what the measured thread did per round trip.
+fn per_rtt(report: &Report, prefix: &str, who: &str, runs: &[Pings]) {
+    let med = |f: fn(&Pings) -> f64| median(&runs.iter().map(f).collect::<Vec<_>>());
+    report.row(
+        &format!("{prefix}_cpu_us_per_rtt"),
+        med(|r| r.cpu_us),
+        "us",
+        &format!("{who}: CPU time per round trip (schedstat)"),
+    );
+    report.row(
+        &format!("{prefix}_wakes_per_rtt"),
+        med(|r| r.wakes),
+        "wakes",
+        &format!("{who}: voluntary context switches per round trip"),
+    );
+    report.row(
+        &format!("{prefix}_syscalls_per_rtt"),
+        med(|r| r.syscalls),
+        "syscalls",
+        &format!("{who}: system calls per round trip (perf tracepoint)"),
+    );
+}
+
+/// What a placement means for the ping-pong, for the table.
+fn placement_note(p: Placement) -> &'static str {
+    match p {
+        Placement::Split => {
+            "split: device thread (raw: echo thread) alone on CPU 1, guest and host peer on CPU 0"
+        }
+        Placement::One => "one: every thread on CPU 0",
+        Placement::Free => "free: threads wherever the scheduler puts them",
     }
 }

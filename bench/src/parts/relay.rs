@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use crate::guest::{Guest, MAX_PKT};
 use crate::rig::{bench_config, Device, Final, Runtime};
 use crate::sys::{gettid, Measured, Window};
-use crate::{median, progress, Opts, Report, MIB};
+use crate::{median, progress, spread, Opts, Placement, Report, MIB};
 
 /// The vsock port the guest connects to.
 pub const PORT: u32 = 1234;
@@ -117,6 +117,7 @@ pub fn device_g2h(rt: Runtime, bytes: u64, rate: Option<u64>) -> DeviceRun {
     let dev = Device::start(rt, bench_config(), &guest);
     let listener = UnixListener::bind(dev.port_path(PORT)).expect("bind");
     let peer = thread::spawn(move || {
+        Placement::place_peer();
         let (mut s, _) = listener.accept().expect("accept");
         let mut buf = vec![0u8; CHUNK];
         let mut got = 0u64;
@@ -160,6 +161,7 @@ pub fn device_h2g(rt: Runtime, bytes: u64, rate: Option<u64>) -> DeviceRun {
     let (go, gone) = mpsc::channel::<()>();
     let (done, finished) = mpsc::channel::<()>();
     let peer = thread::spawn(move || {
+        Placement::place_peer();
         let (mut s, _) = listener.accept().expect("accept");
         let buf = vec![0x77u8; CHUNK];
         let mut pace = Pace::new(rate);
@@ -205,6 +207,7 @@ pub fn pump(bytes: u64, read_chunk: usize) -> f64 {
     let (mut a, mut b) = UnixStream::pair().expect("socketpair");
     let (go, gone) = mpsc::channel::<()>();
     let writer = thread::spawn(move || {
+        Placement::place_peer();
         let buf = vec![1u8; CHUNK];
         gone.recv().expect("go");
         let mut sent = 0u64;
@@ -214,6 +217,8 @@ pub fn pump(bytes: u64, read_chunk: usize) -> f64 {
             sent += n as u64;
         }
     });
+    // The reader is the measured side of this pair.
+    Placement::place_measured(0);
     let mut buf = vec![0u8; read_chunk];
     let start = Instant::now();
     go.send(()).expect("writer waits");
@@ -236,6 +241,7 @@ pub fn relay(bytes: u64, chunk: usize) -> (Measured, u64) {
     let (mut bw, mut br) = UnixStream::pair().expect("socketpair");
     let (tid_tx, tid_rx) = mpsc::channel();
     let relay = thread::spawn(move || {
+        Placement::place_measured(0);
         tid_tx.send(gettid()).expect("main waits");
         let mut buf = vec![0u8; chunk];
         let mut reads = 0u64;
@@ -252,6 +258,7 @@ pub fn relay(bytes: u64, chunk: usize) -> (Measured, u64) {
     let (go, gone) = mpsc::channel::<()>();
     let (fin, finished) = mpsc::channel::<()>();
     let writer = thread::spawn(move || {
+        Placement::place_peer();
         let buf = vec![1u8; CHUNK];
         gone.recv().expect("go");
         let mut sent = 0u64;
@@ -263,6 +270,7 @@ pub fn relay(bytes: u64, chunk: usize) -> (Measured, u64) {
         // The relay thread ends at end of file: not before its window is closed.
         let _ = finished.recv();
     });
+    Placement::place_peer();
     let mut buf = vec![0u8; chunk];
     let w = Window::open(&[tid]);
     go.send(()).expect("writer waits");
@@ -277,19 +285,6 @@ pub fn relay(bytes: u64, chunk: usize) -> (Measured, u64) {
     writer.join().expect("writer");
     let reads = relay.join().expect("relay");
     (m, reads)
-}
-
-/// Medians of one runtime's device runs, with the per-repetition ratios.
-struct Summary {
-    mib_s: f64,
-    throughput_ratio: f64,
-    cpu: f64,
-    cpu_ratio: f64,
-    wakes: f64,
-    syscalls: f64,
-    kicks: f64,
-    irqs: f64,
-    sleeps: f64,
 }
 
 /// Part 2.
@@ -360,89 +355,94 @@ pub fn run(opts: &Opts) {
             "syscalls",
             syscall_note(relays.first().map(|(m, _)| m)),
         );
+        report.row(
+            &format!("{d}_relay_mib_s"),
+            median(
+                &relays
+                    .iter()
+                    .map(|(m, _)| bytes as f64 / MIB / m.secs)
+                    .collect::<Vec<_>>(),
+            ),
+            "MiB/s",
+            "baseline relay pipeline's throughput (writer, relay, reader: three threads)",
+        );
         let mut target = None;
         for (i, &rt) in opts.runtimes.iter().enumerate() {
             let r = &runs[i];
-            let per_rep = |f: &dyn Fn(usize, &DeviceRun) -> f64| -> f64 {
-                median(
-                    &r.iter()
-                        .enumerate()
-                        .map(|(k, x)| f(k, x))
-                        .collect::<Vec<_>>(),
-                )
-            };
-            let s = Summary {
-                mib_s: per_rep(&|_, x| bytes as f64 / MIB / x.m.secs),
-                throughput_ratio: per_rep(&|k, x| bytes as f64 / MIB / x.m.secs / pumps[k]),
-                cpu: per_rep(&|_, x| x.m.cpu_s_per_gib(bytes)),
-                cpu_ratio: per_rep(&|k, x| x.m.cpu_s_per_gib(bytes) / relay_cpu[k]),
-                wakes: per_rep(&|_, x| x.m.wakes_per(x.packets)),
-                syscalls: per_rep(&|_, x| x.m.syscalls_per(x.packets)),
-                kicks: per_rep(&|_, x| x.kicks as f64 / x.packets as f64),
-                irqs: per_rep(&|_, x| x.irqs as f64 / x.packets as f64),
-                sleeps: per_rep(&|_, x| x.sleeps as f64 / x.packets as f64),
+            let each = |f: &dyn Fn(usize, &DeviceRun) -> f64| -> Vec<f64> {
+                r.iter().enumerate().map(|(k, x)| f(k, x)).collect()
             };
             let n = rt.name();
             let pkt = match dir {
                 Dir::G2h => "64 KiB tx packet",
                 Dir::H2g => "rx packet (4 KiB buffer)",
             };
+            let mib_s = each(&|_, x| bytes as f64 / MIB / x.m.secs);
+            let tput = each(&|k, x| bytes as f64 / MIB / x.m.secs / pumps[k]);
+            let cpu = each(&|_, x| x.m.cpu_s_per_gib(bytes));
+            let cpu_ratio = each(&|k, x| x.m.cpu_s_per_gib(bytes) / relay_cpu[k]);
             report.row(
                 &format!("{d}_{n}_mib_s"),
-                s.mib_s,
+                median(&mib_s),
                 "MiB/s",
                 "device throughput",
             );
             report.row(
                 &format!("{d}_{n}_throughput_ratio"),
-                s.throughput_ratio,
+                median(&tput),
                 "x pump",
-                "device MiB/s / pump MiB/s, median of per-repetition ratios",
+                &format!(
+                    "device MiB/s / pump MiB/s, each repetition; {}",
+                    spread(&tput)
+                ),
             );
             report.row(
                 &format!("{d}_{n}_cpu_s_per_gib"),
-                s.cpu,
+                median(&cpu),
                 "CPU-s/GiB",
-                "the device's threads (schedstat)",
+                &format!("the device's threads ({}; schedstat)", rt.thread_names()),
             );
             report.row(
                 &format!("{d}_{n}_cpu_ratio"),
-                s.cpu_ratio,
+                median(&cpu_ratio),
                 "x relay",
-                "device CPU-s/GiB / relay thread CPU-s/GiB, median of per-repetition ratios",
+                &format!(
+                    "device CPU-s/GiB / relay thread's, each repetition; {}",
+                    spread(&cpu_ratio)
+                ),
             );
             report.row(
                 &format!("{d}_{n}_wakes_per_pkt"),
-                s.wakes,
+                median(&each(&|_, x| x.m.wakes_per(x.packets))),
                 "wakes",
                 &format!("device threads' voluntary context switches per {pkt}"),
             );
             report.row(
                 &format!("{d}_{n}_syscalls_per_pkt"),
-                s.syscalls,
+                median(&each(&|_, x| x.m.syscalls_per(x.packets))),
                 "syscalls",
                 syscall_note(r.first().map(|x| &x.m)),
             );
             report.row(
                 &format!("{d}_{n}_kicks_per_pkt"),
-                s.kicks,
+                median(&each(&|_, x| x.kicks as f64 / x.packets as f64)),
                 "kicks",
                 "guest kicks (EVENT_IDX asked for them)",
             );
             report.row(
                 &format!("{d}_{n}_irqs_per_pkt"),
-                s.irqs,
+                median(&each(&|_, x| x.irqs as f64 / x.packets as f64)),
                 "irqs",
                 "device interrupts (used_event asked for them), whole run",
             );
             report.row(
                 &format!("{d}_{n}_guest_sleeps_per_pkt"),
-                s.sleeps,
+                median(&each(&|_, x| x.sleeps as f64 / x.packets as f64)),
                 "sleeps",
                 "guest sleeps on the interrupt eventfd",
             );
             if rt == Runtime::Mio || target.is_none() {
-                target = Some((rt, s.cpu_ratio));
+                target = Some((rt, median(&cpu_ratio)));
             }
         }
         if let Some((rt, ratio)) = target {

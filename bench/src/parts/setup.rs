@@ -19,12 +19,18 @@ use std::time::{Duration, Instant};
 use crate::guest::{Guest, State};
 use crate::parts::relay::PORT;
 use crate::rig::{bench_config, Device, Runtime, TempDir};
-use crate::{median, progress, Opts, Report};
+use crate::{median, progress, spread, Opts, Placement, Report};
 
 const WARM: u64 = 100;
 
-fn acceptor(listener: UnixListener, n: u64) -> thread::JoinHandle<()> {
+/// Accepts `n` connections and closes each at once, on a thread placed as `measured` says.
+fn acceptor(listener: UnixListener, n: u64, measured: bool) -> thread::JoinHandle<()> {
     thread::spawn(move || {
+        if measured {
+            Placement::place_measured(0);
+        } else {
+            Placement::place_peer();
+        }
         for _ in 0..n {
             let (s, _) = listener.accept().expect("accept");
             drop(s);
@@ -36,7 +42,8 @@ fn acceptor(listener: UnixListener, n: u64) -> thread::JoinHandle<()> {
 pub fn raw(n: u64) -> f64 {
     let dir = TempDir::new("setup");
     let path = dir.path().join("raw");
-    let peer = acceptor(UnixListener::bind(&path).expect("bind"), WARM + n);
+    let peer = acceptor(UnixListener::bind(&path).expect("bind"), WARM + n, true);
+    Placement::place_peer();
     let mut start = Instant::now();
     for i in 0..WARM + n {
         if i == WARM {
@@ -56,6 +63,7 @@ pub fn guest_to_host(rt: Runtime, n: u64) -> f64 {
     let peer = acceptor(
         UnixListener::bind(dev.port_path(PORT)).expect("bind"),
         WARM + n,
+        false,
     );
     let mut start = Instant::now();
     for i in 0..WARM + n {
@@ -87,6 +95,7 @@ pub fn host_to_guest(rt: Runtime, n: u64) -> f64 {
     let done = Arc::new(AtomicU64::new(0));
     let counted = done.clone();
     let client = thread::spawn(move || {
+        Placement::place_peer();
         let mut start = Instant::now();
         let line = format!("CONNECT {PORT}\n");
         let mut ok = String::new();
@@ -116,25 +125,69 @@ pub fn host_to_guest(rt: Runtime, n: u64) -> f64 {
     rate
 }
 
+/// Connections per second, guest to host through the device on `rt`, `batch` at a time: the
+/// guest sends `batch` REQUESTs, waits for every RESPONSE, and resets them all.
+pub fn guest_to_host_batched(rt: Runtime, n: u64, batch: u64) -> f64 {
+    let mut guest = Guest::new();
+    let dev = Device::start(rt, bench_config(), &guest);
+    let rounds = n.div_ceil(batch);
+    let warm_rounds = WARM.div_ceil(batch);
+    let peer = acceptor(
+        UnixListener::bind(dev.port_path(PORT)).expect("bind"),
+        (warm_rounds + rounds) * batch,
+        false,
+    );
+    let mut start = Instant::now();
+    for round in 0..warm_rounds + rounds {
+        if round == warm_rounds {
+            start = Instant::now();
+        }
+        let ids: Vec<usize> = (0..batch).map(|_| guest.connect(PORT)).collect();
+        guest.run_until("the RESPONSEs", Duration::from_secs(10), |g| {
+            ids.iter().all(|&id| g.conns[id].state != State::Connecting)
+        });
+        for &id in &ids {
+            assert_eq!(guest.conns[id].state, State::Established, "round {round}");
+            guest.rst(id);
+            guest.forget(id);
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    guest.step();
+    peer.join().expect("acceptor");
+    dev.stop();
+    (rounds * batch) as f64 / secs
+}
+
+/// Concurrent connects of the batched measurement.
+const BATCH: u64 = 32;
+
 /// Part 4: set-up rate.
 pub fn run(opts: &Opts) {
     let report = Report::new("setup");
     let n: u64 = if opts.quick { 2000 } else { 10_000 };
     let mut raws = Vec::new();
-    let mut g2h: Vec<Vec<f64>> = opts.runtimes.iter().map(|_| Vec::new()).collect();
-    let mut h2g: Vec<Vec<f64>> = opts.runtimes.iter().map(|_| Vec::new()).collect();
+    // Per runtime: one at a time guest to host, batched guest to host, host to guest.
+    let mut rates: Vec<[Vec<f64>; 3]> = opts.runtimes.iter().map(|_| Default::default()).collect();
     for rep in 0..opts.reps {
         raws.push(raw(n));
         for (i, &rt) in opts.runtimes.iter().enumerate() {
-            g2h[i].push(guest_to_host(rt, n));
-            h2g[i].push(host_to_guest(rt, n));
+            let r = [
+                guest_to_host(rt, n),
+                guest_to_host_batched(rt, n, BATCH),
+                host_to_guest(rt, n),
+            ];
             progress(&format!(
-                "setup rep {rep} {}: guest {:.0}/s, host {:.0}/s, raw {:.0}/s",
+                "setup rep {rep} {}: guest {:.0}/s, guest x{BATCH} {:.0}/s, host {:.0}/s, raw {:.0}/s",
                 rt.name(),
-                g2h[i][rep],
-                h2g[i][rep],
+                r[0],
+                r[1],
+                r[2],
                 raws[rep]
             ));
+            for (k, v) in r.into_iter().enumerate() {
+                rates[i][k].push(v);
+            }
         }
     }
     report.row(
@@ -146,42 +199,48 @@ pub fn run(opts: &Opts) {
     let mut target = None;
     for (i, &rt) in opts.runtimes.iter().enumerate() {
         let r = rt.name();
-        let ratio =
-            |v: &[f64]| median(&v.iter().zip(&raws).map(|(d, b)| d / b).collect::<Vec<_>>());
-        let (gr, hr) = (ratio(&g2h[i]), ratio(&h2g[i]));
-        report.row(
-            &format!("guest_{r}_conn_per_s"),
-            median(&g2h[i]),
-            "conn/s",
-            "guest REQUEST -> RESPONSE, then RST; one at a time",
-        );
-        report.row(
-            &format!("guest_{r}_ratio"),
-            gr,
-            "x raw",
-            "median of per-repetition ratios",
-        );
-        report.row(
-            &format!("host_{r}_conn_per_s"),
-            median(&h2g[i]),
-            "conn/s",
-            "host CONNECT line -> guest RESPONSE -> OK line, then close; one at a time",
-        );
-        report.row(
-            &format!("host_{r}_ratio"),
-            hr,
-            "x raw",
-            "median of per-repetition ratios",
-        );
-        if rt == Runtime::Mio || target.is_none() {
-            target = Some((rt, gr));
+        let kinds = [
+            (
+                "guest",
+                "guest REQUEST -> RESPONSE, then RST; one at a time".to_string(),
+            ),
+            (
+                "guest_batch",
+                format!("guest: {BATCH} REQUESTs, every RESPONSE, {BATCH} RSTs"),
+            ),
+            (
+                "host",
+                "host CONNECT line -> guest RESPONSE -> OK line, then close; one at a time"
+                    .to_string(),
+            ),
+        ];
+        for (k, (kind, what)) in kinds.iter().enumerate() {
+            let ratios: Vec<f64> = rates[i][k].iter().zip(&raws).map(|(d, b)| d / b).collect();
+            report.row(
+                &format!("{kind}_{r}_conn_per_s"),
+                median(&rates[i][k]),
+                "conn/s",
+                what,
+            );
+            report.row(
+                &format!("{kind}_{r}_ratio"),
+                median(&ratios),
+                "x raw",
+                &format!("device / raw, each repetition; {}", spread(&ratios)),
+            );
+            if k == 0 && (rt == Runtime::Mio || target.is_none()) {
+                target = Some((rt, median(&ratios)));
+            }
         }
     }
     if let Some((rt, ratio)) = target {
         report.target(
             "setup_rate_ratio",
             ratio,
-            &format!("{}: guest connections/s / raw connect+accept", rt.name()),
+            &format!(
+                "{}: guest connections/s (one at a time) / raw connect+accept",
+                rt.name()
+            ),
         );
     }
 }

@@ -2,9 +2,10 @@
 //! sharing the same total; aggregate throughput against one stream's, measured in the same
 //! repetition, and Jain's fairness index over the streams' own throughputs.
 //!
-//! The host peer is one thread serving every stream with `poll` (non-blocking sockets, one
-//! 64 KiB read or write per ready stream per round), for one stream as for 64, so the ratios
-//! compare the device with itself.
+//! The host peer is one thread serving every stream with an edge-triggered epoll (non-blocking
+//! sockets, 64 KiB reads or writes until each would block), for one stream as for 64, so the
+//! ratios compare the device with itself. The device's threads' CPU per GiB is reported too:
+//! on two cores the guest and the host peer may bound the throughput before the device does.
 
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
@@ -16,16 +17,20 @@ use std::time::{Duration, Instant};
 use crate::guest::{Guest, State, MAX_PKT};
 use crate::parts::relay::{Dir, CHUNK, PORT};
 use crate::rig::{bench_config, Device, Runtime};
-use crate::sys::poll_many;
-use crate::{median, progress, Opts, Report, MIB};
+use crate::sys::{Epoll, Window};
+use crate::{median, progress, spread, Opts, Placement, Report, MIB};
 
 /// Stream counts measured.
 pub const COUNTS: [usize; 3] = [1, 8, 64];
 
 /// One run: aggregate MiB/s and Jain's index over per-stream throughput.
-struct Run {
-    mib_s: f64,
-    jain: f64,
+pub struct Run {
+    /// Aggregate MiB/s.
+    pub mib_s: f64,
+    /// Jain's fairness index over the streams' throughputs.
+    pub jain: f64,
+    /// The device's threads' CPU seconds per GiB.
+    pub cpu_s_per_gib: f64,
 }
 
 fn jain(x: &[f64]) -> f64 {
@@ -46,69 +51,71 @@ fn accept_all(listener: &UnixListener, n: usize) -> Vec<UnixStream> {
 
 /// Reads `share` bytes from each stream; returns when each finished.
 fn read_peer(streams: Vec<UnixStream>, share: u64) -> Vec<Instant> {
-    let mut streams = streams;
     let n = streams.len();
+    let ep = Epoll::new().expect("epoll");
+    for (i, s) in streams.iter().enumerate() {
+        ep.add(s.as_fd(), false, i as u64).expect("epoll_ctl");
+    }
     let mut got = vec![0u64; n];
     let mut done: Vec<Option<Instant>> = vec![None; n];
+    let mut left = n;
     let mut buf = vec![0u8; CHUNK];
     let mut ready = Vec::new();
-    while done.iter().any(Option::is_none) {
-        let open: Vec<usize> = (0..n).filter(|&i| done[i].is_none()).collect();
-        let fds: Vec<_> = open.iter().map(|&i| streams[i].as_fd()).collect();
-        let events = vec![libc::POLLIN; fds.len()];
-        poll_many(&fds, &events, &mut ready, Duration::from_secs(1));
-        let ready_now: Vec<usize> = open
-            .iter()
-            .zip(&ready)
-            .filter(|(_, &r)| r != 0)
-            .map(|(&i, _)| i)
-            .collect();
-        for i in ready_now {
-            match streams[i].read(&mut buf) {
-                Ok(0) => panic!("stream {i}: end of file after {} bytes", got[i]),
-                Ok(k) => {
-                    got[i] += k as u64;
-                    if got[i] >= share {
-                        done[i] = Some(Instant::now());
+    while left > 0 {
+        ep.wait(&mut ready, Duration::from_secs(1));
+        for &i in &ready {
+            let i = i as usize;
+            // Edge-triggered: read until the socket is empty.
+            while done[i].is_none() {
+                match (&streams[i]).read(&mut buf) {
+                    Ok(0) => panic!("stream {i}: end of file after {} bytes", got[i]),
+                    Ok(k) => {
+                        got[i] += k as u64;
+                        if got[i] >= share {
+                            done[i] = Some(Instant::now());
+                            left -= 1;
+                        }
                     }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("stream {i}: {e}"),
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("stream {i}: {e}"),
             }
         }
     }
-    streams.clear();
     done.into_iter().map(|d| d.expect("done")).collect()
 }
 
 /// Writes `share` bytes to each stream.
 fn write_peer(streams: &[UnixStream], share: u64) {
     let n = streams.len();
+    let ep = Epoll::new().expect("epoll");
+    for (i, s) in streams.iter().enumerate() {
+        ep.add(s.as_fd(), true, i as u64).expect("epoll_ctl");
+    }
     let mut sent = vec![0u64; n];
+    let mut left = n;
     let buf = vec![0x33u8; CHUNK];
     let mut ready = Vec::new();
-    let mut s: Vec<&UnixStream> = streams.iter().collect();
-    while sent.iter().any(|&k| k < share) {
-        let open: Vec<usize> = (0..n).filter(|&i| sent[i] < share).collect();
-        let fds: Vec<_> = open.iter().map(|&i| s[i].as_fd()).collect();
-        let events = vec![libc::POLLOUT; fds.len()];
-        poll_many(&fds, &events, &mut ready, Duration::from_secs(1));
-        let ready_now: Vec<usize> = open
-            .iter()
-            .zip(&ready)
-            .filter(|(_, &r)| r != 0)
-            .map(|(&i, _)| i)
-            .collect();
-        for i in ready_now {
-            let k = (share - sent[i]).min(CHUNK as u64) as usize;
-            match s[i].write(&buf[..k]) {
-                Ok(w) => sent[i] += w as u64,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("stream {i}: {e}"),
+    while left > 0 {
+        ep.wait(&mut ready, Duration::from_secs(1));
+        for &i in &ready {
+            let i = i as usize;
+            // Edge-triggered: write until the socket is full.
+            while sent[i] < share {
+                let k = (share - sent[i]).min(CHUNK as u64) as usize;
+                match (&streams[i]).write(&buf[..k]) {
+                    Ok(w) => {
+                        sent[i] += w as u64;
+                        if sent[i] >= share {
+                            left -= 1;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("stream {i}: {e}"),
+                }
             }
         }
     }
-    s.clear();
 }
 
 fn connect_all(guest: &mut Guest, n: usize) -> Vec<usize> {
@@ -122,13 +129,18 @@ fn connect_all(guest: &mut Guest, n: usize) -> Vec<usize> {
     ids
 }
 
-fn g2h(rt: Runtime, n: usize, bytes: u64) -> Run {
+/// Guest to host over `n` streams sharing `bytes`.
+pub fn g2h(rt: Runtime, n: usize, bytes: u64) -> Run {
     let share = bytes / n as u64;
     let mut guest = Guest::new();
     let dev = Device::start(rt, bench_config(), &guest);
     let listener = UnixListener::bind(dev.port_path(PORT)).expect("bind");
-    let peer = thread::spawn(move || read_peer(accept_all(&listener, n), share));
+    let peer = thread::spawn(move || {
+        Placement::place_peer();
+        read_peer(accept_all(&listener, n), share)
+    });
     let ids = connect_all(&mut guest, n);
+    let w = Window::open(dev.tids());
     let start = Instant::now();
     for &i in &ids {
         guest.send(i, share, MAX_PKT);
@@ -137,6 +149,7 @@ fn g2h(rt: Runtime, n: usize, bytes: u64) -> Run {
         ids.iter().all(|&i| g.conns[i].to_send == 0)
     });
     let done = peer.join().expect("host peer");
+    let m = w.close();
     let end = done.iter().max().copied().expect("streams");
     for &i in &ids {
         guest.rst(i);
@@ -150,10 +163,12 @@ fn g2h(rt: Runtime, n: usize, bytes: u64) -> Run {
     Run {
         mib_s: (share * n as u64) as f64 / MIB / (end - start).as_secs_f64(),
         jain: jain(&per),
+        cpu_s_per_gib: m.cpu_s_per_gib(share * n as u64),
     }
 }
 
-fn h2g(rt: Runtime, n: usize, bytes: u64) -> Run {
+/// Host to guest over `n` streams sharing `bytes`.
+pub fn h2g(rt: Runtime, n: usize, bytes: u64) -> Run {
     let share = bytes / n as u64;
     let mut guest = Guest::new();
     let dev = Device::start(rt, bench_config(), &guest);
@@ -161,6 +176,7 @@ fn h2g(rt: Runtime, n: usize, bytes: u64) -> Run {
     let (go, gone) = mpsc::channel::<()>();
     let (fin, finished) = mpsc::channel::<()>();
     let peer = thread::spawn(move || {
+        Placement::place_peer();
         let streams = accept_all(&listener, n);
         gone.recv().expect("go");
         write_peer(&streams, share);
@@ -170,12 +186,14 @@ fn h2g(rt: Runtime, n: usize, bytes: u64) -> Run {
     for &i in &ids {
         guest.conns[i].rx_goal = share;
     }
+    let w = Window::open(dev.tids());
     let start = Instant::now();
     go.send(()).expect("peer waits");
     guest.run_until("everything received", Duration::from_secs(600), |g| {
         ids.iter().all(|&i| g.conns[i].received >= share)
     });
     let end = Instant::now();
+    let m = w.close();
     let _ = fin.send(());
     peer.join().expect("host peer");
     let per: Vec<f64> = ids
@@ -193,10 +211,14 @@ fn h2g(rt: Runtime, n: usize, bytes: u64) -> Run {
     Run {
         mib_s: (share * n as u64) as f64 / MIB / (end - start).as_secs_f64(),
         jain: jain(&per),
+        cpu_s_per_gib: m.cpu_s_per_gib(share * n as u64),
     }
 }
 
-/// Part 4: streams.
+/// Part 4: streams. Throughput with the threads wherever the scheduler puts them (the
+/// targets: on two cores the guest, the device and the host peer then share both CPUs as
+/// each needs them), then with the device's thread alone on a CPU (the guest and the peer
+/// share the other, which then bounds the throughput: see the device's CPU per GiB).
 pub fn run(opts: &Opts) {
     let report = Report::new("streams");
     // All runtimes in a full run; the quick run measures the target's runtime only.
@@ -205,66 +227,104 @@ pub fn run(opts: &Opts) {
     } else {
         opts.runtimes.clone()
     };
-    for dir in [Dir::G2h, Dir::H2g] {
-        for &rt in &runtimes {
-            let mut runs: Vec<Vec<Run>> = COUNTS.iter().map(|_| Vec::new()).collect();
-            for rep in 0..opts.reps {
-                for (k, &n) in COUNTS.iter().enumerate() {
-                    let run = match dir {
-                        Dir::G2h => g2h(rt, n, opts.bytes),
-                        Dir::H2g => h2g(rt, n, opts.bytes),
-                    };
-                    progress(&format!(
-                        "streams {} {} rep {rep} x{n}: {:.0} MiB/s, fairness {:.3}",
-                        dir.name(),
-                        rt.name(),
-                        run.mib_s,
-                        run.jain
-                    ));
-                    runs[k].push(run);
-                }
-            }
-            let (d, r) = (dir.name(), rt.name());
-            for (k, &n) in COUNTS.iter().enumerate() {
-                let mib: Vec<f64> = runs[k].iter().map(|x| x.mib_s).collect();
-                report.row(
-                    &format!("{d}_{r}_x{n}_mib_s"),
-                    median(&mib),
-                    "MiB/s",
-                    &format!(
-                        "aggregate of {n} stream(s), {} MiB in all",
-                        opts.bytes >> 20
-                    ),
-                );
-                if n > 1 {
-                    let ratios: Vec<f64> = runs[k]
-                        .iter()
-                        .zip(&runs[0])
-                        .map(|(x, one)| x.mib_s / one.mib_s)
-                        .collect();
-                    let ratio = median(&ratios);
-                    let jains: Vec<f64> = runs[k].iter().map(|x| x.jain).collect();
-                    report.row(
-                        &format!("{d}_{r}_x{n}_ratio"),
-                        ratio,
-                        "x one",
-                        "aggregate / one stream's, median of per-repetition ratios",
-                    );
-                    report.row(
-                        &format!("{d}_{r}_x{n}_fairness"),
-                        median(&jains),
-                        "Jain",
-                        "Jain's index over the streams' throughputs (1 = equal)",
-                    );
-                    if rt == runtimes[0] {
-                        report.target(
-                            &format!("streams{n}_{d}"),
-                            ratio,
-                            &format!("{r}: aggregate of {n} / one stream's"),
-                        );
+    let before = Placement::current();
+    for placement in [Placement::Free, Placement::Split] {
+        placement.set();
+        let p = placement.name();
+        for dir in [Dir::G2h, Dir::H2g] {
+            for &rt in &runtimes {
+                let mut runs: Vec<Vec<Run>> = COUNTS.iter().map(|_| Vec::new()).collect();
+                for rep in 0..opts.reps {
+                    for (k, &n) in COUNTS.iter().enumerate() {
+                        let run = match dir {
+                            Dir::G2h => g2h(rt, n, opts.bytes),
+                            Dir::H2g => h2g(rt, n, opts.bytes),
+                        };
+                        progress(&format!(
+                            "streams {p} {} {} rep {rep} x{n}: {:.0} MiB/s, fairness {:.3}",
+                            dir.name(),
+                            rt.name(),
+                            run.mib_s,
+                            run.jain
+                        ));
+                        runs[k].push(run);
                     }
                 }
+                let target = placement == Placement::Free && rt == runtimes[0];
+                rows(&report, opts, placement, dir, rt, &runs, target);
             }
+        }
+    }
+    before.set();
+}
+
+fn rows(
+    report: &Report,
+    opts: &Opts,
+    placement: Placement,
+    dir: Dir,
+    rt: Runtime,
+    runs: &[Vec<Run>],
+    target: bool,
+) {
+    let (p, d, r) = (placement.name(), dir.name(), rt.name());
+    let cpu_one: Vec<f64> = runs[0].iter().map(|x| x.cpu_s_per_gib).collect();
+    for (k, &n) in COUNTS.iter().enumerate() {
+        let mib: Vec<f64> = runs[k].iter().map(|x| x.mib_s).collect();
+        report.row(
+            &format!("{p}_{d}_{r}_x{n}_mib_s"),
+            median(&mib),
+            "MiB/s",
+            &format!(
+                "aggregate of {n} stream(s), {} MiB in all; placement {p}",
+                opts.bytes >> 20
+            ),
+        );
+        let cpu: Vec<f64> = runs[k].iter().map(|x| x.cpu_s_per_gib).collect();
+        report.row(
+            &format!("{p}_{d}_{r}_x{n}_cpu_s_per_gib"),
+            median(&cpu),
+            "CPU-s/GiB",
+            "the device's threads",
+        );
+        if n == 1 {
+            continue;
+        }
+        let ratios: Vec<f64> = runs[k]
+            .iter()
+            .zip(&runs[0])
+            .map(|(x, one)| x.mib_s / one.mib_s)
+            .collect();
+        let ratio = median(&ratios);
+        report.row(
+            &format!("{p}_{d}_{r}_x{n}_ratio"),
+            ratio,
+            "x one",
+            &format!(
+                "aggregate / one stream's, each repetition; {}",
+                spread(&ratios)
+            ),
+        );
+        let cpu_ratios: Vec<f64> = cpu.iter().zip(&cpu_one).map(|(m, o)| m / o).collect();
+        report.row(
+            &format!("{p}_{d}_{r}_x{n}_cpu_vs_one"),
+            median(&cpu_ratios),
+            "x one",
+            "device CPU-s/GiB / one stream's: the device's own cost of more streams",
+        );
+        let jains: Vec<f64> = runs[k].iter().map(|x| x.jain).collect();
+        report.row(
+            &format!("{p}_{d}_{r}_x{n}_fairness"),
+            median(&jains),
+            "Jain",
+            "Jain's index over the streams' throughputs (1 = equal)",
+        );
+        if target {
+            report.target(
+                &format!("streams{n}_{d}"),
+                ratio,
+                &format!("{r}, placement {p}: aggregate of {n} / one stream's"),
+            );
         }
     }
 }
