@@ -29,7 +29,7 @@ mod transport;
 pub use device::{
     DeviceError, DeviceState, DeviceStats, FeatureError, HostSockets, Queues, Served, VsockDevice,
 };
-pub use transport::{DeviceRequest, Transport};
+pub use transport::{DeviceRequest, KickFd, Transport};
 pub use virtio_queue;
 pub use vm_memory;
 pub use vsock_core;

@@ -1,6 +1,8 @@
 //! What a runtime's ready-made loop needs from its embedder: the queues and guest memory, a
 //! way to interrupt the guest, and the device lifecycle requests of the guest's driver.
 
+use std::os::fd::OwnedFd;
+
 use tracing::{debug, warn};
 use vm_memory::GuestMemory;
 use vsock_core::Instant;
@@ -25,6 +27,21 @@ pub enum DeviceRequest {
     },
 }
 
+/// A queue's kick descriptor, handed by the [`Transport`] to the loop to watch itself, so a
+/// guest's kick wakes the loop directly rather than through a thread of the VMM's and the
+/// loop's own kick descriptor.
+///
+/// The loop watches it edge-triggered for readability and never reads it: each kick (an
+/// eventfd write) is a new edge, and what the kick means is read from the rings anyway.
+#[derive(Debug)]
+pub struct KickFd {
+    /// The queue (0 rx, 1 tx, 2 event).
+    pub queue: u16,
+    /// The descriptor to watch from now on, in place of (and closing) any the loop watched
+    /// for this queue before; `None` stops watching it.
+    pub fd: Option<OwnedFd>,
+}
+
 /// The device's side of the virtio transport, as the VMM (or the vhost-user daemon) provides
 /// it to a runtime that serves on its own.
 pub trait Transport {
@@ -42,6 +59,21 @@ pub trait Transport {
     /// signals the kick descriptor after posting one. The default has none.
     fn take_request(&mut self) -> Option<DeviceRequest> {
         None
+    }
+
+    /// The next kick descriptor for the loop to watch itself, if any. A loop that can watch
+    /// descriptors takes them before it serves and reports each with
+    /// [`kick_fd_watched`](Self::kick_fd_watched); a loop that cannot never asks, and the
+    /// transport goes on waking it through its kick descriptor. The default has none.
+    fn take_kick_fd(&mut self) -> Option<KickFd> {
+        None
+    }
+
+    /// The loop watches (`watched`) or could not watch the descriptor of `queue` that
+    /// [`take_kick_fd`](Self::take_kick_fd) handed out. Until this says `true`, the transport
+    /// must go on waking the loop for that queue's kicks itself.
+    fn kick_fd_watched(&mut self, queue: u16, watched: bool) {
+        let _ = (queue, watched);
     }
 }
 

@@ -220,8 +220,22 @@ where
     }
 
     /// One wake-up through a [`Transport`] (see [`VsockDevice::serve_transport`]), the
-    /// retry of accepts included. Returns whether work is left: serve again without waiting.
+    /// retry of accepts included. The kick descriptors the transport hands out
+    /// ([`Transport::take_kick_fd`]) go to the reactor first. Returns whether work is left:
+    /// serve again without waiting.
     pub fn serve_transport<T: Transport>(&mut self, transport: &mut T) -> bool {
+        // Kick descriptors first, so no kick after this serve goes unseen.
+        while let Some(kick) = transport.take_kick_fd() {
+            let queue = kick.queue;
+            let watched = match self.host.reactor_mut().watch_kick(queue, kick.fd) {
+                Ok(()) => true,
+                Err(e) => {
+                    debug!(queue, error = %e, "the transport keeps waking the loop for kicks");
+                    false
+                }
+            };
+            transport.kick_fd_watched(queue, watched);
+        }
         let now = self.now();
         self.retry_accept(now);
         self.device.serve_transport(now, transport, &mut self.host)

@@ -237,18 +237,48 @@ pub trait Reactor {
     /// The runtime's handle of a watched socket.
     type Socket;
 
-    /// Starts watching a new non-blocking socket of `conn`.
+    /// Starts watching a new non-blocking socket of `conn` for `interest`: readable for a host
+    /// client just accepted (whose `CONNECT` line is awaited), both for a socket connected to
+    /// `<uds_path>_<port>`.
     ///
     /// # Errors
     ///
     /// Registration failed; the socket is dropped and the connection reset.
-    fn register(&mut self, conn: ConnId, stream: UnixStream) -> io::Result<Self::Socket>;
+    fn register(
+        &mut self,
+        conn: ConnId,
+        stream: UnixStream,
+        interest: Interest,
+    ) -> io::Result<Self::Socket>;
 
     /// The stream inside a handle, for reads, writes and shutdowns.
     fn stream<'a>(&self, socket: &'a Self::Socket) -> &'a UnixStream;
 
-    /// Report these readiness events of `conn`'s socket from now on.
-    fn set_interest(&mut self, conn: ConnId, socket: &mut Self::Socket, interest: Interest);
+    /// Report these readiness events of `conn`'s socket from now on. A reactor may report
+    /// more than asked (the engine ignores readiness it did not ask for), never less.
+    ///
+    /// # Errors
+    ///
+    /// The event source refused the change; the connection is reset.
+    fn set_interest(
+        &mut self,
+        conn: ConnId,
+        socket: &mut Self::Socket,
+        interest: Interest,
+    ) -> io::Result<()>;
+
+    /// Watches `fd`, edge-triggered, for the guest's kicks of `queue`, in place of (and
+    /// closing) any descriptor watched for it before; `None` stops watching. A kick only has
+    /// to wake the loop: the descriptor is never read. See [`vsock_device::KickFd`].
+    ///
+    /// # Errors
+    ///
+    /// The reactor cannot watch kicks (the default) or refused the descriptor: the transport
+    /// keeps waking the loop for that queue itself.
+    fn watch_kick(&mut self, queue: u16, fd: Option<std::os::fd::OwnedFd>) -> io::Result<()> {
+        let _ = (queue, fd);
+        Err(io::ErrorKind::Unsupported.into())
+    }
 
     /// Stops watching `conn`'s socket; dropping the handle closes it.
     fn deregister(&mut self, conn: ConnId, socket: Self::Socket);
@@ -354,7 +384,11 @@ impl<R: Reactor> Host<R> {
             self.stats.refused_clients += 1;
             return None;
         };
-        match self.reactor.register(conn, stream) {
+        let interest = Interest {
+            readable: true,
+            writable: false,
+        };
+        match self.reactor.register(conn, stream, interest) {
             Ok(socket) => {
                 self.sockets.insert(conn, socket);
                 Some(conn)
@@ -378,7 +412,15 @@ impl<R: Reactor> Host<R> {
         // mio's connect is non-blocking: a Unix socket connects at once or fails at once
         // (a full backlog is would-block, which the guest sees as a refusal).
         let event = match mio::net::UnixStream::connect(&path) {
-            Ok(stream) => match self.reactor.register(conn, UnixStream::from(stream)) {
+            // Writable says when the connect completes.
+            Ok(stream) => match self.reactor.register(
+                conn,
+                UnixStream::from(stream),
+                Interest {
+                    readable: true,
+                    writable: true,
+                },
+            ) {
                 Ok(socket) => {
                     self.sockets.insert(conn, socket);
                     self.stats.connects += 1;
@@ -446,7 +488,16 @@ where
             }
             Action::Interest { conn, interest } => {
                 if let Some(socket) = self.sockets.get_mut(conn) {
-                    self.reactor.set_interest(conn, socket, interest);
+                    if let Err(e) = self.reactor.set_interest(conn, socket, interest) {
+                        // Without the readiness it waits for the connection would stall.
+                        warn!(%conn, error = %e, "cannot change what a socket is watched for");
+                        self.stats.register_failures += 1;
+                        let _ = engine.handle_host_event(
+                            now,
+                            conn,
+                            HostEvent::Error(SocketError::from(&e)),
+                        );
+                    }
                 }
             }
             Action::Close { conn } => {

@@ -37,7 +37,12 @@ struct Recorder {
 impl Reactor for Recorder {
     type Socket = UnixStream;
 
-    fn register(&mut self, conn: ConnId, stream: UnixStream) -> std::io::Result<UnixStream> {
+    fn register(
+        &mut self,
+        conn: ConnId,
+        stream: UnixStream,
+        _interest: Interest,
+    ) -> std::io::Result<UnixStream> {
         if let Some(errno) = self.refuse {
             // The stream is dropped here, as a real reactor drops what it cannot watch.
             return Err(std::io::Error::from_raw_os_error(errno));
@@ -51,8 +56,14 @@ impl Reactor for Recorder {
         socket
     }
 
-    fn set_interest(&mut self, conn: ConnId, _socket: &mut UnixStream, interest: Interest) {
+    fn set_interest(
+        &mut self,
+        conn: ConnId,
+        _socket: &mut UnixStream,
+        interest: Interest,
+    ) -> std::io::Result<()> {
         self.interest.push((conn, interest));
+        Ok(())
     }
 
     fn deregister(&mut self, conn: ConnId, _socket: UnixStream) {

@@ -8,8 +8,10 @@
 //! the clock and the deadlines for every runtime. This crate is only event translation and a
 //! ready-made loop.
 //!
-//! Sockets are registered edge-triggered for both directions once; the engine keeps track of
-//! what it already knows is readable or writable, so interest changes need no system call.
+//! Sockets are registered edge-triggered: for readable always, for writable only while the
+//! engine waits to write (a short write, a connect in progress), so a host peer draining a
+//! socket does not wake the loop at every read. The engine keeps track of what it already
+//! knows is readable or writable.
 //!
 //! # Embedding
 //!
@@ -39,7 +41,7 @@
 //!         engine: vsock_core::Config::new(3),
 //!         uds_path: "/run/vm0/vsock".into(),
 //!         // The VMM's own sources use tokens below 100.
-//!         tokens: Tokens { listener: Token(100), first_conn: 101 },
+//!         tokens: Tokens { listener: Token(100), first_conn: 101, kicks: None },
 //!     },
 //!     poll.registry(),
 //! )?;
@@ -87,16 +89,23 @@ use vsock_core::{Config, ConnId, Interest};
 use vsock_device::{DeviceError, Queues, Served, VsockDevice};
 use vsock_host::{Driver, DriverConfig, DriverThread, Host, Reactor, Readiness};
 
-/// The tokens `VsockMio` uses in the caller's registry: `listener`, and one per connection
-/// slot from `first_conn` on (`first_conn + max_connections` must not collide with the
-/// caller's own tokens).
+/// The tokens `VsockMio` uses in the caller's registry: `listener`, one per connection slot
+/// from `first_conn` on (`first_conn + max_connections` must not collide with the caller's
+/// own tokens), and, if `kicks` is set, one per queue for the kick descriptors a
+/// [`Transport`](vsock_device::Transport) hands over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tokens {
     /// The host listener's token.
     pub listener: Token,
     /// The token of connection slot 0; slot `i` uses `first_conn + i`.
     pub first_conn: usize,
+    /// The token of queue 0's kick descriptor; queue `q` uses `kicks + q` (three in all).
+    /// `None`: the driver watches no kick descriptor (the caller watches its own kicks).
+    pub kicks: Option<usize>,
 }
+
+/// The queues whose kicks a driver can watch: rx, tx and event.
+const KICK_QUEUES: usize = 3;
 
 /// Configuration of a [`VsockMio`].
 #[derive(Clone, Debug)]
@@ -111,51 +120,139 @@ pub struct MioConfig {
 
 impl MioConfig {
     /// The configuration for a driver on a poll of its own (a [`MioLoop`], or the private
-    /// poll the tokio and smol adapters watch): the listener at token 0, slot `i` at `1 + i`.
+    /// poll the tokio and smol adapters watch): the listener at token 0, the kicks of queues 0
+    /// to 2 at 1 to 3, slot `i` at `4 + i`.
     pub fn own_poll(config: DriverConfig) -> MioConfig {
         MioConfig {
             engine: config.engine,
             uds_path: config.uds_path,
             tokens: Tokens {
                 listener: Token(0),
-                first_conn: 1,
+                kicks: Some(1),
+                first_conn: 1 + KICK_QUEUES,
             },
         }
     }
 }
 
-/// Watches sockets in a mio registry, edge-triggered, under the token of their table slot.
+/// Watches sockets in a mio registry, edge-triggered, under the token of their table slot:
+/// readable always, writable only while the engine waits for it (a socket the host peer
+/// drains would otherwise wake the loop at every read), and the queue kick descriptors a
+/// transport hands over.
 pub struct MioReactor {
     registry: Registry,
     first: usize,
+    kick_token: Option<usize>,
+    kicks: [Option<std::os::fd::OwnedFd>; KICK_QUEUES],
+}
+
+/// A connection socket as [`MioReactor`] watches it.
+#[derive(Debug)]
+pub struct MioSocket {
+    stream: UnixStream,
+    /// Registered for writable as well as readable.
+    writable: bool,
+}
+
+impl std::os::fd::AsFd for MioSocket {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+}
+
+fn mio_interest(writable: bool) -> MioInterest {
+    if writable {
+        MioInterest::READABLE | MioInterest::WRITABLE
+    } else {
+        MioInterest::READABLE
+    }
+}
+
+impl MioReactor {
+    fn token(&self, conn: ConnId) -> Token {
+        Token(self.first + conn.index() as usize)
+    }
 }
 
 impl Reactor for MioReactor {
-    type Socket = UnixStream;
+    type Socket = MioSocket;
 
-    fn register(&mut self, conn: ConnId, stream: UnixStream) -> io::Result<UnixStream> {
+    fn register(
+        &mut self,
+        conn: ConnId,
+        stream: UnixStream,
+        interest: Interest,
+    ) -> io::Result<MioSocket> {
         stream.set_nonblocking(true)?;
         self.registry.register(
             &mut SourceFd(&stream.as_raw_fd()),
-            Token(self.first + conn.index() as usize),
-            MioInterest::READABLE | MioInterest::WRITABLE,
+            self.token(conn),
+            mio_interest(interest.writable),
         )?;
-        Ok(stream)
+        Ok(MioSocket {
+            stream,
+            writable: interest.writable,
+        })
     }
 
-    fn stream<'a>(&self, socket: &'a UnixStream) -> &'a UnixStream {
-        socket
+    fn stream<'a>(&self, socket: &'a MioSocket) -> &'a UnixStream {
+        &socket.stream
     }
 
-    fn set_interest(&mut self, _conn: ConnId, _socket: &mut UnixStream, _interest: Interest) {
-        // Edge-triggered for both directions from registration on: the engine ignores
-        // readiness it did not ask for, and remembers what it was told.
+    fn set_interest(
+        &mut self,
+        conn: ConnId,
+        socket: &mut MioSocket,
+        interest: Interest,
+    ) -> io::Result<()> {
+        // Readable stays registered: edge-triggered, it fires only when new bytes come, which
+        // the engine wants to hear of in all but brief moments, and toggling it would cost a
+        // system call per read.
+        if interest.writable == socket.writable {
+            return Ok(());
+        }
+        // Re-arming reports a socket that is already writable at once, so no edge is lost
+        // between the would-block that asked for this and the change.
+        self.registry.reregister(
+            &mut SourceFd(&socket.stream.as_raw_fd()),
+            self.token(conn),
+            mio_interest(interest.writable),
+        )?;
+        socket.writable = interest.writable;
+        Ok(())
     }
 
-    fn deregister(&mut self, conn: ConnId, socket: UnixStream) {
-        if let Err(e) = self.registry.deregister(&mut SourceFd(&socket.as_raw_fd())) {
+    fn deregister(&mut self, conn: ConnId, socket: MioSocket) {
+        if let Err(e) = self
+            .registry
+            .deregister(&mut SourceFd(&socket.stream.as_raw_fd()))
+        {
             warn!(%conn, error = %e, "cannot deregister a socket");
         }
+    }
+
+    fn watch_kick(&mut self, queue: u16, fd: Option<std::os::fd::OwnedFd>) -> io::Result<()> {
+        let Some(first) = self.kick_token else {
+            return Err(io::ErrorKind::Unsupported.into());
+        };
+        let q = usize::from(queue);
+        if q >= KICK_QUEUES {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        if let Some(old) = self.kicks[q].take() {
+            if let Err(e) = self.registry.deregister(&mut SourceFd(&old.as_raw_fd())) {
+                warn!(queue, error = %e, "cannot deregister a kick descriptor");
+            }
+        }
+        if let Some(fd) = fd {
+            self.registry.register(
+                &mut SourceFd(&fd.as_raw_fd()),
+                Token(first + q),
+                MioInterest::READABLE,
+            )?;
+            self.kicks[q] = Some(fd);
+        }
+        Ok(())
     }
 }
 
@@ -177,6 +274,8 @@ impl VsockMio {
         let reactor = MioReactor {
             registry: registry.try_clone()?,
             first: config.tokens.first_conn,
+            kick_token: config.tokens.kicks,
+            kicks: Default::default(),
         };
         let driver = Driver::new(
             DriverConfig {
@@ -226,9 +325,17 @@ impl VsockMio {
         self.driver.host()
     }
 
+    fn is_kick(&self, token: Token) -> bool {
+        self.tokens
+            .kicks
+            .and_then(|first| token.0.checked_sub(first))
+            .is_some_and(|q| q < KICK_QUEUES)
+    }
+
     /// Whether `token` is one of this driver's.
     pub fn owns(&self, token: Token) -> bool {
         token == self.tokens.listener
+            || self.is_kick(token)
             || token
                 .0
                 .checked_sub(self.tokens.first_conn)
@@ -244,6 +351,10 @@ impl VsockMio {
         }
         if token == self.tokens.listener {
             self.driver.accept();
+            return true;
+        }
+        if self.is_kick(token) {
+            // A guest kick: the serve that follows the batch reads the rings.
             return true;
         }
         let slot = (token.0 - self.tokens.first_conn) as u32;
@@ -426,7 +537,9 @@ impl MioLoop {
     }
 }
 
-/// Reads a kick descriptor (an eventfd, a pipe, a socket) empty, without blocking.
+/// Reads a kick descriptor (an eventfd, a pipe, a socket) empty, without blocking. A read
+/// that comes back short of the buffer has emptied it (and anything written after it raises a
+/// new edge), so a kick costs one read, not a second one that would block.
 ///
 /// # Errors
 ///
@@ -436,8 +549,8 @@ pub fn drain_kick(mut fd: &std::fs::File) -> io::Result<()> {
     let mut buf = [0u8; 64];
     loop {
         match fd.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(_) => continue,
+            Ok(n) if n == buf.len() => continue,
+            Ok(_) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),

@@ -965,8 +965,8 @@ fn tx_buffer_size_32768() {
     not(vsock_guest),
     ignore = "no guest image or QEMU: run scripts/guest/build.sh"
 )]
-fn tx_buffer_size_262144() {
-    tx_buffer_size(256 * 1024);
+fn tx_buffer_size_65536() {
+    tx_buffer_size(64 * 1024);
 }
 
 // Ignored only where tests/build.rs found no guest image or QEMU, which a plain `cargo test`

@@ -7,21 +7,33 @@
 //! time. Holding that lock is also what makes [`VhostUserBackend::stop_vring`] wait: once it has
 //! the lock, the runtime is outside the queues and will not enter them again until the frontend
 //! starts the rings anew.
+//!
+//! The guest's kicks reach the runtime directly. `vhost-user-backend` watches each started
+//! ring's kick eventfd on its worker thread and calls [`VhostUserBackend::handle_event`] when
+//! it fires (and once when the ring starts). Left there, every kick would cost a hop: the
+//! worker wakes, reads the eventfd, writes the kick socket, and only then does the runtime
+//! wake. So `handle_event` hands the runtime a duplicate of the ring's kick descriptor
+//! ([`Transport::take_kick_fd`]); once the runtime watches it, the descriptor leaves the
+//! worker's epoll, and a kick wakes the runtime alone. Until then the worker goes on waking the
+//! runtime, so no kick is missed in between; when the frontend replaces the descriptor or
+//! starts the ring again, the worker registers it anew, calls `handle_event`, and the hand-over
+//! repeats.
 
 use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tracing::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
-use vsock_device::{DeviceRequest, Queues, Served, Transport};
+use vsock_device::{DeviceRequest, KickFd, Queues, Served, Transport};
 
 /// The guest memory of a vhost-user frontend: its regions mapped from the file descriptors it
 /// sent.
@@ -71,6 +83,12 @@ struct State {
     stop_owed: bool,
     /// Stands in for the event queue the frontend keeps: never ready, so never touched.
     event: Queue,
+    /// The rx and tx kick descriptors offered to the runtime and not yet taken: `Some(None)`
+    /// asks it to stop watching the one it has.
+    kick_offers: [Option<Option<OwnedFd>>; 2],
+    /// The current frontend's vring worker, whose epoll a kick descriptor leaves once the
+    /// runtime watches it.
+    worker: Option<Arc<VringEpollHandler<VsockBackend>>>,
 }
 
 impl Shared {
@@ -94,6 +112,8 @@ impl Shared {
                 reset_owed: false,
                 stop_owed: false,
                 event,
+                kick_offers: [None, None],
+                worker: None,
             }),
             kick,
             guest_cid,
@@ -127,10 +147,20 @@ impl Shared {
         (backend, mem)
     }
 
+    /// The vring worker of the frontend just connected (the first of
+    /// `VhostUserDaemon::get_epoll_handlers`): kick descriptors the runtime watches leave its
+    /// epoll.
+    pub fn set_worker(&self, worker: Option<Arc<VringEpollHandler<VsockBackend>>>) {
+        self.lock().worker = worker;
+    }
+
     /// The frontend went away: its rings and memory are gone, and the device drops every
     /// connection (resetting the host sockets) until the next frontend activates it.
     pub fn disconnected(&self) {
         let mut state = self.lock();
+        state.worker = None;
+        // The runtime stops watching the old rings' kicks (and closes its duplicates).
+        state.kick_offers = [Some(None), Some(None)];
         state.vrings = None;
         state.mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         state.pending_features = None;
@@ -186,15 +216,46 @@ impl Shared {
         self.wake();
     }
 
-    fn vrings_seen(&self, vrings: &[VringRwLock]) {
+    /// The worker saw an event of ring `queue` (a kick, or the ring starting): the runtime
+    /// gets the ring handles if it has none, and the ring's kick descriptor to watch itself.
+    fn vrings_seen(&self, queue: usize, vrings: &[VringRwLock]) {
+        // Duplicated before the shared lock is taken: the vring lock is never taken inside it
+        // by a thread of the crate's.
+        let offer = vrings.get(queue).filter(|_| queue < 2).and_then(|vring| {
+            let dup = vring
+                .get_ref()
+                .get_kick()
+                .as_ref()
+                .map(|kick| kick.try_clone());
+            match dup {
+                Some(Ok(kick)) => Some(into_owned(kick)),
+                Some(Err(e)) => {
+                    // The worker keeps watching it, and waking the runtime.
+                    debug!(queue, error = %e, "cannot duplicate a kick descriptor");
+                    None
+                }
+                None => None,
+            }
+        });
         if let [rx, tx, ..] = vrings {
             let mut state = self.lock();
             if state.vrings.is_none() {
                 state.vrings = Some([rx.clone(), tx.clone()]);
             }
+            if let Some(fd) = offer {
+                state.kick_offers[queue] = Some(Some(fd));
+            }
         }
         self.wake();
     }
+}
+
+/// Ownership of an event consumer's descriptor.
+#[allow(unsafe_code)]
+fn into_owned(kick: EventConsumer) -> OwnedFd {
+    // SAFETY: `into_raw_fd` hands over the descriptor the consumer owned (a duplicate made
+    // just now by `try_clone`, open, and owned by nothing else), so it is owned once, here.
+    unsafe { OwnedFd::from_raw_fd(kick.into_raw_fd()) }
 }
 
 fn ring_ready(vring: &VringRwLock) -> bool {
@@ -282,6 +343,44 @@ impl Transport for VhostTransport {
             if let Err(e) = vring.signal_used_queue() {
                 debug!(queue = i, error = %e, "cannot interrupt the guest");
             }
+        }
+    }
+
+    fn take_kick_fd(&mut self) -> Option<KickFd> {
+        let mut state = self.shared.lock();
+        let queue = state.kick_offers.iter().position(Option::is_some)?;
+        let fd = state.kick_offers[queue].take()?;
+        Some(KickFd {
+            queue: queue as u16,
+            fd,
+        })
+    }
+
+    fn kick_fd_watched(&mut self, queue: u16, watched: bool) {
+        if !watched {
+            // The worker keeps watching the descriptor and waking the runtime for it.
+            return;
+        }
+        let state = self.shared.lock();
+        let (Some(worker), Some(vrings)) = (state.worker.as_ref(), state.vrings.as_ref()) else {
+            return;
+        };
+        let Some(vring) = vrings.get(usize::from(queue)) else {
+            return;
+        };
+        let vring = vring.get_ref();
+        let Some(kick) = vring.get_kick().as_ref() else {
+            return;
+        };
+        // epoll removes a descriptor whatever the data it was added with; the data given here
+        // only has to pass the crate's check that it is none of the values it reserves. Should
+        // the frontend have replaced the descriptor since it was offered, the new one leaves
+        // the worker too, but its registration has queued another `handle_event`, which offers
+        // it to the runtime in turn.
+        let token = NUM_QUEUES as u64 + 1;
+        match worker.unregister_listener(kick.as_raw_fd(), EventSet::IN, token) {
+            Ok(()) => debug!(queue, "the runtime watches the kicks"),
+            Err(e) => debug!(queue, error = %e, "the kick stays with the worker too"),
         }
     }
 
@@ -392,13 +491,14 @@ impl VhostUserBackend for VsockBackend {
 
     fn handle_event(
         &self,
-        _device_event: u16,
+        device_event: u16,
         _evset: EventSet,
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> io::Result<()> {
-        // The kick is consumed already; the runtime does the work.
-        self.shared.vrings_seen(vrings);
+        // The kick is consumed already; the runtime does the work. With one worker for rx and
+        // tx, `device_event` is the queue's own index.
+        self.shared.vrings_seen(usize::from(device_event), vrings);
         Ok(())
     }
 }

@@ -7,7 +7,7 @@
 //! the runtime; the runtime (mio, tokio or smol, see [`RuntimeKind`]) serves the device
 //! through [`VhostTransport`], with the same `vsock-mio` driver an embedding VMM uses. The
 //! runtime and the host listener live as long as the daemon; frontends come and go.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 mod backend;
