@@ -9,7 +9,9 @@
 //! - 256 KiB of receive buffer per socket, consumed as it arrives, with a CREDIT_UPDATE when
 //!   the host's view of the free space falls below one packet; a packet is never sent beyond
 //!   the host's credit;
-//! - a kick only when EVENT_IDX says the device wants one, and sleeping on the interrupt
+//! - a kick only when EVENT_IDX says the device wants one, on the queue's own eventfd (as a
+//!   VMM's ioeventfd; the runtime's loop watches it, [`vsock_device::KickFd`]) or, with
+//!   [`Kick::Loop`], on the loop's one kick descriptor; and sleeping on the interrupt
 //!   eventfd only after asking for an interrupt (`used_event`) and finding nothing meanwhile.
 //!   Rx interrupts are asked for whenever the guest sleeps; tx interrupts only while it waits
 //!   for a free tx slot (Linux reclaims tx buffers from its tx interrupt too; here they are
@@ -128,6 +130,17 @@ pub struct GuestStats {
     pub stray: u64,
 }
 
+/// Which descriptor a kick is written to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kick {
+    /// The queue's own eventfd, which the device's loop watches itself
+    /// ([`vsock_device::Transport::take_kick_fd`]): one eventfd write per kick, no read.
+    Queue,
+    /// The loop's kick descriptor (what a VMM does when the loop cannot watch the queue's):
+    /// the loop reads it at each wake.
+    Loop,
+}
+
 /// Paces data packets at a fixed rate.
 #[derive(Clone, Copy, Debug)]
 struct Pacer {
@@ -143,6 +156,10 @@ pub struct Guest {
     tx: Vring,
     event: Vring,
     kick: EventFd,
+    /// The rx and tx queues' own kick eventfds.
+    queue_kicks: [EventFd; 2],
+    /// Where each queue's kicks go.
+    kick_to: [Kick; 2],
     irq: EventFd,
     free_tx: Vec<u16>,
     /// Sockets, by id (ids are never reused).
@@ -191,6 +208,11 @@ impl Guest {
             tx,
             event,
             kick: EventFd::new().expect("eventfd"),
+            queue_kicks: [
+                EventFd::new().expect("eventfd"),
+                EventFd::new().expect("eventfd"),
+            ],
+            kick_to: [Kick::Loop; 2],
             irq: EventFd::new().expect("eventfd"),
             free_tx: (0..TX_SLOTS).rev().collect(),
             conns: Vec::new(),
@@ -230,9 +252,32 @@ impl Guest {
         ]
     }
 
-    /// The kick eventfd, for the device's loop.
+    /// The loop's kick eventfd, for the device's loop.
     pub fn kick_fd(&self) -> std::os::fd::OwnedFd {
         self.kick.try_clone_owned().expect("eventfd dup")
+    }
+
+    /// Queue `q`'s (0 rx, 1 tx) own kick eventfd, for the device's loop to watch.
+    pub fn queue_kick_fd(&self, q: usize) -> std::os::fd::OwnedFd {
+        self.queue_kicks[q].try_clone_owned().expect("eventfd dup")
+    }
+
+    /// Sends queue `q`'s kicks to `to` from now on (the guest starts with [`Kick::Loop`]).
+    pub fn set_kick(&mut self, q: usize, to: Kick) {
+        self.kick_to[q] = to;
+    }
+
+    /// Where queue `q`'s kicks go.
+    pub fn kick_target(&self, q: usize) -> Kick {
+        self.kick_to[q]
+    }
+
+    fn kick(&mut self, q: usize) {
+        match self.kick_to[q] {
+            Kick::Queue => self.queue_kicks[q].signal(),
+            Kick::Loop => self.kick.signal(),
+        }
+        self.stats.kicks += 1;
     }
 
     /// The interrupt eventfd, for the device's transport.
@@ -489,14 +534,12 @@ impl Guest {
             progress = true;
         }
         if self.rx.kick_needed() {
-            self.kick.signal();
-            self.stats.kicks += 1;
+            self.kick(0);
         }
         let (posted, paced) = self.post_tx();
         progress |= posted;
         if self.tx.kick_needed() {
-            self.kick.signal();
-            self.stats.kicks += 1;
+            self.kick(1);
         }
         (progress, paced)
     }

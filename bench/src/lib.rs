@@ -241,6 +241,9 @@ pub struct Opts {
     pub bytes: u64,
     /// Where threads run (`--placement split|one|free`; split by default).
     pub placement: Placement,
+    /// Where the guest's kicks go (`--kick queue|loop`; queue by default: each queue's own
+    /// eventfd, watched by the loop).
+    pub kick: guest::Kick,
 }
 
 impl Opts {
@@ -256,6 +259,7 @@ impl Opts {
         let mut rate = None;
         let mut mib = None;
         let mut placement = Placement::Split;
+        let mut kick = guest::Kick::Queue;
         let mut it = args.iter();
         while let Some(a) = it.next() {
             let mut value = |name: &str| {
@@ -268,6 +272,13 @@ impl Opts {
                 "--reps" => reps = Some(num(&value("--reps")?)?),
                 "--rate" => rate = Some(num(&value("--rate")?)?).filter(|&r| r > 0),
                 "--mib" => mib = Some(num(&value("--mib")?)?),
+                "--kick" => {
+                    kick = match value("--kick")?.as_str() {
+                        "queue" => guest::Kick::Queue,
+                        "loop" => guest::Kick::Loop,
+                        other => return Err(format!("unknown kick {other}")),
+                    }
+                }
                 "--placement" => {
                     let v = value("--placement")?;
                     placement = Placement::parse(&v).ok_or(format!("unknown placement {v}"))?;
@@ -290,6 +301,7 @@ impl Opts {
             rate,
             bytes: mib.unwrap_or(if quick { 512 } else { 1024 }) << 20,
             placement,
+            kick,
         })
     }
 }

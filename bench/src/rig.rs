@@ -9,14 +9,14 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vsock_core::testing::GUEST_CID;
 use vsock_core::{Config, Stats};
-use vsock_device::{DeviceStats, Queues, Served, Transport, VsockDevice};
+use vsock_device::{DeviceStats, KickFd, Queues, Served, Transport, VsockDevice};
 use vsock_host::{DriverConfig, DriverThread};
 use vsock_mio::MioLoop;
 use vsock_smol::VsockSmol;
 use vsock_tokio::VsockTokio;
 
-use crate::guest::Guest;
-use crate::sys::{threads_named, EventFd};
+use crate::guest::{Guest, Kick};
+use crate::sys::{gettid, threads_named, EventFd};
 use crate::Placement;
 
 /// A runtime crate's ready-made loop.
@@ -89,12 +89,21 @@ struct BenchTransport {
     mem: GuestMemoryMmap,
     queues: [Queue; 3],
     irq: EventFd,
+    /// The queues' kick descriptors, for the loop to watch itself.
+    kicks: Vec<KickFd>,
+    /// What the loop said of each: (queue, watched).
+    watched: std::sync::mpsc::Sender<(u16, bool)>,
+    /// Where the loop's thread id goes, the first time it takes the queues.
+    tid: Option<std::sync::mpsc::Sender<i32>>,
 }
 
 impl Transport for BenchTransport {
     type Memory = GuestMemoryMmap;
 
     fn with_queues<R>(&mut self, f: impl FnOnce(&GuestMemoryMmap, Queues<'_>) -> R) -> Option<R> {
+        if let Some(tid) = self.tid.take() {
+            let _ = tid.send(gettid());
+        }
         let [rx, tx, event] = &mut self.queues;
         Some(f(&self.mem, Queues { rx, tx, event }))
     }
@@ -104,6 +113,14 @@ impl Transport for BenchTransport {
         if served.notify_rx || served.notify_tx || served.notify_event {
             self.irq.signal();
         }
+    }
+
+    fn take_kick_fd(&mut self) -> Option<KickFd> {
+        self.kicks.pop()
+    }
+
+    fn kick_fd_watched(&mut self, queue: u16, watched: bool) {
+        let _ = self.watched.send((queue, watched));
     }
 }
 
@@ -144,6 +161,22 @@ pub struct Device {
     dir: TempDir,
 }
 
+static KICK_LOOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Where the guests of [`Device::start`] send their kicks from now on.
+pub fn set_kick(kick: Kick) {
+    KICK_LOOP.store(kick == Kick::Loop, Ordering::Relaxed);
+}
+
+/// Where the guests of [`Device::start`] send their kicks.
+pub fn kick() -> Kick {
+    if KICK_LOOP.load(Ordering::Relaxed) {
+        Kick::Loop
+    } else {
+        Kick::Queue
+    }
+}
+
 /// The engine configuration of every in-process benchmark: the defaults, with room for the
 /// streams and set-up benchmarks' connections.
 pub fn bench_config() -> Config {
@@ -154,8 +187,10 @@ pub fn bench_config() -> Config {
 
 impl Device {
     /// Starts a device with `config` on `runtime`, activated with every feature it offers
-    /// (EVENT_IDX among them) on `guest`'s rings.
-    pub fn start(runtime: Runtime, config: Config, guest: &Guest) -> Device {
+    /// (EVENT_IDX among them) on `guest`'s rings. With `kick` [`Kick::Queue`], the rx and tx
+    /// queues' own kick eventfds are handed to the loop, and the guest kicks them once the
+    /// loop watches them (the loop's kick descriptor otherwise).
+    pub fn start_with(runtime: Runtime, config: Config, guest: &mut Guest, kick: Kick) -> Device {
         let dir = TempDir::new(runtime.name());
         let driver_config = DriverConfig {
             engine: config,
@@ -170,55 +205,72 @@ impl Device {
             device.activate(Queues { rx, tx, event });
             assert!(device.event_idx(), "EVENT_IDX negotiated");
         };
-        let kick = guest.kick_fd();
+        let loop_kick = guest.kick_fd();
         let irq = guest.irq();
         let mem = guest.mem.clone();
+        let kicks = match kick {
+            Kick::Queue => (0..2)
+                .map(|q| KickFd {
+                    queue: q as u16,
+                    fd: Some(guest.queue_kick_fd(q)),
+                })
+                .collect(),
+            Kick::Loop => Vec::new(),
+        };
+        let expected = kicks.len();
+        let (watched, reports) = std::sync::mpsc::channel();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let transport = |mem, queues| BenchTransport {
+            mem,
+            queues,
+            irq,
+            kicks,
+            watched,
+            tid: Some(tid_tx),
+        };
         let thread = match runtime {
             Runtime::Mio => {
                 let mut lp = MioLoop::new(driver_config).expect("mio loop");
                 activate(lp.driver_mut().device_mut(), &mut queues);
-                let transport = BenchTransport { mem, queues, irq };
-                lp.spawn(transport, kick)
+                lp.spawn(transport(mem, queues), loop_kick)
                     .expect("spawn")
                     .map(|v| Final::of(v.device()))
             }
             Runtime::Tokio => {
                 let mut v = VsockTokio::new(driver_config).expect("tokio driver");
                 activate(v.device_mut(), &mut queues);
-                let transport = BenchTransport { mem, queues, irq };
-                v.spawn(transport, kick)
+                v.spawn(transport(mem, queues), loop_kick)
                     .expect("spawn")
                     .map(|v| Final::of(v.device()))
             }
             Runtime::Smol => {
                 let mut v = VsockSmol::new(driver_config).expect("smol driver");
                 activate(v.device_mut(), &mut queues);
-                let transport = BenchTransport { mem, queues, irq };
-                v.spawn(transport, kick)
+                v.spawn(transport(mem, queues), loop_kick)
                     .expect("spawn")
                     .map(|v| Final::of(v.device()))
             }
         };
-        // A thread names itself once it runs: wait for the loop's name to appear.
-        let started = std::time::Instant::now();
-        let tids = loop {
-            let tids: Vec<i32> = runtime
-                .threads()
-                .iter()
-                .flat_map(|name| threads_named(name))
-                .collect();
-            if !threads_named(runtime.threads()[0]).is_empty() {
-                break tids;
-            }
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(5),
-                "the {} loop's thread",
-                runtime.name()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        };
+        // The loop's thread says who it is the first time it takes the queues.
+        let tid = tid_rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the loop serves");
+        let mut tids = vec![tid];
+        // async-io's reactor thread is the process's, shared by every smol device.
+        for name in &runtime.threads()[1..] {
+            tids.extend(threads_named(name));
+        }
         for &t in &tids {
             Placement::place_measured(t);
+        }
+        // The loop takes the kick descriptors before it first serves.
+        for _ in 0..expected {
+            let (q, ok) = reports
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .expect("the loop reports its kick descriptors");
+            if ok {
+                guest.set_kick(q as usize, Kick::Queue);
+            }
         }
         // The caller is the guest.
         Placement::place_peer();
@@ -228,6 +280,13 @@ impl Device {
             tids,
             dir,
         }
+    }
+
+    /// Starts a device as [`start_with`](Self::start_with), with the kicks [`set_kick`]
+    /// chose ([`Kick::Queue`] unless told otherwise: a VMM whose loop watches its
+    /// ioeventfds).
+    pub fn start(runtime: Runtime, config: Config, guest: &mut Guest) -> Device {
+        Device::start_with(runtime, config, guest, kick())
     }
 
     /// `<uds_path>_<port>`, where a guest connection to `port` goes.

@@ -28,6 +28,12 @@ const WARM: u64 = 2000;
 pub enum Case {
     /// A guest tx packet of this payload (`handle_tx`, the socket takes it all).
     Tx(u32),
+    /// A 64 KiB guest tx packet with `credit_update_threshold` at 128 KiB rather than the
+    /// default 64 KiB: one CREDIT_UPDATE per two packets rather than one per packet (the
+    /// engine also sends one whenever the guest's view of the free space falls below the
+    /// threshold, so a higher one gives no fewer). A diagnostic: what the update costs
+    /// [`Case::Tx`].
+    TxSparseUpdates,
     /// A packet to the guest into a buffer of this payload room (`poll_rx`, the socket gives
     /// all it is asked for).
     Rx(u32),
@@ -43,9 +49,10 @@ pub enum Case {
 
 impl Case {
     /// Every case, in report order.
-    pub const ALL: [Case; 7] = [
+    pub const ALL: [Case; 8] = [
         Case::Tx(4096),
         Case::Tx(MAX_PKT),
+        Case::TxSparseUpdates,
         Case::Rx(4096 - HEADER_LEN as u32),
         Case::Rx(MAX_PKT),
         Case::Credit,
@@ -58,6 +65,7 @@ impl Case {
         match self {
             Case::Tx(4096) => "tx4k",
             Case::Tx(_) => "tx64k",
+            Case::TxSparseUpdates => "tx64k_update_per_128k",
             Case::Rx(MAX_PKT) => "rx64k",
             Case::Rx(_) => "rx4k",
             Case::Credit => "credit",
@@ -74,6 +82,7 @@ impl Case {
     fn what(self) -> &'static str {
         match self {
             Case::Tx(_) => "guest->host packet",
+            Case::TxSparseUpdates => "guest->host packet, one CREDIT_UPDATE per 128 KiB",
             Case::Rx(_) => "host->guest packet",
             Case::Credit => "CREDIT_REQUEST + CREDIT_UPDATE",
             Case::GuestConnect | Case::HostConnect => "connection opened and closed",
@@ -109,7 +118,10 @@ struct Bench {
 
 impl Bench {
     fn new(case: Case) -> Bench {
-        let config = Config::new(GUEST_CID);
+        let mut config = Config::new(GUEST_CID);
+        if case == Case::TxSparseUpdates {
+            config.credit_update_threshold = 2 * MAX_PKT;
+        }
         let mut b = Bench {
             engine: Engine::new(config, Instant::ZERO).expect("default config"),
             now: Instant::ZERO,
@@ -120,7 +132,10 @@ impl Bench {
             fwd_told: 0,
             payload: vec![0x5a; MAX_PKT as usize],
         };
-        if matches!(case, Case::Tx(_) | Case::Rx(_) | Case::Credit) {
+        if matches!(
+            case,
+            Case::Tx(_) | Case::TxSparseUpdates | Case::Rx(_) | Case::Credit
+        ) {
             b.guest_connect();
             if let Case::Rx(_) = case {
                 let conn = b.conn.expect("connected");
@@ -212,7 +227,11 @@ impl Bench {
     fn step(&mut self, case: Case) {
         self.tick();
         match case {
-            Case::Tx(len) => {
+            Case::Tx(_) | Case::TxSparseUpdates => {
+                let len = match case {
+                    Case::Tx(len) => len,
+                    _ => MAX_PKT,
+                };
                 let h = self.guest(Op::Rw, len, 0);
                 match self.engine.handle_tx(self.now, &h) {
                     Tx::Data(d) => {

@@ -89,7 +89,7 @@ pub fn raw(n: usize) -> Pings {
 /// `n` ping-pongs through the device on `rt`.
 pub fn device(rt: Runtime, n: usize) -> Pings {
     let mut guest = Guest::new();
-    let dev = Device::start(rt, bench_config(), &guest);
+    let dev = Device::start(rt, bench_config(), &mut guest);
     let listener = UnixListener::bind(dev.port_path(PORT)).expect("bind");
     let peer = thread::spawn(move || {
         Placement::place_peer();

@@ -114,7 +114,7 @@ impl Pace {
 /// Guest to host through the device on `rt`: `bytes` in 64 KiB packets.
 pub fn device_g2h(rt: Runtime, bytes: u64, rate: Option<u64>) -> DeviceRun {
     let mut guest = Guest::new();
-    let dev = Device::start(rt, bench_config(), &guest);
+    let dev = Device::start(rt, bench_config(), &mut guest);
     let listener = UnixListener::bind(dev.port_path(PORT)).expect("bind");
     let peer = thread::spawn(move || {
         Placement::place_peer();
@@ -156,7 +156,7 @@ pub fn device_g2h(rt: Runtime, bytes: u64, rate: Option<u64>) -> DeviceRun {
 /// rx buffers.
 pub fn device_h2g(rt: Runtime, bytes: u64, rate: Option<u64>) -> DeviceRun {
     let mut guest = Guest::new();
-    let dev = Device::start(rt, bench_config(), &guest);
+    let dev = Device::start(rt, bench_config(), &mut guest);
     let listener = UnixListener::bind(dev.port_path(PORT)).expect("bind");
     let (go, gone) = mpsc::channel::<()>();
     let (done, finished) = mpsc::channel::<()>();

@@ -59,7 +59,7 @@ pub fn raw(n: u64) -> f64 {
 /// Connections per second, guest to host through the device on `rt`.
 pub fn guest_to_host(rt: Runtime, n: u64) -> f64 {
     let mut guest = Guest::new();
-    let dev = Device::start(rt, bench_config(), &guest);
+    let dev = Device::start(rt, bench_config(), &mut guest);
     let peer = acceptor(
         UnixListener::bind(dev.port_path(PORT)).expect("bind"),
         WARM + n,
@@ -90,7 +90,7 @@ pub fn guest_to_host(rt: Runtime, n: u64) -> f64 {
 pub fn host_to_guest(rt: Runtime, n: u64) -> f64 {
     let mut guest = Guest::new();
     guest.listen(PORT);
-    let dev = Device::start(rt, bench_config(), &guest);
+    let dev = Device::start(rt, bench_config(), &mut guest);
     let path = dev.listener_path();
     let done = Arc::new(AtomicU64::new(0));
     let counted = done.clone();
@@ -129,7 +129,7 @@ pub fn host_to_guest(rt: Runtime, n: u64) -> f64 {
 /// guest sends `batch` REQUESTs, waits for every RESPONSE, and resets them all.
 pub fn guest_to_host_batched(rt: Runtime, n: u64, batch: u64) -> f64 {
     let mut guest = Guest::new();
-    let dev = Device::start(rt, bench_config(), &guest);
+    let dev = Device::start(rt, bench_config(), &mut guest);
     let rounds = n.div_ceil(batch);
     let warm_rounds = WARM.div_ceil(batch);
     let peer = acceptor(

@@ -133,7 +133,7 @@ fn connect_all(guest: &mut Guest, n: usize) -> Vec<usize> {
 pub fn g2h(rt: Runtime, n: usize, bytes: u64) -> Run {
     let share = bytes / n as u64;
     let mut guest = Guest::new();
-    let dev = Device::start(rt, bench_config(), &guest);
+    let dev = Device::start(rt, bench_config(), &mut guest);
     let listener = UnixListener::bind(dev.port_path(PORT)).expect("bind");
     let peer = thread::spawn(move || {
         Placement::place_peer();
@@ -171,7 +171,7 @@ pub fn g2h(rt: Runtime, n: usize, bytes: u64) -> Run {
 pub fn h2g(rt: Runtime, n: usize, bytes: u64) -> Run {
     let share = bytes / n as u64;
     let mut guest = Guest::new();
-    let dev = Device::start(rt, bench_config(), &guest);
+    let dev = Device::start(rt, bench_config(), &mut guest);
     let listener = UnixListener::bind(dev.port_path(PORT)).expect("bind");
     let (go, gone) = mpsc::channel::<()>();
     let (fin, finished) = mpsc::channel::<()>();
