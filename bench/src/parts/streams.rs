@@ -31,6 +31,11 @@ pub struct Run {
     pub jain: f64,
     /// The device's threads' CPU seconds per GiB.
     pub cpu_s_per_gib: f64,
+    /// The device's threads' system calls per data packet (NaN if not counted).
+    pub syscalls_per_pkt: f64,
+    /// Of the guest's bytes, the share the engine copied into a connection buffer because the
+    /// socket did not take them at once (guest to host; 0 host to guest).
+    pub buffered_share: f64,
 }
 
 fn jain(x: &[f64]) -> f64 {
@@ -141,6 +146,7 @@ pub fn g2h(rt: Runtime, n: usize, bytes: u64) -> Run {
     });
     let ids = connect_all(&mut guest, n);
     let w = Window::open(dev.tids());
+    let g0 = guest.stats;
     let start = Instant::now();
     for &i in &ids {
         guest.send(i, share, MAX_PKT);
@@ -155,7 +161,8 @@ pub fn g2h(rt: Runtime, n: usize, bytes: u64) -> Run {
         guest.rst(i);
     }
     guest.step();
-    dev.stop();
+    let fin = dev.stop();
+    let packets = guest.stats.tx_packets - g0.tx_packets;
     let per: Vec<f64> = done
         .iter()
         .map(|t| share as f64 / MIB / (*t - start).as_secs_f64())
@@ -164,6 +171,8 @@ pub fn g2h(rt: Runtime, n: usize, bytes: u64) -> Run {
         mib_s: (share * n as u64) as f64 / MIB / (end - start).as_secs_f64(),
         jain: jain(&per),
         cpu_s_per_gib: m.cpu_s_per_gib(share * n as u64),
+        syscalls_per_pkt: m.syscalls_per(packets),
+        buffered_share: fin.engine.tx_buffered_bytes as f64 / fin.engine.tx_bytes.max(1) as f64,
     }
 }
 
@@ -187,6 +196,7 @@ pub fn h2g(rt: Runtime, n: usize, bytes: u64) -> Run {
         guest.conns[i].rx_goal = share;
     }
     let w = Window::open(dev.tids());
+    let g0 = guest.stats;
     let start = Instant::now();
     go.send(()).expect("peer waits");
     guest.run_until("everything received", Duration::from_secs(600), |g| {
@@ -208,17 +218,20 @@ pub fn h2g(rt: Runtime, n: usize, bytes: u64) -> Run {
     }
     guest.step();
     dev.stop();
+    let packets = guest.stats.rx_data_packets - g0.rx_data_packets;
     Run {
         mib_s: (share * n as u64) as f64 / MIB / (end - start).as_secs_f64(),
         jain: jain(&per),
         cpu_s_per_gib: m.cpu_s_per_gib(share * n as u64),
+        syscalls_per_pkt: m.syscalls_per(packets),
+        buffered_share: 0.0,
     }
 }
 
-/// Part 4: streams. Throughput with the threads wherever the scheduler puts them (the
-/// targets: on two cores the guest, the device and the host peer then share both CPUs as
-/// each needs them), then with the device's thread alone on a CPU (the guest and the peer
-/// share the other, which then bounds the throughput: see the device's CPU per GiB).
+/// Part 4: streams. Throughput with the device's thread alone on a CPU and the guest and the
+/// host peer on the other (the targets, as every other part), then with the threads wherever
+/// the scheduler puts them (from one run to the next, that varies more than anything measured
+/// here).
 pub fn run(opts: &Opts) {
     let report = Report::new("streams");
     // All runtimes in a full run; the quick run measures the target's runtime only.
@@ -228,7 +241,7 @@ pub fn run(opts: &Opts) {
         opts.runtimes.clone()
     };
     let before = Placement::current();
-    for placement in [Placement::Free, Placement::Split] {
+    for placement in [Placement::Split, Placement::Free] {
         placement.set();
         let p = placement.name();
         for dir in [Dir::G2h, Dir::H2g] {
@@ -250,7 +263,7 @@ pub fn run(opts: &Opts) {
                         runs[k].push(run);
                     }
                 }
-                let target = placement == Placement::Free && rt == runtimes[0];
+                let target = placement == Placement::Split && rt == runtimes[0];
                 rows(&report, opts, placement, dir, rt, &runs, target);
             }
         }
@@ -287,6 +300,25 @@ fn rows(
             "CPU-s/GiB",
             "the device's threads",
         );
+        report.row(
+            &format!("{p}_{d}_{r}_x{n}_syscalls_per_pkt"),
+            median(
+                &runs[k]
+                    .iter()
+                    .map(|x| x.syscalls_per_pkt)
+                    .collect::<Vec<_>>(),
+            ),
+            "syscalls",
+            "the device's threads, per data packet (perf tracepoint)",
+        );
+        if dir == Dir::G2h {
+            report.row(
+                &format!("{p}_{d}_{r}_x{n}_buffered_share"),
+                median(&runs[k].iter().map(|x| x.buffered_share).collect::<Vec<_>>()),
+                "of bytes",
+                "guest bytes the engine copied because the socket was full (tx_buffered_bytes)",
+            );
+        }
         if n == 1 {
             continue;
         }
