@@ -244,6 +244,9 @@ pub struct Opts {
     /// Where the guest's kicks go (`--kick queue|loop`; queue by default: each queue's own
     /// eventfd, watched by the loop).
     pub kick: guest::Kick,
+    /// The device engine's buffer per connection, bytes (`--buffer-kib N`; 0, the default:
+    /// the engine's default, 256 KiB). Parts 2 to 4.
+    pub buffer: u32,
 }
 
 impl Opts {
@@ -260,6 +263,7 @@ impl Opts {
         let mut mib = None;
         let mut placement = Placement::Split;
         let mut kick = guest::Kick::Queue;
+        let mut buffer = 0;
         let mut it = args.iter();
         while let Some(a) = it.next() {
             let mut value = |name: &str| {
@@ -272,6 +276,10 @@ impl Opts {
                 "--reps" => reps = Some(num(&value("--reps")?)?),
                 "--rate" => rate = Some(num(&value("--rate")?)?).filter(|&r| r > 0),
                 "--mib" => mib = Some(num(&value("--mib")?)?),
+                "--buffer-kib" => {
+                    let kib = num(&value("--buffer-kib")?)?;
+                    buffer = u32::try_from(kib << 10).map_err(|_| "buffer too large")?;
+                }
                 "--kick" => {
                     kick = match value("--kick")?.as_str() {
                         "queue" => guest::Kick::Queue,
@@ -302,6 +310,7 @@ impl Opts {
             bytes: mib.unwrap_or(if quick { 512 } else { 1024 }) << 20,
             placement,
             kick,
+            buffer,
         })
     }
 }

@@ -9,7 +9,7 @@ static ALLOC: vsock_bench::alloc::Counting = vsock_bench::alloc::Counting;
 fn usage() -> String {
     let mut s = String::from(
         "usage: vsock-bench PART [--quick] [--reps N] [--runtime mio,tokio,smol] [--rate PKTS_PER_S] [--mib N]\n\
-         \x20      [--placement split|one|free] [--kick queue|loop]\n\
+         \x20      [--placement split|one|free] [--kick queue|loop] [--buffer-kib N]\n\
          \x20      vsock-bench targets        (every target: name part goal)\n\
          \x20      vsock-bench engine-count CASE N   (what callgrind runs)\n\nparts:\n",
     );
@@ -56,6 +56,7 @@ fn main() {
             vsock_bench::sys::raise_fd_limit();
             opts.placement.set();
             vsock_bench::rig::set_kick(opts.kick);
+            vsock_bench::rig::set_buffer_size(opts.buffer);
             run(&opts);
         }
     }

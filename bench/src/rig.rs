@@ -177,10 +177,22 @@ pub fn kick() -> Kick {
     }
 }
 
-/// The engine configuration of every in-process benchmark: the defaults, with room for the
-/// streams and set-up benchmarks' connections.
+static BUFFER: AtomicU32 = AtomicU32::new(0);
+
+/// The engine's `buffer_size` for the devices of [`bench_config`] from now on (0: the
+/// default), through `Config::with_buffer_size`.
+pub fn set_buffer_size(bytes: u32) {
+    BUFFER.store(bytes, Ordering::Relaxed);
+}
+
+/// The engine configuration of every in-process benchmark: the defaults (or the buffer size
+/// [`set_buffer_size`] chose), with room for the streams and set-up benchmarks' connections.
 pub fn bench_config() -> Config {
     let mut config = Config::new(GUEST_CID);
+    match BUFFER.load(Ordering::Relaxed) {
+        0 => {}
+        bytes => config = config.with_buffer_size(bytes),
+    }
     config.max_connections = 4096;
     config
 }
