@@ -282,6 +282,11 @@ impl Device {
                 .expect("the loop reports its kick descriptors");
             if ok {
                 guest.set_kick(q as usize, Kick::Queue);
+            } else {
+                crate::progress(&format!(
+                    "the {} loop does not watch queue {q}'s kicks: the guest kicks its descriptor",
+                    runtime.name()
+                ));
             }
         }
         // The caller is the guest.

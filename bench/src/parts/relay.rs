@@ -68,6 +68,9 @@ pub struct DeviceRun {
     pub sleeps: u64,
     /// Interrupts the device sent, over the whole run.
     pub irqs: u64,
+    /// Guest sleeps that ended after half a second without an interrupt (none, unless the
+    /// device left the guest waiting or the machine stalled).
+    pub timeouts: u64,
 }
 
 fn check(fin: &Final, what: &str) {
@@ -149,6 +152,7 @@ pub fn device_g2h(rt: Runtime, bytes: u64, rate: Option<u64>) -> DeviceRun {
         kicks: g.kicks - g0.kicks,
         sleeps: g.sleeps - g0.sleeps,
         irqs: fin.device.notifications,
+        timeouts: g.timeouts - g0.timeouts,
     }
 }
 
@@ -198,6 +202,7 @@ pub fn device_h2g(rt: Runtime, bytes: u64, rate: Option<u64>) -> DeviceRun {
         kicks: g.kicks - g0.kicks,
         sleeps: g.sleeps - g0.sleeps,
         irqs: fin.device.notifications,
+        timeouts: g.timeouts - g0.timeouts,
     }
 }
 
@@ -440,6 +445,12 @@ pub fn run(opts: &Opts) {
                 median(&each(&|_, x| x.sleeps as f64 / x.packets as f64)),
                 "sleeps",
                 "guest sleeps on the interrupt eventfd",
+            );
+            report.row(
+                &format!("{d}_{n}_guest_wait_timeouts"),
+                r.iter().map(|x| x.timeouts as f64).sum(),
+                "sleeps",
+                "guest sleeps that ended after 0.5 s without an interrupt, all repetitions (0 expected)",
             );
             if rt == Runtime::Mio || target.is_none() {
                 target = Some((rt, median(&cpu_ratio)));
