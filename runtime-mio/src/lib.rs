@@ -469,6 +469,17 @@ impl MioLoop {
         &mut self.vsock
     }
 
+    /// The device: features and config space before the loop starts.
+    pub fn device(&self) -> &VsockDevice {
+        self.vsock.device()
+    }
+
+    /// The device: features, config space and activation before the loop starts (as
+    /// `VsockTokio::device_mut` and `VsockSmol::device_mut`).
+    pub fn device_mut(&mut self) -> &mut VsockDevice {
+        self.vsock.device_mut()
+    }
+
     /// Starts serving on a new thread. `kick` is a non-blocking descriptor that becomes
     /// readable when the guest kicks a queue.
     ///

@@ -86,6 +86,58 @@ pub fn raw(n: usize) -> Pings {
     Pings::of(&rtts, &m)
 }
 
+/// `n` raw ping-pongs through a relay: the ping goes to a relay thread (where the device's
+/// thread would stand), which passes it to the echo thread and the echo back, over two
+/// socketpairs, with blocking reads. The four hand-offs of the device's round trip, with
+/// nothing else: the floor any relay, the device included, stands on.
+pub fn relayed(n: usize) -> Pings {
+    let (mut a, mut ra) = UnixStream::pair().expect("socketpair");
+    let (mut rb, b) = UnixStream::pair().expect("socketpair");
+    let echo_peer = thread::spawn(move || {
+        Placement::place_peer();
+        echo(b)
+    });
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let relay = thread::spawn(move || {
+        Placement::place_measured(0);
+        tid_tx.send(gettid()).expect("main waits");
+        let mut byte = [0u8; 1];
+        loop {
+            match ra.read(&mut byte) {
+                Ok(1) => {}
+                _ => return,
+            }
+            if rb.write_all(&byte).is_err() || rb.read_exact(&mut byte).is_err() {
+                return;
+            }
+            if ra.write_all(&byte).is_err() {
+                return;
+            }
+        }
+    });
+    let tid = tid_rx.recv().expect("relay thread's id");
+    Placement::place_peer();
+    let mut rtts = Vec::with_capacity(n);
+    let mut byte = [0u8; 1];
+    let mut w = None;
+    for i in 0..WARM + n {
+        if i == WARM {
+            w = Some(Window::open(&[tid]));
+        }
+        let t = Instant::now();
+        a.write_all(&[i as u8]).expect("write");
+        a.read_exact(&mut byte).expect("read");
+        if i >= WARM {
+            rtts.push(t.elapsed().as_nanos() as f64 / 1000.0);
+        }
+    }
+    let m = w.expect("warmed up").close();
+    drop(a);
+    relay.join().expect("relay");
+    echo_peer.join().expect("echo");
+    Pings::of(&rtts, &m)
+}
+
 /// `n` ping-pongs through the device on `rt`.
 pub fn device(rt: Runtime, n: usize) -> Pings {
     let mut guest = Guest::new();
@@ -137,9 +189,11 @@ pub fn run(opts: &Opts) {
         placement.set();
         let p = placement.name();
         let mut raw_runs = Vec::new();
+        let mut relay_runs = Vec::new();
         let mut dev_runs: Vec<Vec<Pings>> = opts.runtimes.iter().map(|_| Vec::new()).collect();
         for rep in 0..opts.reps {
             raw_runs.push(raw(n));
+            relay_runs.push(relayed(n));
             for (i, &rt) in opts.runtimes.iter().enumerate() {
                 let d = device(rt, n);
                 progress(&format!(
@@ -152,6 +206,7 @@ pub fn run(opts: &Opts) {
             }
         }
         let raws: Vec<f64> = raw_runs.iter().map(|r| r.rtt_us).collect();
+        let relays: Vec<f64> = relay_runs.iter().map(|r| r.rtt_us).collect();
         let devs: Vec<Vec<f64>> = dev_runs
             .iter()
             .map(|runs| runs.iter().map(|r| r.rtt_us).collect())
@@ -162,6 +217,12 @@ pub fn run(opts: &Opts) {
                 &format!("{p}_raw"),
                 "the raw echo thread",
                 &raw_runs,
+            );
+            per_rtt(
+                &report,
+                &format!("{p}_relay"),
+                "the raw relay thread",
+                &relay_runs,
             );
             for (i, &rt) in opts.runtimes.iter().enumerate() {
                 per_rtt(
@@ -181,8 +242,24 @@ pub fn run(opts: &Opts) {
                 placement_note(placement)
             ),
         );
+        report.row(
+            &format!("{p}_relay_rtt_us"),
+            median(&relays),
+            "us",
+            "second baseline: the same ping-pong through a blocking relay thread (four hand-offs, as the device)",
+        );
         let mut target = None;
         for (i, &rt) in opts.runtimes.iter().enumerate() {
+            let over_relay: Vec<f64> = devs[i].iter().zip(&relays).map(|(d, r)| d / r).collect();
+            report.row(
+                &format!("{p}_{}_rtt_vs_relay", rt.name()),
+                median(&over_relay),
+                "x relay",
+                &format!(
+                    "device / raw relay, each repetition; {}",
+                    spread(&over_relay)
+                ),
+            );
             let ratios: Vec<f64> = devs[i].iter().zip(&raws).map(|(d, r)| d / r).collect();
             let ratio = median(&ratios);
             report.row(

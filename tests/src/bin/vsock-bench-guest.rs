@@ -20,7 +20,7 @@
 //! on stdout; progress on stderr.
 //!
 //! Usage: `vsock-bench-guest [--rounds N] [--mib M] [--pings K] [--runtimes mio,tokio,smol]
-//! [--reference BINARY]`.
+//! [--reference BINARY] [--daemon-flags "FLAGS"]` (`FLAGS` go to our daemon).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -45,6 +45,8 @@ struct Args {
     pings: usize,
     runtimes: Vec<String>,
     reference: Option<PathBuf>,
+    /// More flags for our daemon (`--tx-buffer-size N`, `--record FILE`).
+    daemon_flags: Vec<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -54,6 +56,7 @@ fn parse_args() -> Result<Args, String> {
         pings: 2000,
         runtimes: vec!["mio".into()],
         reference: None,
+        daemon_flags: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -64,6 +67,9 @@ fn parse_args() -> Result<Args, String> {
             "--pings" => args.pings = value()?.parse().map_err(|e| format!("--pings: {e}"))?,
             "--runtimes" => args.runtimes = value()?.split(',').map(String::from).collect(),
             "--reference" => args.reference = Some(value()?.into()),
+            "--daemon-flags" => {
+                args.daemon_flags = value()?.split_whitespace().map(String::from).collect()
+            }
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -194,6 +200,8 @@ struct Run {
     g2h: Spent,
     h2g: Spent,
     rtt_us: f64,
+    /// The guest's virtio interrupts per round trip.
+    rtt_irqs: f64,
 }
 
 fn run_once(image: &Image, daemon: Daemon, args: &Args) -> Result<Run, String> {
@@ -227,7 +235,9 @@ fn run_once(image: &Image, daemon: Daemon, args: &Args) -> Result<Run, String> {
          echo PHASE h2g-done\n\
          echo \"SHA h2g $(sha256sum /tmp/in | cut -d' ' -f1)\"\n\
          rm /tmp/in\n\
+         echo \"IRQ before $(grep virtio /proc/interrupts | awk '{{s+=$2}} END {{print s}}')\"\n\
          socat VSOCK-LISTEN:5003 PIPE\n\
+         echo \"IRQ after $(grep virtio /proc/interrupts | awk '{{s+=$2}} END {{print s}}')\"\n\
          echo PHASE end\n"
     );
     let mut vm = Vm::boot(image, &daemon.socket, &script);
@@ -267,7 +277,8 @@ fn run_once(image: &Image, daemon: Daemon, args: &Args) -> Result<Run, String> {
     drop(echo);
     let out = vm.wait(Duration::from_secs(300));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    drop(daemon);
+    // SIGTERM, so a recording (`--daemon-flags "--record FILE"`) is whole.
+    let _ = daemon.stop();
     let _ = fs::remove_dir_all(&scratch);
 
     if got != bytes || out.line("SHA g2h ") != Some(digest.as_str()) {
@@ -276,6 +287,15 @@ fn run_once(image: &Image, daemon: Daemon, args: &Args) -> Result<Run, String> {
     if out.line("SHA h2g ") != Some(sent.as_str()) {
         return Err("host -> guest: the bytes differ".into());
     }
+    let irq = |k: &str| {
+        out.line(&format!("IRQ {k} "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    // Counted around the whole echo session, warm-up and connection included.
+    let rtt_irqs = match (irq("before"), irq("after")) {
+        (Some(a), Some(b)) => (b - a) / (args.pings + 50) as f64,
+        _ => f64::NAN,
+    };
     let mb = |t: Duration| bytes as f64 / 1e6 / t.as_secs_f64();
     Ok(Run {
         g2h_mb_s: mb(g2h_took),
@@ -283,6 +303,7 @@ fn run_once(image: &Image, daemon: Daemon, args: &Args) -> Result<Run, String> {
         g2h,
         h2g,
         rtt_us: median(&mut rtts),
+        rtt_irqs,
     })
 }
 
@@ -306,6 +327,7 @@ struct Summary {
     g2h_sleeps: f64,
     h2g_sleeps: f64,
     rtt_us: f64,
+    rtt_irqs: f64,
     /// guest → host CPU per GiB, by thread name.
     g2h_threads: BTreeMap<String, f64>,
     h2g_threads: BTreeMap<String, f64>,
@@ -345,6 +367,7 @@ fn summarize(runs: &[Run], bytes: u64) -> Summary {
         g2h_sleeps: m(&|r| r.g2h.sleeps as f64 / packets),
         h2g_sleeps: m(&|r| r.h2g.sleeps as f64 / packets),
         rtt_us: m(&|r| r.rtt_us),
+        rtt_irqs: m(&|r| r.rtt_irqs),
         g2h_threads: by_thread(&|r| &r.g2h),
         h2g_threads: by_thread(&|r| &r.h2g),
     }
@@ -426,6 +449,12 @@ fn report(who: &str, s: &Summary, rounds: usize) {
         "us",
         &format!("{note}; host client, socat PIPE in the guest"),
     );
+    row(
+        &format!("{who} RTT guest interrupts"),
+        s.rtt_irqs,
+        "per RTT",
+        "the guest's virtio interrupts (/proc/interrupts) over the echo session, per round trip",
+    );
 }
 
 fn main() -> ExitCode {
@@ -453,7 +482,10 @@ fn main() -> ExitCode {
         for who in &backends {
             let daemon = match (who.as_str(), &args.reference) {
                 ("reference", Some(binary)) => Daemon::start_other(binary),
-                (runtime, _) => Daemon::start(&image, runtime),
+                (runtime, _) => {
+                    let flags: Vec<&str> = args.daemon_flags.iter().map(String::as_str).collect();
+                    Daemon::start_flags(&image, runtime, &flags)
+                }
             };
             eprintln!("round {round}/{}: {who} ...", args.rounds);
             match run_once(&image, daemon, &args) {
