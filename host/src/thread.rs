@@ -6,6 +6,14 @@ use std::io;
 /// A driver serving on a thread of its own, until [`stop`](Self::stop).
 pub struct DriverThread<D> {
     stop_and_join: Box<dyn FnOnce() -> io::Result<D> + Send>,
+    tid: Option<u32>,
+}
+
+/// The kernel's id of the calling thread (what `/proc/PID/task/` lists), from
+/// `/proc/thread-self`.
+fn current_tid() -> Option<u32> {
+    let link = std::fs::read_link("/proc/thread-self").ok()?;
+    link.file_name()?.to_str()?.parse().ok()
 }
 
 impl<D: Send + 'static> DriverThread<D> {
@@ -20,7 +28,14 @@ impl<D: Send + 'static> DriverThread<D> {
         body: impl FnOnce() -> io::Result<D> + Send + 'static,
         stop: impl FnOnce() + Send + 'static,
     ) -> io::Result<Self> {
-        let handle = std::thread::Builder::new().name(name.into()).spawn(body)?;
+        let (tell, told) = std::sync::mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let _ = tell.send(current_tid());
+                body()
+            })?;
+        let tid = told.recv().ok().flatten();
         Ok(DriverThread {
             stop_and_join: Box::new(move || {
                 stop();
@@ -28,7 +43,14 @@ impl<D: Send + 'static> DriverThread<D> {
                     .join()
                     .map_err(|_| io::Error::other("the vsock loop panicked"))?
             }),
+            tid,
         })
+    }
+
+    /// The kernel's id of the loop's thread (its `/proc/PID/task/TID`), for per-thread CPU
+    /// accounting; `None` where `/proc` cannot tell.
+    pub fn tid(&self) -> Option<u32> {
+        self.tid
     }
 
     /// Stops the loop: the guest's connections are reset (the RSTs delivered if it has rx
@@ -51,6 +73,7 @@ impl<D: Send + 'static> DriverThread<D> {
         let inner = self.stop_and_join;
         DriverThread {
             stop_and_join: Box::new(move || inner().map(f)),
+            tid: self.tid,
         }
     }
 }
