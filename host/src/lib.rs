@@ -138,17 +138,20 @@ pub fn bind_unix_listener(path: &Path) -> io::Result<UnixListener> {
     match UnixListener::bind(path) {
         Ok(s) => Ok(s),
         Err(e) if e.kind() == ErrorKind::AddrInUse => {
-            // Something answers (or its backlog is full): a live listener. Only a refused
-            // connect means a file left behind. The probe never blocks.
-            let live = match mio::net::UnixStream::connect(path) {
-                Ok(_) => true,
-                Err(e) => e.kind() == ErrorKind::WouldBlock,
-            };
-            if live {
-                return Err(io::Error::new(
-                    ErrorKind::AddrInUse,
-                    format!("{} is in use by a live listener", path.display()),
-                ));
+            // Only a refused connect means a file left behind. Anything else is a live socket:
+            // a listener that answers or has a full backlog, or one of another type (a
+            // datagram or seqpacket socket refuses a stream connect with EPROTOTYPE), which
+            // must not be unlinked from under its owner. The probe never blocks.
+            match mio::net::UnixStream::connect(path) {
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
+                // Gone since the bind: the path is free.
+                Err(e) if e.kind() == ErrorKind::NotFound => return UnixListener::bind(path),
+                _ => {
+                    return Err(io::Error::new(
+                        ErrorKind::AddrInUse,
+                        format!("{} is in use by a live socket", path.display()),
+                    ))
+                }
             }
             // Never remove anything but a socket file.
             let is_socket = std::fs::symlink_metadata(path)

@@ -176,6 +176,23 @@ fn listener_accepts_replaces_stale_files_refuses_live_ones_and_unlinks() {
 }
 
 #[test]
+fn a_live_socket_of_another_type_is_never_unlinked() {
+    // A datagram (or seqpacket) socket refuses a stream connect with EPROTOTYPE, not
+    // ECONNREFUSED: it is alive, and its owner keeps its path.
+    let dir = temp_dir();
+    let path = dir.join("vsock");
+    let owner = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    let refused = Listener::bind(&path).unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::AddrInUse);
+    assert!(path.exists(), "the live socket's path is still there");
+    let probe = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    probe.send_to(b"still mine", &path).unwrap();
+    let mut buf = [0u8; 16];
+    let n = owner.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"still mine");
+}
+
+#[test]
 fn guest_connect_reaches_the_port_socket_or_is_reset_at_once() {
     let (dir, mut engine, mut host) = setup();
     let service = UnixListener::bind(dir.join("vsock_1234")).unwrap();
