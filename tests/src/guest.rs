@@ -163,6 +163,17 @@ impl Daemon {
         Daemon::spawn(command, Scratch::new("d"))
     }
 
+    /// Starts the daemon on `runtime` logging at `filter` (a `RUST_LOG` value) rather than
+    /// `info`, for tests that read what it logged.
+    pub fn start_logged(image: &Image, runtime: &str, filter: &str) -> Daemon {
+        let mut command = Command::new(&image.daemon);
+        command
+            .arg("--runtime")
+            .arg(runtime)
+            .env("RUST_LOG", filter);
+        Daemon::spawn(command, Scratch::new("d"))
+    }
+
     /// Starts another vhost-user vsock backend that takes the same `--socket`, `--uds-path`
     /// and `--guest-cid` flags (rust-vmm's `vhost-device-vsock` does), for comparisons.
     pub fn start_other(binary: &Path) -> Daemon {
@@ -173,6 +184,13 @@ impl Daemon {
         let socket = dir.0.join("vhost.sock");
         let uds = dir.0.join("vm.vsock");
         let log = dir.0.join("daemon.log");
+        // A filter the caller set (`start_logged`) stands; otherwise VSOCK_DAEMON_LOG, or info.
+        if !command.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            command.env(
+                "RUST_LOG",
+                std::env::var("VSOCK_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        }
         let child = command
             .arg("--socket")
             .arg(&socket)
@@ -180,10 +198,6 @@ impl Daemon {
             .arg(&uds)
             .arg("--guest-cid")
             .arg(GUEST_CID.to_string())
-            .env(
-                "RUST_LOG",
-                std::env::var("VSOCK_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
-            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).expect("daemon log"))

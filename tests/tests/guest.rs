@@ -393,7 +393,8 @@ fn hold_a_connection(
 fn paused_vm(runtime: &str) {
     let image = Image::require();
     let _turn = guest::exclusive();
-    let daemon = Daemon::start(&image, runtime);
+    // At debug, the daemon says each time the runtime takes a ring's kicks over.
+    let daemon = Daemon::start_logged(&image, runtime, "info,vsock_vhost_user=debug");
     let stop = Arc::new(AtomicBool::new(false));
     let l = guest::listen(&daemon.port_path(5002));
     let echo = peer(&stop, move |stop| {
@@ -443,6 +444,21 @@ fn paused_vm(runtime: &str) {
         })
         .expect("the counters");
     assert!(sent >= 1, "no RST went to the guest:\n{log}");
+    // The guest's kicks of rx and tx woke the runtime directly, not through vhost-user-backend's
+    // worker: once when the rings first started and again after the pause, when the frontend
+    // started them anew.
+    for queue in [0, 1] {
+        let taken = log
+            .lines()
+            .filter(|l| {
+                l.contains("the runtime watches the kicks") && l.contains(&format!("queue={queue}"))
+            })
+            .count();
+        assert!(
+            taken >= 2,
+            "queue {queue}'s kicks were taken over {taken} times, not before and after the pause:\n{log}"
+        );
+    }
 }
 
 /// SIGTERM while the guest holds a connection: the daemon exits cleanly, and the guest's
