@@ -959,44 +959,31 @@ fn tx_buffer_size(bytes: u32) {
     assert!(status.success(), "{log}");
 }
 
-// Ignored only where tests/build.rs found no guest image or QEMU, which a plain `cargo test`
-// on a bare machine lacks. They still run: `./scripts/test.sh` (what CI runs through
-// `.ci/run`) builds the image, installs QEMU and sets VSOCK_REQUIRE_GUEST=1, under which a
-// missing part fails the test instead of ignoring it.
-#[test]
-#[cfg_attr(
-    not(vsock_guest),
-    ignore = "no guest image or QEMU: run scripts/guest/build.sh"
-)]
-fn tx_buffer_size_32768() {
-    tx_buffer_size(32 * 1024);
+/// One `--tx-buffer-size` test per size.
+macro_rules! for_each_buffer_size {
+    ($($name:ident: $bytes:expr),* $(,)?) => {
+        $(
+            #[test]
+            // Ignored only where tests/build.rs found no guest image or QEMU, which a plain
+            // `cargo test` on a bare machine lacks. They still run: `./scripts/test.sh` (what
+            // CI runs through `.ci/run`) builds the image, installs QEMU and sets
+            // VSOCK_REQUIRE_GUEST=1, under which a missing part fails the test instead.
+            #[cfg_attr(
+                not(vsock_guest),
+                ignore = "no guest image or QEMU: run scripts/guest/build.sh"
+            )]
+            fn $name() {
+                tx_buffer_size($bytes);
+            }
+        )*
+    };
 }
 
-// Ignored only where tests/build.rs found no guest image or QEMU, which a plain `cargo test`
-// on a bare machine lacks. They still run: `./scripts/test.sh` (what CI runs through
-// `.ci/run`) builds the image, installs QEMU and sets VSOCK_REQUIRE_GUEST=1, under which a
-// missing part fails the test instead of ignoring it.
-#[test]
-#[cfg_attr(
-    not(vsock_guest),
-    ignore = "no guest image or QEMU: run scripts/guest/build.sh"
-)]
-fn tx_buffer_size_65536() {
-    tx_buffer_size(64 * 1024);
-}
-
-// Ignored only where tests/build.rs found no guest image or QEMU, which a plain `cargo test`
-// on a bare machine lacks. They still run: `./scripts/test.sh` (what CI runs through
-// `.ci/run`) builds the image, installs QEMU and sets VSOCK_REQUIRE_GUEST=1, under which a
-// missing part fails the test instead of ignoring it.
-#[test]
-#[cfg_attr(
-    not(vsock_guest),
-    ignore = "no guest image or QEMU: run scripts/guest/build.sh"
-)]
-fn tx_buffer_size_1048576() {
-    tx_buffer_size(1024 * 1024);
-}
+for_each_buffer_size!(
+    tx_buffer_size_32768: 32 * 1024,
+    tx_buffer_size_65536: 64 * 1024,
+    tx_buffer_size_1048576: 1024 * 1024,
+);
 
 /// One test per runtime and check, `#[ignore]`d (saying why) where `tests/build.rs` found no
 /// guest image or QEMU, unless `VSOCK_REQUIRE_GUEST=1`.
@@ -1009,10 +996,10 @@ macro_rules! on_each_runtime {
     (@on $runtime:ident: $($check:ident),*) => {
         mod $runtime {
             $(
+                #[test]
                 // Ignored only without the guest image or QEMU; `./scripts/test.sh` (CI's
                 // command) provides both and sets VSOCK_REQUIRE_GUEST=1, so there they run,
                 // and a missing part fails them.
-                #[test]
                 #[cfg_attr(
                     not(vsock_guest),
                     ignore = "no guest image or QEMU: run scripts/guest/build.sh"

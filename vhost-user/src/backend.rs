@@ -22,6 +22,7 @@
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tracing::{debug, warn};
@@ -58,6 +59,9 @@ pub struct Shared {
     /// Written to wake the runtime; its peer is the runtime's kick descriptor.
     kick: UnixStream,
     guest_cid: u64,
+    /// A kick descriptor offer waits in `State::kick_offers`: the runtime, which asks at every
+    /// wake-up, takes the lock only then.
+    kicks_offered: AtomicBool,
     /// The virtio features the device offers.
     device_features: u64,
 }
@@ -117,6 +121,7 @@ impl Shared {
             }),
             kick,
             guest_cid,
+            kicks_offered: AtomicBool::new(false),
             device_features,
         }))
     }
@@ -161,6 +166,7 @@ impl Shared {
         state.worker = None;
         // The runtime stops watching the old rings' kicks (and closes its duplicates).
         state.kick_offers = [Some(None), Some(None)];
+        self.kicks_offered.store(true, Ordering::Release);
         state.vrings = None;
         state.mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         state.pending_features = None;
@@ -244,6 +250,7 @@ impl Shared {
             }
             if let Some(fd) = offer {
                 state.kick_offers[queue] = Some(Some(fd));
+                self.kicks_offered.store(true, Ordering::Release);
             }
         }
         self.wake();
@@ -347,8 +354,15 @@ impl Transport for VhostTransport {
     }
 
     fn take_kick_fd(&mut self) -> Option<KickFd> {
+        if !self.shared.kicks_offered.load(Ordering::Acquire) {
+            return None;
+        }
         let mut state = self.shared.lock();
-        let queue = state.kick_offers.iter().position(Option::is_some)?;
+        let Some(queue) = state.kick_offers.iter().position(Option::is_some) else {
+            // Cleared under the lock, so an offer made after this is seen next time.
+            self.shared.kicks_offered.store(false, Ordering::Release);
+            return None;
+        };
         let fd = state.kick_offers[queue].take()?;
         Some(KickFd {
             queue: queue as u16,

@@ -56,7 +56,7 @@ impl Pings {
 
 /// `n` raw ping-pongs.
 pub fn raw(n: usize) -> Pings {
-    let (mut a, b) = UnixStream::pair().expect("socketpair");
+    let (a, b) = UnixStream::pair().expect("socketpair");
     // The echo side stands where the device's thread would.
     let (tid_tx, tid_rx) = std::sync::mpsc::channel();
     let peer = thread::spawn(move || {
@@ -65,6 +65,14 @@ pub fn raw(n: usize) -> Pings {
         echo(b)
     });
     let tid = tid_rx.recv().expect("echo thread's id");
+    let pings = ping(a, tid, n);
+    peer.join().expect("echo");
+    pings
+}
+
+/// `n` one-byte round trips over `a` (after the warm-up), with thread `tid` measured; closes
+/// `a`, so the far side ends.
+fn ping(mut a: UnixStream, tid: i32, n: usize) -> Pings {
     Placement::place_peer();
     let mut rtts = Vec::with_capacity(n);
     let mut byte = [0u8; 1];
@@ -82,7 +90,6 @@ pub fn raw(n: usize) -> Pings {
     }
     let m = w.expect("warmed up").close();
     drop(a);
-    peer.join().expect("echo");
     Pings::of(&rtts, &m)
 }
 
@@ -91,7 +98,7 @@ pub fn raw(n: usize) -> Pings {
 /// socketpairs, with blocking reads. The four hand-offs of the device's round trip, with
 /// nothing else: the floor any relay, the device included, stands on.
 pub fn relayed(n: usize) -> Pings {
-    let (mut a, mut ra) = UnixStream::pair().expect("socketpair");
+    let (a, mut ra) = UnixStream::pair().expect("socketpair");
     let (mut rb, b) = UnixStream::pair().expect("socketpair");
     let echo_peer = thread::spawn(move || {
         Placement::place_peer();
@@ -116,26 +123,10 @@ pub fn relayed(n: usize) -> Pings {
         }
     });
     let tid = tid_rx.recv().expect("relay thread's id");
-    Placement::place_peer();
-    let mut rtts = Vec::with_capacity(n);
-    let mut byte = [0u8; 1];
-    let mut w = None;
-    for i in 0..WARM + n {
-        if i == WARM {
-            w = Some(Window::open(&[tid]));
-        }
-        let t = Instant::now();
-        a.write_all(&[i as u8]).expect("write");
-        a.read_exact(&mut byte).expect("read");
-        if i >= WARM {
-            rtts.push(t.elapsed().as_nanos() as f64 / 1000.0);
-        }
-    }
-    let m = w.expect("warmed up").close();
-    drop(a);
+    let pings = ping(a, tid, n);
     relay.join().expect("relay");
     echo_peer.join().expect("echo");
-    Pings::of(&rtts, &m)
+    pings
 }
 
 /// `n` ping-pongs through the device on `rt`.

@@ -206,6 +206,17 @@ pub fn device_h2g(rt: Runtime, bytes: u64, rate: Option<u64>) -> DeviceRun {
     }
 }
 
+/// The baselines' writer: `bytes` in 64 KiB writes.
+fn write_in_chunks(socket: &mut UnixStream, bytes: u64) {
+    let buf = vec![1u8; CHUNK];
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (bytes - sent).min(CHUNK as u64) as usize;
+        socket.write_all(&buf[..n]).expect("write");
+        sent += n as u64;
+    }
+}
+
 /// The two-thread pump: a writer thread writes `bytes` in 64 KiB writes, this thread reads
 /// them in `read_chunk` reads. Returns the seconds it took.
 pub fn pump(bytes: u64, read_chunk: usize) -> f64 {
@@ -213,14 +224,8 @@ pub fn pump(bytes: u64, read_chunk: usize) -> f64 {
     let (go, gone) = mpsc::channel::<()>();
     let writer = thread::spawn(move || {
         Placement::place_peer();
-        let buf = vec![1u8; CHUNK];
         gone.recv().expect("go");
-        let mut sent = 0u64;
-        while sent < bytes {
-            let n = (bytes - sent).min(CHUNK as u64) as usize;
-            a.write_all(&buf[..n]).expect("write");
-            sent += n as u64;
-        }
+        write_in_chunks(&mut a, bytes);
     });
     // The reader is the measured side of this pair.
     Placement::place_measured(0);
@@ -264,14 +269,8 @@ pub fn relay(bytes: u64, chunk: usize) -> (Measured, u64) {
     let (fin, finished) = mpsc::channel::<()>();
     let writer = thread::spawn(move || {
         Placement::place_peer();
-        let buf = vec![1u8; CHUNK];
         gone.recv().expect("go");
-        let mut sent = 0u64;
-        while sent < bytes {
-            let n = (bytes - sent).min(CHUNK as u64) as usize;
-            aw.write_all(&buf[..n]).expect("write");
-            sent += n as u64;
-        }
+        write_in_chunks(&mut aw, bytes);
         // The relay thread ends at end of file: not before its window is closed.
         let _ = finished.recv();
     });
