@@ -207,6 +207,7 @@ impl Device {
         let driver_config = DriverConfig {
             engine: config,
             uds_path: dir.path().join("vsock"),
+            seqpacket: true,
         };
         let mut queues = guest.device_queues();
         let activate = |device: &mut VsockDevice, queues: &mut [Queue; 3]| {

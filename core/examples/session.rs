@@ -106,6 +106,8 @@ impl World {
                         let data = p.payload().to_vec();
                         (p.send(), data)
                     }
+                    RxGrant::Probe(p) => panic!("stream connections only: {p:?}"),
+                    RxGrant::Message(m) => panic!("stream connections only: {m:?}"),
                     RxGrant::Read(r) => {
                         let s = self.sockets.get_mut(&r.conn()).unwrap();
                         let n = r.max().min(s.unread.len());

@@ -197,6 +197,12 @@ pub(crate) struct Conn {
 
     /// Guest bytes the socket refused, drawn from the pool while non-empty.
     pub(crate) ring: Option<Ring>,
+    /// Seqpacket: bytes of the guest's unfinished message, the newest in the ring (no packet
+    /// with `EOM` closed it yet, so it cannot be sent).
+    pub(crate) open_msg: u32,
+    /// Seqpacket: the size of the next message on the socket, once a probe found it and
+    /// until it is read.
+    pub(crate) rx_msg: Option<u32>,
     /// The `OK` reply and how much of it was written.
     pub(crate) ok: Option<(OkLine, u8)>,
     /// The `CONNECT` line of a host client, then the stream bytes that followed it.
@@ -237,6 +243,8 @@ impl Conn {
             tx_cnt: 0,
             credit_requested: false,
             ring: None,
+            open_msg: 0,
+            rx_msg: None,
             ok: None,
             line: ConnectParser::new(),
             owed_rx: 0,
@@ -254,18 +262,33 @@ impl Conn {
         self.peer_buf_alloc.saturating_sub(in_flight)
     }
 
-    /// Guest bytes held for the socket (the reply line not included).
+    /// Guest bytes held for the socket (the reply line not included), an unfinished message
+    /// included.
     pub(crate) fn buffered(&self) -> usize {
         self.ring.as_ref().map_or(0, Ring::len)
     }
 
-    /// Bytes waiting for the socket: the rest of the `OK` line, then buffered guest bytes.
-    pub(crate) fn host_pending(&self) -> usize {
-        let ok = self
-            .ok
+    /// Whether the connection carries messages (seqpacket), not a byte stream.
+    pub(crate) fn is_seqpacket(&self) -> bool {
+        self.key.socket_type == SocketType::SeqPacket
+    }
+
+    /// The rest of the `OK` line still to be written.
+    pub(crate) fn ok_pending(&self) -> usize {
+        self.ok
             .as_ref()
-            .map_or(0, |(line, done)| line.as_bytes().len() - *done as usize);
-        ok + self.buffered()
+            .map_or(0, |(line, done)| line.as_bytes().len() - *done as usize)
+    }
+
+    /// Bytes waiting for the socket that can be written now: the rest of the `OK` line, then
+    /// buffered guest bytes (of a seqpacket connection, those of complete messages).
+    pub(crate) fn host_pending(&self) -> usize {
+        self.ok_pending() + self.buffered() - self.open_msg as usize
+    }
+
+    /// Whether nothing at all waits for the socket, so a new payload may go straight to it.
+    pub(crate) fn nothing_held(&self) -> bool {
+        self.ok.is_none() && self.buffered() == 0
     }
 
     /// Whether host-to-guest data may still flow.
@@ -301,7 +324,27 @@ impl Conn {
         }
         let mut blocked = false;
         let credit = self.peer_credit() as usize;
-        if self.to_guest_open() {
+        if self.to_guest_open() && self.is_seqpacket() {
+            // A message goes whole or waits: the guest frees credit only for whole messages.
+            match self.rx_msg {
+                Some(size) if size as usize <= credit => {
+                    if room > 0 {
+                        return Next::Message(size as usize);
+                    }
+                    blocked = true;
+                }
+                Some(_) => {
+                    if !self.credit_requested {
+                        return control(Op::CreditRequest);
+                    }
+                }
+                None if self.readable && credit > 0 => return Next::Probe,
+                None if self.readable && !self.credit_requested => {
+                    return control(Op::CreditRequest)
+                }
+                None => {}
+            }
+        } else if self.to_guest_open() {
             let held = self.line.leftover().len();
             let max = credit.min(room).min(max_packet_payload as usize);
             if held > 0 || self.readable {
@@ -347,6 +390,7 @@ impl Conn {
                 readable: !self.readable
                     && self.to_guest_open()
                     && self.line.leftover().is_empty()
+                    && self.rx_msg.is_none()
                     && self.peer_credit() > 0,
                 writable: !self.writable && self.host_pending() > 0,
             },
@@ -385,6 +429,11 @@ pub(crate) enum Next {
         held: usize,
     },
     Read(usize),
+    /// Seqpacket: find the size of the socket's next message.
+    Probe,
+    /// Seqpacket: read the socket's next message, of this size, into as many rx buffers as
+    /// it takes.
+    Message(usize),
     /// Data is waiting but this rx buffer has no room for payload.
     Blocked,
     Nothing,

@@ -4,6 +4,7 @@
 use std::fmt;
 
 use crate::conn::ConnId;
+use crate::wire::SocketType;
 
 /// An error a host socket reported, as an `errno` value (0 when the platform gave none).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -65,6 +66,58 @@ pub enum LineRead<'a> {
     Error(SocketError),
 }
 
+/// What a peek at a seqpacket socket found: the size of its next message (a `recv` with
+/// `MSG_PEEK | MSG_TRUNC` and no buffer), for
+/// [`RxProbe::complete`](crate::RxProbe::complete).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Probe {
+    /// The next message has this many bytes (more than zero).
+    Size(usize),
+    /// The next message was empty; the caller consumed it. (A Unix seqpacket read of 0 bytes
+    /// is an empty message unless the peer shut down its sending side: the caller tells the
+    /// two apart, with `POLLRDHUP`.)
+    Empty,
+    /// The peer shut down its sending side and every message was read.
+    Eof,
+    /// No message is queued.
+    WouldBlock,
+    /// The peek failed.
+    Error(SocketError),
+}
+
+/// The socket types the guest's driver negotiated, for
+/// [`Engine::set_socket_types`](crate::Engine::set_socket_types).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SocketTypes {
+    /// `SOCK_STREAM` connections.
+    pub stream: bool,
+    /// `SOCK_SEQPACKET` connections (`VIRTIO_VSOCK_F_SEQPACKET`).
+    pub seqpacket: bool,
+}
+
+impl SocketTypes {
+    /// Streams only: what a driver that negotiated no socket feature gets, and what an engine
+    /// starts with.
+    pub const STREAM: SocketTypes = SocketTypes {
+        stream: true,
+        seqpacket: false,
+    };
+
+    /// Whether connections of type `ty` are allowed.
+    pub fn allows(self, ty: SocketType) -> bool {
+        match ty {
+            SocketType::Stream => self.stream,
+            SocketType::SeqPacket => self.seqpacket,
+        }
+    }
+}
+
+impl Default for SocketTypes {
+    fn default() -> Self {
+        SocketTypes::STREAM
+    }
+}
+
 /// Readiness and completion events of a host socket.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum HostEvent {
@@ -103,16 +156,21 @@ pub struct Interest {
 /// [`Engine::poll_action`](crate::Engine::poll_action).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Action {
-    /// Open a non-blocking stream socket for `conn` and connect it to `<uds_path>_<port>`,
-    /// then report [`HostEvent::Connected`] or [`HostEvent::ConnectFailed`].
+    /// Open a non-blocking socket of `socket_type` (`SOCK_STREAM` or `SOCK_SEQPACKET`) for
+    /// `conn` and connect it to `<uds_path>_<port>`, then report [`HostEvent::Connected`] or
+    /// [`HostEvent::ConnectFailed`] (a listener of the other type refuses with `EPROTOTYPE`:
+    /// a failed connect, like a missing listener).
     Connect {
         /// The connection the new socket belongs to.
         conn: ConnId,
         /// The vsock port the guest connected to.
         port: u32,
+        /// The guest socket's type, and so the host socket's.
+        socket_type: SocketType,
     },
     /// Read at most `max` bytes of the client's `CONNECT` line and report them with
-    /// [`Engine::handle_connect_line`](crate::Engine::handle_connect_line).
+    /// [`Engine::handle_connect_line`](crate::Engine::handle_connect_line). A seqpacket
+    /// client's line is one message: one read of it (a longer message is cut, and refused).
     ReadConnectLine {
         /// The accepted host client.
         conn: ConnId,
@@ -120,7 +178,7 @@ pub enum Action {
         max: usize,
     },
     /// Write what [`Engine::host_bytes`](crate::Engine::host_bytes) returns for `conn` (one
-    /// `writev`) and report the result with
+    /// `writev`; on a seqpacket socket that is one whole message) and report the result with
     /// [`Engine::handle_host_write`](crate::Engine::handle_host_write).
     Flush {
         /// The connection with bytes for its socket.

@@ -98,7 +98,7 @@
 //!         while let Some(action) = engine.poll_action() {
 //!             busy = true;
 //!             match action {
-//!                 Action::Connect { conn, port } => {
+//!                 Action::Connect { conn, port, .. } => {
 //!                     assert_eq!(port, 1234); // connect to "<uds_path>_1234"
 //!                     sockets.insert(conn, (Vec::new(), Vec::new()));
 //!                     engine.handle_host_event(now, conn, HostEvent::Connected).unwrap();
@@ -131,6 +131,8 @@
 //!                         to_guest.push((h, data));
 //!                     }
 //!                 }
+//!                 // Seqpacket message grants; this guest has only stream sockets.
+//!                 RxGrant::Probe(_) | RxGrant::Message(_) => unreachable!(),
 //!             }
 //!         }
 //!         if !busy {
@@ -209,10 +211,13 @@ pub mod wire;
 
 pub use config::{Config, ConfigError};
 pub use conn::{ConnId, ConnState, Origin};
-pub use engine::{Engine, RxGrant, RxPacket, RxRead, Tx, TxData};
+pub use engine::{
+    Engine, MessageHeaders, RxGrant, RxMessage, RxPacket, RxProbe, RxRead, Tx, TxData,
+};
 pub use error::{ConnError, TableFull};
 pub use io::{
-    Action, Direction, GuestBytes, HostEvent, Interest, Io, LineRead, MemoryFault, SocketError,
+    Action, Direction, GuestBytes, HostEvent, Interest, Io, LineRead, MemoryFault, Probe,
+    SocketError, SocketTypes,
 };
 pub use stats::{ConnStats, Stats};
 pub use time::Instant;

@@ -32,9 +32,9 @@
 
 use crate::conn::ConnId;
 use crate::error::TableFull;
-use crate::io::{Action, GuestBytes, HostEvent, Io, LineRead};
+use crate::io::{Action, GuestBytes, HostEvent, Io, LineRead, Probe, SocketTypes};
 use crate::time::Instant;
-use crate::wire::Header;
+use crate::wire::{Header, SocketType};
 use crate::{Config, ConfigError};
 
 use std::fmt;
@@ -71,6 +71,11 @@ pub enum Grant {
     Packet,
     /// A read from the connection's socket.
     Read(ConnId),
+    /// A peek at the size of the next message on the connection's seqpacket socket.
+    Probe(ConnId),
+    /// A read of the next message on the connection's seqpacket socket, into as many rx
+    /// buffers as it takes (the first is the one offered).
+    Message(ConnId),
 }
 
 /// What became of the payload of a packet from the guest.
@@ -94,8 +99,12 @@ pub enum Event<'a> {
     Start(&'a Config, Snapshot),
     /// The outcome of the payload of the packet from the guest reported just before.
     TxWritten(TxOutcome),
-    /// [`Engine::handle_accept`](crate::Engine::handle_accept) and its result.
-    Accept(Result<ConnId, TableFull>),
+    /// [`Engine::handle_accept`](crate::Engine::handle_accept) (a client of the stream
+    /// listener) or [`Engine::handle_seqpacket_accept`](crate::Engine::handle_seqpacket_accept),
+    /// and its result.
+    Accept(SocketType, Result<ConnId, TableFull>),
+    /// [`Engine::set_socket_types`](crate::Engine::set_socket_types).
+    SocketTypes(SocketTypes),
     /// [`Engine::handle_connect_line`](crate::Engine::handle_connect_line).
     ConnectLine(ConnId, LineRead<'a>),
     /// [`Engine::handle_host_event`](crate::Engine::handle_host_event).
@@ -123,6 +132,12 @@ pub enum Event<'a> {
     /// [`RxRead::complete`](crate::RxRead::complete) with the read's result; the packet it
     /// makes, if any, follows with the bytes read as its payload.
     RxRead(ConnId, Io),
+    /// [`RxProbe::complete`](crate::RxProbe::complete) with what the peek found; the packet
+    /// it makes (end of file), if any, follows.
+    Probe(ConnId, Probe),
+    /// [`RxMessage::complete`](crate::RxMessage::complete) with the read's result and the
+    /// payload room of each rx buffer used; the packets it makes follow, one per buffer.
+    RxMessage(ConnId, Io, &'a [usize]),
     /// [`Engine::poll_action`](crate::Engine::poll_action) returned this action (`None`:
     /// nothing, though it had connections to look at).
     Action(Option<Action>),
@@ -132,8 +147,14 @@ impl Event<'_> {
     /// The connection the event names, if any.
     pub fn conn(&self) -> Option<ConnId> {
         match *self {
-            Event::Accept(Ok(conn))
+            Event::Accept(_, Ok(conn))
             | Event::ConnectLine(conn, _)
+            | Event::Probe(conn, _)
+            | Event::RxMessage(conn, ..)
+            | Event::PollRx {
+                grant: Grant::Probe(conn) | Grant::Message(conn),
+                ..
+            }
             | Event::Host(conn, _)
             | Event::HostWrite(conn, _)
             | Event::ResetConnection(conn)

@@ -33,6 +33,10 @@ pub struct Stats {
     pub credit_updates_sent: u64,
     /// CREDIT_REQUEST packets delivered to the guest.
     pub credit_requests_sent: u64,
+    /// Seqpacket messages from the guest that reached their host socket whole.
+    pub messages_to_host: u64,
+    /// Seqpacket messages from host sockets delivered to the guest whole.
+    pub messages_to_guest: u64,
 
     /// Dropped: the source CID is not the guest's, or the destination is not the host.
     pub wrong_cid: u64,
@@ -98,6 +102,27 @@ pub struct Stats {
     pub guest_bytes_lost: u64,
     /// Ignored: an event for a connection handle that is no longer live.
     pub stale_events: u64,
+    /// Seqpacket, dropped: the guest marked a message as the end of a record (`EOR`), which a
+    /// Unix socket cannot carry; the message itself is delivered.
+    pub seqpacket_eor_dropped: u64,
+    /// Seqpacket, dropped: an empty message from the guest (Linux never sends one).
+    pub seqpacket_empty_from_guest: u64,
+    /// Seqpacket, dropped: an empty message from a host socket (vsock cannot carry one).
+    pub seqpacket_empty_from_host: u64,
+    /// Seqpacket, dropped: the guest's unfinished message when it shut down its sending side
+    /// (its bytes count in `guest_bytes_lost`).
+    pub seqpacket_partial_dropped: u64,
+    /// Seqpacket, reset: a host message larger than the guest's whole receive buffer, which
+    /// it could never take. The host socket is closed, so both ends see the failure.
+    pub seqpacket_oversize_from_host: u64,
+    /// Seqpacket, reset: the host socket refused a message as too large (`EMSGSIZE`).
+    pub seqpacket_host_emsgsize: u64,
+    /// Seqpacket, reset: a write to a seqpacket socket reported a partial message, which an
+    /// atomic send never does.
+    pub seqpacket_partial_write: u64,
+    /// Closed: a client of the seqpacket listener while the guest has not negotiated
+    /// seqpacket sockets.
+    pub seqpacket_clients_refused: u64,
     /// Reset at the caller's request ([`Engine::reset_connection`](crate::Engine::reset_connection)).
     pub resets_by_caller: u64,
 }

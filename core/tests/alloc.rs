@@ -97,6 +97,8 @@ impl Bench {
             let now = self.now;
             let got = watch(|| match self.engine.poll_rx(now, 4096 - 44)? {
                 RxGrant::Packet(p) => Some(p.send()),
+                RxGrant::Probe(p) => panic!("stream connections only: {p:?}"),
+                RxGrant::Message(m) => panic!("stream connections only: {m:?}"),
                 RxGrant::Read(r) => {
                     let n = r.max().min(1000);
                     r.complete(Io::Done(n), &mut &[0u8; 1000][..]).unwrap()

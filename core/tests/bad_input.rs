@@ -133,6 +133,8 @@ fn drain_rx(e: &mut Engine, now: Instant) -> Result<Vec<Header>, String> {
     while let Some(g) = e.poll_rx(now, 65536) {
         match g {
             RxGrant::Packet(p) => out.push(p.send()),
+            RxGrant::Probe(p) => panic!("stream connections only: {p:?}"),
+            RxGrant::Message(m) => panic!("stream connections only: {m:?}"),
             RxGrant::Read(r) => return Err(format!("unexpected {r:?}")),
         }
         if out.len() > 100 {
@@ -173,7 +175,7 @@ fn build(setup: Setup) -> (Engine, Option<ConnId>) {
                 Tx::Done
             ));
             let conn = match e.poll_action() {
-                Some(Action::Connect { conn, port: HP }) => conn,
+                Some(Action::Connect { conn, port: HP, .. }) => conn,
                 other => panic!("setup: expected Connect, got {other:?}"),
             };
             drain_actions(&mut e);

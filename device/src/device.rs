@@ -12,11 +12,11 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::GuestMemory;
 use vsock_core::wire::{
     ConfigSpace, Event, Header, EVENT_TRANSPORT_RESET, HEADER_LEN,
-    VIRTIO_VSOCK_F_NO_IMPLIED_STREAM, VIRTIO_VSOCK_F_STREAM,
+    VIRTIO_VSOCK_F_NO_IMPLIED_STREAM, VIRTIO_VSOCK_F_SEQPACKET, VIRTIO_VSOCK_F_STREAM,
 };
 use vsock_core::{
     Action, Config, ConfigError, ConnId, Engine, GuestBytes, Instant, Io, MemoryFault, RxGrant,
-    SocketError, Tx,
+    SocketError, SocketTypes, Tx,
 };
 use zerocopy::IntoBytes;
 
@@ -115,8 +115,8 @@ impl From<virtio_queue::Error> for DeviceError {
 pub enum FeatureError {
     /// The driver acknowledged bits the device never offered.
     NotOffered(u64),
-    /// The driver negotiated neither stream sockets nor an implied stream
-    /// (`NO_IMPLIED_STREAM` without `STREAM`): it could use nothing this device serves.
+    /// The driver negotiated no socket type at all (`NO_IMPLIED_STREAM` without `STREAM` or
+    /// `SEQPACKET`): it could use nothing this device serves.
     NoStream,
 }
 
@@ -164,6 +164,12 @@ pub struct DeviceStats {
     pub rx_bad_memory: u64,
     /// Event chain unusable (read-only, short, outside memory or broken): returned empty.
     pub event_bad_chain: u64,
+    /// A host seqpacket message waited for the guest to post more rx buffers: it takes
+    /// several, and fewer were available.
+    pub rx_message_waits: u64,
+    /// A host seqpacket message no posted ring could ever hold (more buffers than the queue
+    /// has, or more pieces of memory than one read takes): the connection was reset.
+    pub rx_message_unplaceable: u64,
     /// Config space writes (the space is read-only): ignored.
     pub config_writes: u64,
     /// Times the guest was interrupted, per [`Served`].
@@ -183,12 +189,23 @@ pub struct DeviceState {
     pub queues: [QueueState; 3],
 }
 
+/// One rx chain of a host message: its head index, its segments in `msg_segs`, and its
+/// payload room (0 if it is unusable, and returned empty).
+#[derive(Clone, Copy, Debug)]
+struct MsgChain {
+    head: u16,
+    segs: (usize, usize),
+    room: usize,
+}
+
 /// How many chains one `serve` call takes from each queue before yielding.
 const CHAIN_BUDGET: usize = 256;
 
 /// A virtio-vsock device: the engine bound to virtqueues in guest memory.
 pub struct VsockDevice {
     engine: Engine,
+    /// Whether `VIRTIO_VSOCK_F_SEQPACKET` is offered.
+    seqpacket: bool,
     acked_features: u64,
     activated: bool,
     /// A TRANSPORT_RESET event is owed to the guest.
@@ -196,6 +213,12 @@ pub struct VsockDevice {
     stats: DeviceStats,
     /// Scratch space for flattening a chain, reserved once.
     segs: Vec<Seg>,
+    /// Scratch space for the rx chains one host message is read into: their segments, one
+    /// after the other, and per chain its head, where its segments start, and its payload
+    /// room (0 for an unusable chain). Reserved once.
+    msg_segs: Vec<Seg>,
+    msg_chains: Vec<MsgChain>,
+    msg_rooms: Vec<usize>,
 }
 
 impl fmt::Debug for VsockDevice {
@@ -223,12 +246,23 @@ impl VsockDevice {
     pub fn new(config: Config, now: Instant) -> Result<Self, ConfigError> {
         Ok(VsockDevice {
             engine: Engine::new(config, now)?,
+            seqpacket: true,
             acked_features: 0,
             activated: false,
             event_owed: false,
             stats: DeviceStats::default(),
             segs: Vec::with_capacity(Self::MAX_CHAIN),
+            msg_segs: Vec::with_capacity(crate::memory::MAX_MSG_IOV),
+            msg_chains: Vec::with_capacity(crate::memory::MAX_MSG_IOV),
+            msg_rooms: Vec::with_capacity(crate::memory::MAX_MSG_IOV),
         })
+    }
+
+    /// Whether to offer seqpacket sockets (`VIRTIO_VSOCK_F_SEQPACKET`); they are offered
+    /// unless switched off. For before feature negotiation: the driver's choice is read from
+    /// the features it acknowledges.
+    pub fn set_seqpacket(&mut self, offer: bool) {
+        self.seqpacket = offer;
     }
 
     /// The features the device offers.
@@ -238,6 +272,19 @@ impl VsockDevice {
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
             | 1 << VIRTIO_VSOCK_F_STREAM
             | 1 << VIRTIO_VSOCK_F_NO_IMPLIED_STREAM
+            | u64::from(self.seqpacket) << VIRTIO_VSOCK_F_SEQPACKET
+    }
+
+    /// The socket types the acknowledged features allow: streams if `STREAM` was acked or
+    /// not excluded by `NO_IMPLIED_STREAM` (Linux acks only `SEQPACKET`, relying on streams
+    /// being implied), seqpacket if `SEQPACKET` was acked.
+    pub fn socket_types(&self) -> SocketTypes {
+        let f = self.acked_features;
+        SocketTypes {
+            stream: f & 1 << VIRTIO_VSOCK_F_STREAM != 0
+                || f & 1 << VIRTIO_VSOCK_F_NO_IMPLIED_STREAM == 0,
+            seqpacket: f & 1 << VIRTIO_VSOCK_F_SEQPACKET != 0,
+        }
     }
 
     /// Records the features the driver acknowledged.
@@ -258,8 +305,9 @@ impl VsockDevice {
             return Err(FeatureError::NotOffered(extra));
         }
         let stream = features & 1 << VIRTIO_VSOCK_F_STREAM != 0;
+        let seqpacket = features & 1 << VIRTIO_VSOCK_F_SEQPACKET != 0;
         let no_implied = features & 1 << VIRTIO_VSOCK_F_NO_IMPLIED_STREAM != 0;
-        if no_implied && !stream {
+        if no_implied && !stream && !seqpacket {
             return Err(FeatureError::NoStream);
         }
         Ok(())
@@ -297,14 +345,25 @@ impl VsockDevice {
         self.stats.config_writes += 1;
     }
 
-    /// Activates the device on its three queues, after feature negotiation.
+    /// Activates the device on its three queues, after feature negotiation: from now on the
+    /// engine serves the socket types the driver negotiated.
     pub fn activate(&mut self, queues: Queues<'_>) {
         let event_idx = self.event_idx();
         queues.rx.set_event_idx(event_idx);
         queues.tx.set_event_idx(event_idx);
         queues.event.set_event_idx(event_idx);
         self.activated = true;
-        debug!(event_idx, "device activated");
+        self.apply_socket_types();
+        debug!(event_idx, types = ?self.socket_types(), "device activated");
+    }
+
+    /// Tells the engine which socket types the driver negotiated.
+    fn apply_socket_types(&mut self) {
+        let types = self.socket_types();
+        if self.engine.socket_types() != types {
+            let now = self.engine.now();
+            self.engine.set_socket_types(now, types);
+        }
     }
 
     /// Whether the device is activated.
@@ -378,6 +437,9 @@ impl VsockDevice {
         self.acked_features = state.acked_features;
         self.activated = state.activated;
         self.event_owed = state.activated;
+        if self.activated {
+            self.apply_socket_types();
+        }
         debug!("device restored; transport reset owed");
         Ok(queues)
     }

@@ -38,7 +38,7 @@ impl<'s> Span<'s> {
 
     /// Calls `f(address, length)` for each contiguous piece of `[offset, offset + len)` of
     /// this span, in order. Stops early if `f` fails.
-    fn for_each_piece<E>(
+    pub(crate) fn for_each_piece<E>(
         &self,
         offset: usize,
         len: usize,
@@ -184,6 +184,33 @@ impl<'s> Span<'s> {
         }
     }
 
+    /// Writes the whole span to the seqpacket socket `fd` as one message: one `sendmsg`, which
+    /// takes all of it or nothing. `Ok(Ok(0))` if the span has more pieces than one call
+    /// takes (nothing was tried; the engine then copies the message).
+    pub(crate) fn send_message<M: GuestMemory>(
+        &self,
+        mem: &M,
+        fd: BorrowedFd<'_>,
+    ) -> Result<io::Result<usize>, MemoryFault> {
+        let mut pieces = 0usize;
+        let _ = self.for_each_piece(0, self.len, |addr, n| {
+            pieces += mem
+                .get_slices(addr, n, Permissions::Read)
+                .map_or(MAX_IOV + 1, |s| s.count());
+            if pieces > MAX_IOV {
+                Err(())
+            } else {
+                Ok(())
+            }
+        });
+        if pieces > MAX_IOV {
+            return Ok(Ok(0));
+        }
+        Ok(self
+            .send_once(mem, self.len, fd)?
+            .map(|(written, _)| written))
+    }
+
     /// One `sendmsg` of at most `max` bytes over at most [`MAX_IOV`] pieces: the bytes written
     /// and the bytes offered.
     fn send_once<M: GuestMemory>(
@@ -263,6 +290,124 @@ impl<'s> Span<'s> {
             left -= k;
         }
         Ok(Ok(r as usize))
+    }
+}
+
+/// The most pieces of guest memory one message read covers: Linux's `UIO_MAXIOV`, the most a
+/// `recvmsg` takes.
+pub(crate) const MAX_MSG_IOV: usize = 1024;
+
+/// Reads one message from the seqpacket socket `fd`, scattered over `spans` in order, with one
+/// `recvmsg` (`MSG_TRUNC`: the result is the message's real length, even if the spans are
+/// shorter), never blocking. Every byte of the spans is marked dirty. `Err` if the spans lie
+/// outside guest memory or take more than [`MAX_MSG_IOV`] pieces.
+pub(crate) fn read_message_from_fd<'s, M: GuestMemory>(
+    mem: &M,
+    spans: impl Iterator<Item = Span<'s>>,
+    fd: BorrowedFd<'_>,
+) -> Result<io::Result<usize>, MemoryFault> {
+    let mut guards = [const { None }; MAX_MSG_IOV];
+    let mut count = 0;
+    for span in spans {
+        span.for_each_piece(0, span.len, |addr, n| {
+            for slice in mem
+                .get_slices(addr, n, Permissions::Write)
+                .map_err(|_| MemoryFault)?
+            {
+                let slice = slice.map_err(|_| MemoryFault)?;
+                if count == MAX_MSG_IOV {
+                    return Err(MemoryFault);
+                }
+                // Marked before the read: a byte marked and then not written is harmless.
+                slice.bitmap().mark_dirty(0, slice.len());
+                guards[count] = Some(slice.ptr_guard_mut());
+                count += 1;
+            }
+            Ok(())
+        })?;
+    }
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_MSG_IOV];
+    for (entry, guard) in iov.iter_mut().zip(guards.iter().flatten()) {
+        *entry = libc::iovec {
+            iov_base: guard.as_ptr().cast(),
+            iov_len: guard.len(),
+        };
+    }
+    // SAFETY: `msghdr` is a plain C struct for which all-zero bytes are a valid value (null
+    // name and control pointers with zero lengths).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = count as _;
+    // SAFETY: the first `count` iovecs describe writable slices of mapped guest memory that
+    // vm-memory checked against the guest's regions; the guards keep those mappings alive
+    // until after the call. Guest memory is only ever accessed through raw pointers, which is
+    // what `recvmsg` does. `msg` points at `iov`, which outlives the call, asks for no address
+    // and no control data, and `count <= MAX_MSG_IOV <= UIO_MAXIOV`. `fd` is a valid borrowed
+    // descriptor. MSG_DONTWAIT keeps the call from blocking whatever the descriptor's mode.
+    let r = unsafe {
+        libc::recvmsg(
+            fd.as_raw_fd(),
+            &raw mut msg,
+            libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+        )
+    };
+    // The guards live until here, past the call.
+    drop(guards);
+    Ok(if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    })
+}
+
+/// Peeks at the size of the next message on the seqpacket socket `fd`, never blocking. A
+/// zero-length result is an empty message, which is consumed, unless the peer shut down its
+/// sending side (`POLLRDHUP`): then it is end of file.
+pub(crate) fn probe_message(fd: BorrowedFd<'_>) -> vsock_core::Probe {
+    use vsock_core::{Probe, SocketError};
+    let peek = |flags: libc::c_int| {
+        // SAFETY: a zero-length receive into a null buffer writes nothing; `fd` is a valid
+        // borrowed descriptor and MSG_DONTWAIT keeps the call from blocking.
+        let r = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                std::ptr::null_mut(),
+                0,
+                flags | libc::MSG_DONTWAIT,
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
+    };
+    let error = |e: io::Error| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Probe::WouldBlock,
+        _ => Probe::Error(SocketError::from(&e)),
+    };
+    match peek(libc::MSG_PEEK | libc::MSG_TRUNC) {
+        Ok(0) => {}
+        Ok(n) => return Probe::Size(n),
+        Err(e) => return error(e),
+    }
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid pollfd for the duration of the call; a zero timeout never
+    // blocks.
+    let polled = unsafe { libc::poll(&raw mut pfd, 1, 0) };
+    if polled > 0 && pfd.revents & libc::POLLRDHUP != 0 {
+        return Probe::Eof;
+    }
+    match peek(0) {
+        Ok(_) => Probe::Empty,
+        Err(e) => error(e),
     }
 }
 

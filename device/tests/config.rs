@@ -74,10 +74,39 @@ fn offered_features() {
     let f = dev.features();
     assert_eq!(
         f,
-        VERSION_1 | EVENT_IDX | INDIRECT_DESC | STREAM | NO_IMPLIED_STREAM
+        VERSION_1 | EVENT_IDX | INDIRECT_DESC | STREAM | SEQPACKET | NO_IMPLIED_STREAM
     );
-    assert_eq!(f & SEQPACKET, 0, "seqpacket is not served");
     assert_eq!(f & RING_PACKED, 0, "virtio-queue has split rings only");
+    // Switched off, seqpacket is not offered, and a driver that acks it is refused.
+    let mut dev = device(3);
+    dev.set_seqpacket(false);
+    assert_eq!(dev.features(), f & !SEQPACKET);
+    assert_eq!(
+        dev.ack_features(VERSION_1 | SEQPACKET),
+        Err(FeatureError::NotOffered(SEQPACKET))
+    );
+}
+
+#[test]
+fn negotiated_features_give_the_socket_types() {
+    use vsock_core::SocketTypes;
+    let types = |acked: u64| {
+        let mut dev = device(3);
+        dev.ack_features(acked).unwrap();
+        dev.socket_types()
+    };
+    let t = |stream, seqpacket| SocketTypes { stream, seqpacket };
+    // No socket bit: streams are implied.
+    assert_eq!(types(VERSION_1), t(true, false));
+    // Linux 6.1 acks SEQPACKET alone and relies on streams being implied.
+    assert_eq!(types(VERSION_1 | SEQPACKET), t(true, true));
+    assert_eq!(types(VERSION_1 | STREAM | SEQPACKET), t(true, true));
+    assert_eq!(types(VERSION_1 | STREAM | NO_IMPLIED_STREAM), t(true, false));
+    // Seqpacket only, streams excluded: a driver the device serves (seqpacket only).
+    assert_eq!(
+        types(VERSION_1 | SEQPACKET | NO_IMPLIED_STREAM),
+        t(false, true)
+    );
 }
 
 #[test]
@@ -124,12 +153,12 @@ fn ack_features_refuses_bits_not_offered() {
     }
     assert_eq!(
         dev.ack_features(SEQPACKET | RING_PACKED | STREAM),
-        Err(FeatureError::NotOffered(SEQPACKET | RING_PACKED))
+        Err(FeatureError::NotOffered(RING_PACKED))
     );
     // Both errors at once: the unoffered bits are reported.
     assert_eq!(
-        dev.ack_features(NO_IMPLIED_STREAM | SEQPACKET),
-        Err(FeatureError::NotOffered(SEQPACKET))
+        dev.ack_features(NO_IMPLIED_STREAM | RING_PACKED),
+        Err(FeatureError::NotOffered(RING_PACKED))
     );
 }
 

@@ -22,6 +22,9 @@ pub struct DriverConfig {
     /// The base path `<uds_path>`: host clients connect to it, a guest connection to port
     /// `P` goes to `<uds_path>_P`.
     pub uds_path: PathBuf,
+    /// Offer seqpacket sockets (`VIRTIO_VSOCK_F_SEQPACKET`), with host clients of seqpacket
+    /// connections at `<uds_path>_seqpacket`. On by default.
+    pub seqpacket: bool,
 }
 
 impl DriverConfig {
@@ -30,6 +33,7 @@ impl DriverConfig {
         DriverConfig {
             engine: Config::new(guest_cid),
             uds_path: uds_path.into(),
+            seqpacket: true,
         }
     }
 }
@@ -60,6 +64,8 @@ pub struct Driver<R: Reactor> {
     device: VsockDevice,
     host: Host<R>,
     listener: Listener,
+    /// The seqpacket listener at `<uds_path>_seqpacket`, if seqpacket sockets are offered.
+    seqpacket_listener: Option<Listener>,
     epoch: std::time::Instant,
     /// When to accept again after an accept failed with clients possibly still waiting.
     accept_retry: Option<Instant>,
@@ -91,13 +97,46 @@ where
     pub fn new(config: DriverConfig, reactor: R) -> io::Result<Self> {
         let path = UdsPath::new(config.uds_path)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let listener = Listener::bind(path.listener())?;
-        let device = VsockDevice::new(config.engine, Instant::ZERO)
+        let buffer = config.engine.buffer_size as usize;
+        let mut device = VsockDevice::new(config.engine, Instant::ZERO)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        device.set_seqpacket(config.seqpacket);
+        if config.seqpacket {
+            // A guest message may fill the whole buffer we advertise, and a Unix seqpacket
+            // socket refuses a message longer than its send buffer: check the kernel gives
+            // one large enough before offering seqpacket sockets at all.
+            let limit = crate::seqpacket_message_limit(buffer)?;
+            if limit < buffer {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "seqpacket sockets need messages of {buffer} bytes (the buffer size), \
+                         but this kernel's send buffers take at most {limit}: raise \
+                         net.core.wmem_max to at least {}, use a smaller buffer, or turn \
+                         seqpacket sockets off",
+                        crate::seqpacket_send_buffer(buffer)
+                    ),
+                ));
+            }
+        }
+        let listener = Listener::bind(path.listener())?;
+        let seqpacket_listener = if config.seqpacket {
+            Some(Listener::bind_typed(
+                &path.seqpacket_listener(),
+                vsock_core::wire::SocketType::SeqPacket,
+            )?)
+        } else {
+            None
+        };
+        let mut host = Host::new(path, reactor);
+        if config.seqpacket {
+            host.set_seqpacket_send_buffer(crate::seqpacket_send_buffer(buffer));
+        }
         Ok(Driver {
             device,
-            host: Host::new(path, reactor),
+            host,
             listener,
+            seqpacket_listener,
             epoch: std::time::Instant::now(),
             accept_retry: None,
             accept_more: false,
@@ -112,6 +151,13 @@ where
     /// The listener host clients connect to.
     pub fn listener(&self) -> &Listener {
         &self.listener
+    }
+
+    /// The listener host clients of seqpacket connections connect to
+    /// (`<uds_path>_seqpacket`), if seqpacket sockets are offered. A runtime watches it as it
+    /// watches [`listener`](Self::listener), and calls [`accept`](Self::accept) for either.
+    pub fn seqpacket_listener(&self) -> Option<&Listener> {
+        self.seqpacket_listener.as_ref()
     }
 
     /// The device (features, config space, activation, reset, save/restore, stats).
@@ -146,11 +192,29 @@ where
     fn accept_round(&mut self, now: Instant) {
         self.accept_more = false;
         let batch = ACCEPT_BATCH.min(self.device.engine().config().max_pending_host_clients);
+        // Each listener gets its round: a flood on one never keeps the other's clients out.
+        let more = self.accept_from(now, false, batch);
+        let more_seqpacket = self.seqpacket_listener.is_some() && self.accept_from(now, true, batch);
+        self.accept_more = more || more_seqpacket;
+    }
+
+    /// Accepts up to `batch` clients of one listener. Returns whether more may wait.
+    fn accept_from(&mut self, now: Instant, seqpacket: bool, batch: usize) -> bool {
         for _ in 0..batch {
-            match self.listener.accept() {
+            let listener = if seqpacket {
+                self.seqpacket_listener.as_ref().expect("checked by the caller")
+            } else {
+                &self.listener
+            };
+            match listener.accept() {
                 Ok(Some(stream)) => {
                     let engine = self.device.engine_mut();
-                    if let Some(conn) = self.host.adopt_client(now, engine, stream) {
+                    let adopted = if seqpacket {
+                        self.host.adopt_seqpacket_client(now, engine, stream)
+                    } else {
+                        self.host.adopt_client(now, engine, stream)
+                    };
+                    if let Some(conn) = adopted {
                         debug!(%conn, "host client");
                         // Its line may already be there; a spurious readable is harmless.
                         let _ = engine.handle_host_event(now, conn, HostEvent::Readable);
@@ -158,8 +222,10 @@ where
                     }
                 }
                 Ok(None) => {
-                    self.accept_retry = None;
-                    return;
+                    if !seqpacket {
+                        self.accept_retry = None;
+                    }
+                    return false;
                 }
                 Err(e) => {
                     // EMFILE and friends: the client waits in the backlog. Rather than spin,
@@ -170,13 +236,13 @@ where
                         debug!(error = %e, "accept failed again");
                     }
                     self.accept_retry = Some(now + ACCEPT_RETRY);
-                    return;
+                    return false;
                 }
             }
         }
         // More may wait: the next round comes after the queues and the other sockets had
         // theirs.
-        self.accept_more = true;
+        true
     }
 
     /// The socket in table slot `slot` (the runtime's registration key: see

@@ -2,10 +2,11 @@
 //! [`Action`]s turn into system calls.
 //!
 //! - [`UdsPath`]: the base path `<uds_path>`; a guest connection to port `P` goes to
-//!   `<uds_path>_P`, host clients connect to `<uds_path>` itself.
-//! - [`Listener`]: the socket host clients connect to, bound non-blocking, with the path
-//!   unlinked when it is dropped (and a stale file from a dead process replaced, a live
-//!   listener refused).
+//!   `<uds_path>_P`, host clients connect to `<uds_path>` itself, or, for seqpacket
+//!   connections, to `<uds_path>_seqpacket`.
+//! - [`Listener`]: a socket host clients connect to (stream or seqpacket), bound
+//!   non-blocking, with the path unlinked when it is dropped (and a stale file from a dead
+//!   process replaced, a live listener refused).
 //! - [`Host`]: the table of connection sockets. It implements
 //!   [`vsock_device::HostSockets`], so [`VsockDevice::serve`] performs actions
 //!   through it: non-blocking connects, the `CONNECT` line read in bounded pieces,
@@ -44,8 +45,9 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
+use socket2::{Domain, SockAddr, Socket, Type};
 use tracing::{debug, warn};
-use vsock_core::wire::CONNECT_LINE_MAX;
+use vsock_core::wire::{SocketType, CONNECT_LINE_MAX};
 use vsock_core::{
     Action, ConnId, Direction, Engine, HostEvent, Instant, Interest, LineRead, SocketError,
 };
@@ -124,6 +126,59 @@ impl UdsPath {
         s.push(format!("_{port}"));
         PathBuf::from(s)
     }
+
+    /// `<uds_path>_seqpacket`: where host clients of seqpacket connections connect (no port
+    /// number makes this name, and it fits the room left for one).
+    pub fn seqpacket_listener(&self) -> PathBuf {
+        let mut s = self.base.clone().into_os_string();
+        s.push("_seqpacket");
+        PathBuf::from(s)
+    }
+}
+
+fn socket_type(ty: SocketType) -> Type {
+    match ty {
+        SocketType::Stream => Type::STREAM,
+        SocketType::SeqPacket => Type::SEQPACKET,
+    }
+}
+
+/// A non-blocking Unix socket of type `ty`, connected to `path`. A Unix connect completes at
+/// once or fails at once (a full backlog is would-block; a listener of the other type is
+/// `EPROTOTYPE`).
+///
+/// The std type carries a seqpacket socket too: reads, writes and shutdowns on it are a
+/// message socket's, one message per call.
+pub fn connect_unix(path: &Path, ty: SocketType) -> io::Result<UnixStream> {
+    match ty {
+        SocketType::Stream => Ok(UnixStream::from(mio::net::UnixStream::connect(path)?)),
+        SocketType::SeqPacket => {
+            let socket = Socket::new(Domain::UNIX, socket_type(ty).cloexec(), None)?;
+            socket.set_nonblocking(true)?;
+            socket.connect(&SockAddr::unix(path)?)?;
+            Ok(UnixStream::from(socket))
+        }
+    }
+}
+
+/// The `SO_SNDBUF` value to set on a seqpacket socket so that it takes a message of
+/// `message` bytes: Linux doubles the value it is given (up to twice `net.core.wmem_max`),
+/// and refuses a message longer than the result less 32 bytes.
+pub fn seqpacket_send_buffer(message: usize) -> usize {
+    (message + 32).div_ceil(2)
+}
+
+/// The largest message a seqpacket socket takes once asked to take `message` bytes (see
+/// [`seqpacket_send_buffer`]): less than `message` when `net.core.wmem_max` caps the send
+/// buffer below what it needs.
+///
+/// # Errors
+///
+/// A socket pair cannot be made.
+pub fn seqpacket_message_limit(message: usize) -> io::Result<usize> {
+    let (a, _b) = Socket::pair(Domain::UNIX, Type::SEQPACKET.cloexec(), None)?;
+    a.set_send_buffer_size(seqpacket_send_buffer(message))?;
+    Ok(a.send_buffer_size()?.saturating_sub(32))
 }
 
 /// Binds a Unix listening socket at `path` (blocking, as the standard library makes it). A
@@ -135,17 +190,39 @@ impl UdsPath {
 ///
 /// The bind's error, with the path in the message.
 pub fn bind_unix_listener(path: &Path) -> io::Result<UnixListener> {
-    match UnixListener::bind(path) {
+    bind_listener(path, SocketType::Stream)
+}
+
+/// Binds a listening Unix socket of type `ty` at `path` (blocking), as [`bind_unix_listener`]
+/// does for streams. The std type carries a seqpacket listener too: its `accept` gives
+/// seqpacket sockets.
+///
+/// # Errors
+///
+/// The bind's error, with the path in the message.
+pub fn bind_listener(path: &Path, ty: SocketType) -> io::Result<UnixListener> {
+    let bind = || -> io::Result<UnixListener> {
+        match ty {
+            SocketType::Stream => UnixListener::bind(path),
+            SocketType::SeqPacket => {
+                let socket = Socket::new(Domain::UNIX, socket_type(ty).cloexec(), None)?;
+                socket.bind(&SockAddr::unix(path)?)?;
+                socket.listen(128)?;
+                Ok(UnixListener::from(socket))
+            }
+        }
+    };
+    match bind() {
         Ok(s) => Ok(s),
         Err(e) if e.kind() == ErrorKind::AddrInUse => {
             // Only a refused connect means a file left behind. Anything else is a live socket:
-            // a listener that answers or has a full backlog, or one of another type (a
-            // datagram or seqpacket socket refuses a stream connect with EPROTOTYPE), which
-            // must not be unlinked from under its owner. The probe never blocks.
-            match mio::net::UnixStream::connect(path) {
+            // a listener that answers or has a full backlog, or one of another type (which
+            // refuses a connect of this type with EPROTOTYPE), which must not be unlinked
+            // from under its owner. The probe never blocks.
+            match connect_unix(path, ty) {
                 Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
                 // Gone since the bind: the path is free.
-                Err(e) if e.kind() == ErrorKind::NotFound => return UnixListener::bind(path),
+                Err(e) if e.kind() == ErrorKind::NotFound => return bind(),
                 _ => {
                     return Err(io::Error::new(
                         ErrorKind::AddrInUse,
@@ -164,7 +241,7 @@ pub fn bind_unix_listener(path: &Path) -> io::Result<UnixListener> {
             }
             debug!(path = %path.display(), "replacing a stale socket file");
             std::fs::remove_file(path)?;
-            UnixListener::bind(path)
+            bind()
         }
         Err(e) => Err(io::Error::new(
             e.kind(),
@@ -173,27 +250,43 @@ pub fn bind_unix_listener(path: &Path) -> io::Result<UnixListener> {
     }
 }
 
-/// The listening socket for host clients. Dropping it unlinks its path.
+/// A listening socket for host clients. Dropping it unlinks its path.
 #[derive(Debug)]
 pub struct Listener {
     socket: UnixListener,
     path: PathBuf,
+    socket_type: SocketType,
 }
 
 impl Listener {
-    /// Binds `path`, non-blocking. A socket file left by a process that died is replaced; a
-    /// path where something still listens is refused with `AddrInUse`.
+    /// Binds a stream listener at `path`, non-blocking. A socket file left by a process that
+    /// died is replaced; a path where something still listens is refused with `AddrInUse`.
     ///
     /// # Errors
     ///
     /// The bind's error, with the path in the message.
     pub fn bind(path: &Path) -> io::Result<Listener> {
-        let socket = bind_unix_listener(path)?;
+        Self::bind_typed(path, SocketType::Stream)
+    }
+
+    /// Binds a listener of type `ty` at `path`, non-blocking, as [`bind`](Self::bind).
+    ///
+    /// # Errors
+    ///
+    /// The bind's error, with the path in the message.
+    pub fn bind_typed(path: &Path, ty: SocketType) -> io::Result<Listener> {
+        let socket = bind_listener(path, ty)?;
         socket.set_nonblocking(true)?;
         Ok(Listener {
             socket,
             path: path.to_path_buf(),
+            socket_type: ty,
         })
+    }
+
+    /// The type of the sockets it accepts.
+    pub fn socket_type(&self) -> SocketType {
+        self.socket_type
     }
 
     /// The next pending client, non-blocking: `Ok(None)` when there is none.
@@ -311,6 +404,8 @@ pub struct Host<R: Reactor> {
     sockets: Sockets<R::Socket>,
     reactor: R,
     stats: HostStats,
+    /// The send buffer size each seqpacket socket is given; 0 for the kernel's default.
+    seqpacket_send_buffer: usize,
 }
 
 impl<R: Reactor> fmt::Debug for Host<R> {
@@ -331,6 +426,7 @@ impl<R: Reactor> Host<R> {
             sockets: Sockets::default(),
             reactor,
             stats: HostStats::default(),
+            seqpacket_send_buffer: 0,
         }
     }
 
@@ -383,10 +479,38 @@ impl<R: Reactor> Host<R> {
         engine: &mut Engine,
         stream: UnixStream,
     ) -> Option<ConnId> {
-        let Ok(conn) = engine.handle_accept(now) else {
+        self.adopt(now, engine, stream, SocketType::Stream)
+    }
+
+    /// Takes a client accepted on the seqpacket [`Listener`], as
+    /// [`adopt_client`](Self::adopt_client) does a stream client.
+    pub fn adopt_seqpacket_client(
+        &mut self,
+        now: Instant,
+        engine: &mut Engine,
+        socket: UnixStream,
+    ) -> Option<ConnId> {
+        self.adopt(now, engine, socket, SocketType::SeqPacket)
+    }
+
+    fn adopt(
+        &mut self,
+        now: Instant,
+        engine: &mut Engine,
+        stream: UnixStream,
+        ty: SocketType,
+    ) -> Option<ConnId> {
+        let accepted = match ty {
+            SocketType::Stream => engine.handle_accept(now),
+            SocketType::SeqPacket => engine.handle_seqpacket_accept(now),
+        };
+        let Ok(conn) = accepted else {
             self.stats.refused_clients += 1;
             return None;
         };
+        if ty == SocketType::SeqPacket {
+            self.size_send_buffer(&stream);
+        }
         let interest = Interest {
             readable: true,
             writable: false,
@@ -410,20 +534,62 @@ impl<R: Reactor> Host<R> {
         self.sockets.get(conn).map(|s| self.reactor.stream(s))
     }
 
-    fn connect(&mut self, now: Instant, engine: &mut Engine, conn: ConnId, port: u32) {
+    /// Gives a seqpacket socket the send buffer a guest message of the whole connection
+    /// buffer needs (Linux refuses a message longer than the send buffer less 32 bytes). The
+    /// driver checked at start that the kernel grants it; a refusal here leaves the default,
+    /// and a message too large for it is reset and counted (`seqpacket_host_emsgsize`).
+    fn size_send_buffer(&self, socket: &UnixStream) {
+        if self.seqpacket_send_buffer > 0 {
+            let _ = socket2::SockRef::from(socket).set_send_buffer_size(self.seqpacket_send_buffer);
+        }
+    }
+
+    /// Sets the send buffer size each seqpacket socket is given (see
+    /// [`seqpacket_send_buffer`]); 0 leaves the kernel's default.
+    pub fn set_seqpacket_send_buffer(&mut self, bytes: usize) {
+        self.seqpacket_send_buffer = bytes;
+    }
+
+    fn connect(
+        &mut self,
+        now: Instant,
+        engine: &mut Engine,
+        conn: ConnId,
+        port: u32,
+        ty: SocketType,
+    ) {
         let path = self.path.port(port);
-        // mio's connect is non-blocking: a Unix socket connects at once or fails at once
-        // (a full backlog is would-block, which the guest sees as a refusal).
-        let event = match mio::net::UnixStream::connect(&path) {
+        // The connect is non-blocking: a Unix socket connects at once or fails at once (a
+        // full backlog is would-block, which the guest sees as a refusal; a service of the
+        // other socket type is EPROTOTYPE, a refusal too).
+        let event = match connect_unix(&path, ty) {
             // Writable says when the connect completes.
-            Ok(stream) => match self.reactor.register(
-                conn,
-                UnixStream::from(stream),
-                Interest {
+            Ok(stream) => {
+                if ty == SocketType::SeqPacket {
+                    self.size_send_buffer(&stream);
+                }
+                let interest = Interest {
                     readable: true,
                     writable: true,
-                },
-            ) {
+                };
+                self.register_connected(conn, stream, interest)
+            }
+            Err(e) => {
+                debug!(%conn, path = %path.display(), error = %e, "connect failed");
+                self.stats.connect_failures += 1;
+                HostEvent::ConnectFailed(SocketError::from(&e))
+            }
+        };
+        let _ = engine.handle_host_event(now, conn, event);
+    }
+
+    fn register_connected(
+        &mut self,
+        conn: ConnId,
+        stream: UnixStream,
+        interest: Interest,
+    ) -> HostEvent {
+        match self.reactor.register(conn, stream, interest) {
                 Ok(socket) => {
                     self.sockets.insert(conn, socket);
                     self.stats.connects += 1;
@@ -434,14 +600,7 @@ impl<R: Reactor> Host<R> {
                     self.stats.register_failures += 1;
                     HostEvent::ConnectFailed(SocketError::from(&e))
                 }
-            },
-            Err(e) => {
-                debug!(%conn, path = %path.display(), error = %e, "connect failed");
-                self.stats.connect_failures += 1;
-                HostEvent::ConnectFailed(SocketError::from(&e))
-            }
-        };
-        let _ = engine.handle_host_event(now, conn, event);
+        }
     }
 
     fn read_line(&mut self, now: Instant, engine: &mut Engine, conn: ConnId, max: usize) {
@@ -475,7 +634,11 @@ where
         // Everything logged while carrying out an action names its connection.
         let _span = tracing::trace_span!("vsock_conn", conn = %action.conn()).entered();
         match action {
-            Action::Connect { conn, port } => self.connect(now, engine, conn, port),
+            Action::Connect {
+                conn,
+                port,
+                socket_type,
+            } => self.connect(now, engine, conn, port, socket_type),
             Action::ReadConnectLine { conn, max } => self.read_line(now, engine, conn, max),
             // The device writes to sockets itself (`VsockDevice::serve`).
             Action::Flush { .. } => {}

@@ -109,6 +109,8 @@ fn drain(engine: &mut Engine, host: &mut Host<Recorder>, now: Instant) -> Vec<He
             busy = true;
             match grant {
                 RxGrant::Packet(p) => out.push(p.send()),
+                RxGrant::Probe(p) => panic!("stream connections only: {p:?}"),
+                RxGrant::Message(m) => panic!("stream connections only: {m:?}"),
                 RxGrant::Read(r) => {
                     let _ = r.complete(Io::WouldBlock, &mut &[][..]);
                 }

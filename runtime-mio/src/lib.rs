@@ -40,6 +40,7 @@
 //!     MioConfig {
 //!         engine: vsock_core::Config::new(3),
 //!         uds_path: "/run/vm0/vsock".into(),
+//!         seqpacket: true,
 //!         // The VMM's own sources use tokens below 100.
 //!         tokens: Tokens { listener: Token(100), first_conn: 101, kicks: None },
 //!     },
@@ -114,6 +115,8 @@ pub struct MioConfig {
     pub engine: Config,
     /// The base path `<uds_path>`.
     pub uds_path: PathBuf,
+    /// Offer seqpacket sockets (see [`DriverConfig::seqpacket`]).
+    pub seqpacket: bool,
     /// The tokens to use.
     pub tokens: Tokens,
 }
@@ -126,6 +129,7 @@ impl MioConfig {
         MioConfig {
             engine: config.engine,
             uds_path: config.uds_path,
+            seqpacket: config.seqpacket,
             tokens: Tokens {
                 listener: Token(0),
                 kicks: Some(1),
@@ -281,14 +285,24 @@ impl VsockMio {
             DriverConfig {
                 engine: config.engine,
                 uds_path: config.uds_path,
+                seqpacket: config.seqpacket,
             },
             reactor,
         )?;
+        // Both listeners share a token: either one readable means a round of accepts, which
+        // takes from both.
         registry.register(
             &mut SourceFd(&listener_fd(driver.listener())),
             config.tokens.listener,
             MioInterest::READABLE,
         )?;
+        if let Some(listener) = driver.seqpacket_listener() {
+            registry.register(
+                &mut SourceFd(&listener_fd(listener)),
+                config.tokens.listener,
+                MioInterest::READABLE,
+            )?;
+        }
         Ok(VsockMio {
             driver,
             tokens: config.tokens,

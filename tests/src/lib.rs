@@ -183,6 +183,7 @@ impl Rig {
         let driver_config = DriverConfig {
             engine: config,
             uds_path: dir.join("vsock"),
+            seqpacket: true,
         };
         let mut guest = Guest::new(GUEST_CID);
         guest.tx_layouts = vec![

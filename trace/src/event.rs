@@ -7,15 +7,20 @@ use std::fmt;
 use std::time::Duration;
 
 use vsock_core::record::{Event, Grant, Snapshot, TxOutcome};
+use vsock_core::wire::SocketType;
 use vsock_core::{
-    Action, Config, ConnId, Direction, HostEvent, Interest, Io, LineRead, SocketError, TableFull,
+    Action, Config, ConnId, Direction, HostEvent, Interest, Io, LineRead, Probe, SocketError,
+    SocketTypes, TableFull,
 };
 
 /// `LINKTYPE_USER0`.
 pub const LINKTYPE_EVENTS: u16 = 147;
 /// The encoding's version, in every record's first byte. Version 2 added the engine's
-/// [`Snapshot`] to `START`; a reader reads version 1 too (its `START` is a fresh engine's).
-pub const VERSION: u8 = 2;
+/// [`Snapshot`] to `START`; version 3 added seqpacket sockets (the kinds `SOCKET_TYPES`,
+/// `PROBE` and `RX_MESSAGE`, the socket type in `ACCEPT`, `ACTION` code 7 and `POLL_RX`
+/// codes 3 and 4). A reader reads versions 1 and 2 too (their `START` is a fresh engine's
+/// in version 1, and they hold streams only).
+pub const VERSION: u8 = 3;
 /// The oldest version this reader reads.
 pub const OLDEST_VERSION: u8 = 1;
 /// The length of the record header.
@@ -63,10 +68,17 @@ pub mod kind {
     pub const ACTION: u8 = 13;
     /// The device stopped: connections dropped, RSTs owed to the guest.
     pub const STOP: u8 = 14;
+    /// The socket types the driver negotiated (value: bit 0 stream, bit 1 seqpacket).
+    pub const SOCKET_TYPES: u8 = 15;
+    /// What a peek at a seqpacket socket found.
+    pub const PROBE: u8 = 16;
+    /// The result of reading a seqpacket message into guest buffers; the data holds each
+    /// buffer's payload room, as u32.
+    pub const RX_MESSAGE: u8 = 17;
 }
 
 /// Whether `description`, an interface's `if_description`, names this encoding in a version
-/// this reader reads (`vsock host events, encoding v1` or `v2`).
+/// this reader reads (`vsock host events, encoding v1` to `v3`).
 pub fn is_events_description(description: &str) -> bool {
     description
         .strip_prefix("vsock host events, encoding v")
@@ -79,6 +91,8 @@ pub fn is_events_description(description: &str) -> bool {
 pub enum Decoded<'a> {
     /// [`Event::Start`], with the configuration owned.
     Start(Config, Snapshot),
+    /// [`Event::RxMessage`], with the rooms owned.
+    RxMessage(ConnId, Io, Vec<usize>),
     /// Any other event.
     Event(Event<'a>),
 }
@@ -154,8 +168,24 @@ pub fn encode(out: &mut Vec<u8>, ports: Option<(u32, u32)>, event: &Event<'_>) {
             let (c, v) = io_code(io);
             (kind::TX_WRITTEN, UNREADABLE + c, v)
         }
-        Event::Accept(Ok(_)) => (kind::ACCEPT, 0, 0),
-        Event::Accept(Err(TableFull)) => (kind::ACCEPT, 1, 0),
+        Event::Accept(ty, Ok(_)) => (kind::ACCEPT, 0, u64::from(ty.to_u16())),
+        Event::Accept(ty, Err(TableFull)) => (kind::ACCEPT, 1, u64::from(ty.to_u16())),
+        Event::SocketTypes(t) => (
+            kind::SOCKET_TYPES,
+            0,
+            u64::from(t.stream) | u64::from(t.seqpacket) << 1,
+        ),
+        Event::Probe(_, probe) => match probe {
+            Probe::Size(n) => (kind::PROBE, 0, n as u64),
+            Probe::Empty => (kind::PROBE, 1, 0),
+            Probe::Eof => (kind::PROBE, 2, 0),
+            Probe::WouldBlock => (kind::PROBE, 3, 0),
+            Probe::Error(e) => (kind::PROBE, 4, e.0 as u32 as u64),
+        },
+        Event::RxMessage(_, io, _) => {
+            let (c, v) = io_code(io);
+            (kind::RX_MESSAGE, c, v)
+        }
         Event::ConnectLine(_, read) => match read {
             LineRead::Data(bytes) => (kind::CONNECT_LINE, 0, bytes.len() as u64),
             LineRead::Eof => (kind::CONNECT_LINE, 1, 0),
@@ -183,6 +213,8 @@ pub fn encode(out: &mut Vec<u8>, ports: Option<(u32, u32)>, event: &Event<'_>) {
                 Grant::Nothing => 0,
                 Grant::Packet => 1,
                 Grant::Read(_) => 2,
+                Grant::Probe(_) => 3,
+                Grant::Message(_) => 4,
             };
             (kind::POLL_RX, code, room as u64)
         }
@@ -192,7 +224,16 @@ pub fn encode(out: &mut Vec<u8>, ports: Option<(u32, u32)>, event: &Event<'_>) {
         }
         Event::Action(action) => match action {
             None => (kind::ACTION, 0, 0),
-            Some(Action::Connect { port, .. }) => (kind::ACTION, 1, u64::from(port)),
+            Some(Action::Connect {
+                port,
+                socket_type: SocketType::Stream,
+                ..
+            }) => (kind::ACTION, 1, u64::from(port)),
+            Some(Action::Connect {
+                port,
+                socket_type: SocketType::SeqPacket,
+                ..
+            }) => (kind::ACTION, 7, u64::from(port)),
             Some(Action::ReadConnectLine { max, .. }) => (kind::ACTION, 2, max as u64),
             Some(Action::Flush { .. }) => (kind::ACTION, 3, 0),
             Some(Action::Shutdown { direction, .. }) => (
@@ -211,7 +252,7 @@ pub fn encode(out: &mut Vec<u8>, ports: Option<(u32, u32)>, event: &Event<'_>) {
             Some(Action::Close { .. }) => (kind::ACTION, 6, 0),
         },
     };
-    if matches!(event, Event::Accept(Err(_))) {
+    if matches!(event, Event::Accept(_, Err(_))) {
         conn = NO_CONN;
     }
     let (guest_port, host_port) = ports.unwrap_or((0, 0));
@@ -233,6 +274,11 @@ pub fn encode(out: &mut Vec<u8>, ports: Option<(u32, u32)>, event: &Event<'_>) {
         }
         Event::ConnectLine(_, LineRead::Data(bytes)) => {
             out.extend_from_slice(bytes);
+        }
+        Event::RxMessage(_, _, rooms) => {
+            for &room in rooms {
+                out.extend_from_slice(&u32::try_from(room).unwrap_or(u32::MAX).to_le_bytes());
+            }
         }
         _ => {}
     }
@@ -311,8 +357,10 @@ pub fn names_conn(kind: u8, code: u32) -> bool {
         | kind::HOST
         | kind::HOST_WRITE
         | kind::RESET_CONNECTION
-        | kind::RX_READ => true,
-        kind::POLL_RX => code == 2,
+        | kind::RX_READ
+        | kind::PROBE
+        | kind::RX_MESSAGE => true,
+        kind::POLL_RX => (2..=4).contains(&code),
         kind::ACTION => code != 0,
         // START, TX_WRITTEN, TIMEOUT, ABORT_ALL, RESET, STOP; and kinds of later versions,
         // whose fields this reader does not know.
@@ -391,11 +439,48 @@ pub fn decode(record: &[u8]) -> Result<Decoded<'_>, EventError> {
             }
             c => TxOutcome::Written(io_from(f.kind, c, f.value)?),
         }),
-        kind::ACCEPT => match f.code {
-            0 => Event::Accept(Ok(conn()?)),
-            1 => Event::Accept(Err(TableFull)),
-            _ => return Err(unknown()),
-        },
+        kind::ACCEPT => {
+            // Versions 1 and 2 wrote 0: stream listeners were all there was.
+            let ty = match f.value {
+                0 | 1 => SocketType::Stream,
+                2 => SocketType::SeqPacket,
+                _ => return Err(unknown()),
+            };
+            match f.code {
+                0 => Event::Accept(ty, Ok(conn()?)),
+                1 => Event::Accept(ty, Err(TableFull)),
+                _ => return Err(unknown()),
+            }
+        }
+        kind::SOCKET_TYPES if f.code == 0 && f.value < 4 => Event::SocketTypes(SocketTypes {
+            stream: f.value & 1 != 0,
+            seqpacket: f.value & 2 != 0,
+        }),
+        kind::PROBE => Event::Probe(
+            conn()?,
+            match f.code {
+                0 => Probe::Size(f.value as usize),
+                1 => Probe::Empty,
+                2 => Probe::Eof,
+                3 => Probe::WouldBlock,
+                4 => Probe::Error(errno),
+                _ => return Err(unknown()),
+            },
+        ),
+        kind::RX_MESSAGE => {
+            if data.len() % 4 != 0 {
+                return Err(EventError::Short);
+            }
+            let rooms = data
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")) as usize)
+                .collect();
+            return Ok(Decoded::RxMessage(
+                conn()?,
+                io_from(f.kind, f.code, f.value)?,
+                rooms,
+            ));
+        }
         kind::CONNECT_LINE => Event::ConnectLine(
             conn()?,
             match f.code {
@@ -429,15 +514,22 @@ pub fn decode(record: &[u8]) -> Result<Decoded<'_>, EventError> {
                 0 => Grant::Nothing,
                 1 => Grant::Packet,
                 2 => Grant::Read(conn()?),
+                3 => Grant::Probe(conn()?),
+                4 => Grant::Message(conn()?),
                 _ => return Err(unknown()),
             },
         },
         kind::RX_READ => Event::RxRead(conn()?, io_from(f.kind, f.code, f.value)?),
         kind::ACTION => Event::Action(match f.code {
             0 => None,
-            1 => Some(Action::Connect {
+            1 | 7 => Some(Action::Connect {
                 conn: conn()?,
                 port: f.value as u32,
+                socket_type: if f.code == 7 {
+                    SocketType::SeqPacket
+                } else {
+                    SocketType::Stream
+                },
             }),
             2 => Some(Action::ReadConnectLine {
                 conn: conn()?,
@@ -527,8 +619,31 @@ mod tests {
             Event::TxWritten(TxOutcome::Abandoned),
             Event::TxWritten(TxOutcome::Unreadable(Io::Done(0))),
             Event::TxWritten(TxOutcome::Unreadable(Io::Error(e))),
-            Event::Accept(Ok(c)),
-            Event::Accept(Err(TableFull)),
+            Event::Accept(SocketType::Stream, Ok(c)),
+            Event::Accept(SocketType::SeqPacket, Ok(c)),
+            Event::Accept(SocketType::Stream, Err(TableFull)),
+            Event::Accept(SocketType::SeqPacket, Err(TableFull)),
+            Event::SocketTypes(SocketTypes {
+                stream: true,
+                seqpacket: true,
+            }),
+            Event::SocketTypes(SocketTypes {
+                stream: false,
+                seqpacket: true,
+            }),
+            Event::Probe(c, Probe::Size(212_960)),
+            Event::Probe(c, Probe::Empty),
+            Event::Probe(c, Probe::Eof),
+            Event::Probe(c, Probe::WouldBlock),
+            Event::Probe(c, Probe::Error(e)),
+            Event::PollRx {
+                room: 3732,
+                grant: Grant::Probe(c),
+            },
+            Event::PollRx {
+                room: 3732,
+                grant: Grant::Message(c),
+            },
             Event::ConnectLine(c, LineRead::Data(b"CONNECT 5\n")),
             Event::ConnectLine(c, LineRead::Eof),
             Event::ConnectLine(c, LineRead::WouldBlock),
@@ -558,7 +673,16 @@ mod tests {
             },
             Event::RxRead(c, Io::Done(0)),
             Event::Action(None),
-            Event::Action(Some(Action::Connect { conn: c, port: 80 })),
+            Event::Action(Some(Action::Connect {
+                conn: c,
+                port: 80,
+                socket_type: SocketType::Stream,
+            })),
+            Event::Action(Some(Action::Connect {
+                conn: c,
+                port: 81,
+                socket_type: SocketType::SeqPacket,
+            })),
             Event::Action(Some(Action::ReadConnectLine { conn: c, max: 64 })),
             Event::Action(Some(Action::Flush { conn: c })),
             Event::Action(Some(Action::Shutdown {
@@ -582,6 +706,12 @@ mod tests {
             assert_eq!((f.guest_port, f.host_port), (1, 2));
             assert_eq!(f.conn, event.conn(), "{event:?}");
         }
+        let rooms = [3732, 3732, 100];
+        for io in [Io::Done(7564), Io::WouldBlock, Io::Error(e)] {
+            encode(&mut buf, Some((1, 2)), &Event::RxMessage(c, io, &rooms));
+            assert_eq!(decode(&buf), Ok(Decoded::RxMessage(c, io, rooms.to_vec())));
+            assert_eq!(fields(&buf).unwrap().0.conn, Some(c));
+        }
     }
 
     #[test]
@@ -589,8 +719,8 @@ mod tests {
         assert_eq!(decode(&[1; 10]), Err(EventError::Short));
         let mut buf = Vec::new();
         encode(&mut buf, None, &Event::Timeout);
-        buf[0] = 3;
-        assert_eq!(decode(&buf), Err(EventError::Version(3)));
+        buf[0] = 4;
+        assert_eq!(decode(&buf), Err(EventError::Version(4)));
         buf[0] = 0;
         assert_eq!(decode(&buf), Err(EventError::Version(0)));
         buf[0] = 1;

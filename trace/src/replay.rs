@@ -3,8 +3,8 @@
 use std::fmt;
 
 use vsock_core::record::{Event, Grant, ResumeError, Snapshot, TxOutcome};
-use vsock_core::wire::Header;
-use vsock_core::{Config, Engine, GuestBytes, Instant, MemoryFault, RxGrant, Tx};
+use vsock_core::wire::{Header, SocketType};
+use vsock_core::{Config, ConnId, Engine, GuestBytes, Instant, Io, MemoryFault, RxGrant, Tx};
 
 use crate::event::{self, Decoded, EventError, LINKTYPE_EVENTS};
 use crate::pcapng::{FormatError, Reader, Way};
@@ -28,6 +28,8 @@ pub enum Item<'a> {
     },
     /// A host-side input or an engine action.
     Event(Event<'a>),
+    /// [`Event::RxMessage`], with the rooms read back.
+    RxMessage(ConnId, Io, Vec<usize>),
 }
 
 /// A record with its place in the file.
@@ -117,6 +119,7 @@ pub fn read(bytes: &[u8]) -> Result<Vec<Entry<'_>>, TraceError> {
             EVENTS => match event::decode(p.data) {
                 Ok(Decoded::Start(config, snapshot)) => Item::Start(config, snapshot),
                 Ok(Decoded::Event(e)) => Item::Event(e),
+                Ok(Decoded::RxMessage(conn, io, rooms)) => Item::RxMessage(conn, io, rooms),
                 Err(error) => return Err(TraceError::Event { number, error }),
             },
             _ => return Err(TraceError::Interfaces),
@@ -262,6 +265,7 @@ fn describe_item(item: &Item<'_>) -> String {
             payload,
         } => describe(*to_guest, header, payload),
         Item::Event(e) => format!("{e:?}"),
+        Item::RxMessage(conn, io, rooms) => format!("RxMessage({conn:?}, {io:?}, {rooms:?})"),
     }
 }
 
@@ -438,6 +442,7 @@ fn step(
             stats.events += 1;
             replay_event(engine, entries, i, now, event, stats)
         }
+        Item::RxMessage(..) => Err(diverge(entry, "no message read was granted here")),
     }
 }
 
@@ -455,12 +460,18 @@ fn replay_event(
         Event::TxWritten(_) => {
             return Err(diverge(entry, "no packet from the guest awaited its write"))
         }
-        Event::Accept(want) => {
-            let got = engine.handle_accept(now);
+        Event::Accept(ty, want) => {
+            let got = match ty {
+                SocketType::Stream => engine.handle_accept(now),
+                SocketType::SeqPacket => engine.handle_seqpacket_accept(now),
+            };
             if got != want {
-                return Err(diverge(entry, format!("Accept({got:?})")));
+                return Err(diverge(entry, format!("Accept({ty:?}, {got:?})")));
             }
         }
+        Event::SocketTypes(types) => engine.set_socket_types(now, types),
+        Event::Probe(..) => return Err(diverge(entry, "no probe was granted here")),
+        Event::RxMessage(..) => unreachable!("read as Item::RxMessage"),
         Event::ConnectLine(conn, read) => {
             let _ = engine.handle_connect_line(now, conn, read);
         }
@@ -544,6 +555,64 @@ fn poll_rx(
                 }
             }
         }
+        (Some(RxGrant::Probe(p)), Grant::Probe(conn)) if p.conn() == conn => {
+            let Some(Item::Event(Event::Probe(_, probe))) = entries.get(i + 1).map(|e| &e.item)
+            else {
+                return Ok(i + 1);
+            };
+            let recorded = packet_to_guest(entries, i + 2);
+            match (p.complete(*probe), recorded) {
+                (Some(header), Some((want, _))) if *want == header => {
+                    stats.to_guest += 1;
+                    Ok(i + 3)
+                }
+                (Some(header), _) => Err(diverge(
+                    entries.get(i + 2).unwrap_or(&entries[i + 1]),
+                    describe(true, &header, &[]),
+                )),
+                (None, Some(_)) => Err(diverge(&entries[i + 2], "no packet from the probe")),
+                (None, None) => Ok(i + 2),
+            }
+        }
+        (Some(RxGrant::Message(m)), Grant::Message(conn)) if m.conn() == conn => {
+            let Some(Item::RxMessage(_, io, rooms)) = entries.get(i + 1).map(|e| &e.item) else {
+                return Ok(i + 1);
+            };
+            // The packets the read made follow, one per buffer; their payloads, in order, are
+            // the message.
+            let mut bytes = Vec::new();
+            let mut k = i + 2;
+            while let Some((_, payload)) = packet_to_guest(entries, k) {
+                bytes.extend_from_slice(payload);
+                k += 1;
+            }
+            match m.complete(*io, rooms, &mut Captured(&bytes)) {
+                Ok(Some(headers)) => {
+                    let mut at = i + 2;
+                    for header in headers {
+                        match packet_to_guest(entries, at) {
+                            Some((want, _)) if *want == header => {}
+                            _ => {
+                                let entry = entries.get(at).unwrap_or(&entries[at - 1]);
+                                return Err(diverge(entry, describe(true, &header, &[])));
+                            }
+                        }
+                        stats.to_guest += 1;
+                        at += 1;
+                    }
+                    if at != k {
+                        return Err(diverge(&entries[at], "no more packets from the message"));
+                    }
+                    Ok(at)
+                }
+                Ok(None) | Err(_) => {
+                    if k > i + 2 {
+                        return Err(diverge(&entries[i + 2], "no packet from the message read"));
+                    }
+                    Ok(i + 2)
+                }
+            }
+        }
         (got, _) => {
             let got = match got {
                 None => "nothing".to_string(),
@@ -552,6 +621,10 @@ fn poll_rx(
                 }
                 Some(RxGrant::Read(r)) => {
                     format!("read grant for {} of {} bytes", r.conn(), r.max())
+                }
+                Some(RxGrant::Probe(p)) => format!("probe grant for {}", p.conn()),
+                Some(RxGrant::Message(m)) => {
+                    format!("message grant for {} of {} bytes", m.conn(), m.len())
                 }
             };
             Err(diverge(entry, got))

@@ -22,6 +22,8 @@ const REQUEST: u16 = 1;
 const RST: u16 = 3;
 const SHUTDOWN: u16 = 4;
 const RW: u16 = 5;
+const SEQPACKET: u16 = 2;
+const EOM: u32 = 1;
 
 /// Who opened a connection, as far as the trace shows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,9 +64,11 @@ impl Ending {
     }
 }
 
-/// One connection: the packets between one guest port and one host port.
+/// One connection: the packets of one socket type between one guest port and one host port.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnSummary {
+    /// The socket type, as the headers give it (1 stream, 2 seqpacket).
+    pub socket_type: u16,
     /// The guest's port.
     pub guest_port: u32,
     /// The host's port.
@@ -80,6 +84,10 @@ pub struct ConnSummary {
     pub bytes_from_guest: u64,
     /// RW payload bytes to the guest.
     pub bytes_to_guest: u64,
+    /// Seqpacket messages from the guest (RW packets with `EOM`).
+    pub messages_from_guest: u64,
+    /// Seqpacket messages to the guest.
+    pub messages_to_guest: u64,
     /// How it ended.
     pub ending: Ending,
 }
@@ -139,7 +147,7 @@ impl Summary {
             resets_to_guest: 0,
             connections: Vec::new(),
         };
-        let mut conns: BTreeMap<(u32, u32), ConnSummary> = BTreeMap::new();
+        let mut conns: BTreeMap<(u32, u32, u16), ConnSummary> = BTreeMap::new();
         let mut previous: Option<u64> = None;
         for e in entries {
             if let Some(before) = previous.filter(|&before| e.ts_nanos < before) {
@@ -153,7 +161,7 @@ impl Summary {
                     s.snapshot.get_or_insert(*snapshot);
                     continue;
                 }
-                Item::Event(_) => {
+                Item::Event(_) | Item::RxMessage(..) => {
                     s.events = s.events.saturating_add(1);
                     continue;
                 }
@@ -166,9 +174,11 @@ impl Summary {
             } else {
                 (header.src_port.get(), header.dst_port.get())
             };
+            let socket_type = header.type_.get();
             let c = conns
-                .entry((guest_port, host_port))
+                .entry((guest_port, host_port, socket_type))
                 .or_insert_with(|| ConnSummary {
+                    socket_type,
                     guest_port,
                     host_port,
                     opener: Opener::Unknown,
@@ -176,6 +186,8 @@ impl Summary {
                     last_nanos: e.ts_nanos,
                     bytes_from_guest: 0,
                     bytes_to_guest: 0,
+                    messages_from_guest: 0,
+                    messages_to_guest: 0,
                     ending: Ending::Open,
                 });
             c.first_nanos = c.first_nanos.min(e.ts_nanos);
@@ -208,6 +220,14 @@ impl Summary {
                 RW => {
                     *bytes = bytes.saturating_add(len);
                     *conn_bytes = conn_bytes.saturating_add(len);
+                    if socket_type == SEQPACKET && header.flags.get() & EOM != 0 {
+                        let messages = if to_guest {
+                            &mut c.messages_to_guest
+                        } else {
+                            &mut c.messages_from_guest
+                        };
+                        *messages = messages.saturating_add(1);
+                    }
                 }
                 RST => {
                     *resets = resets.saturating_add(1);
@@ -276,13 +296,26 @@ impl fmt::Display for Summary {
         writeln!(f, "connections: {}", self.connections.len())?;
         writeln!(
             f,
-            "  {:>10} {:>10}  {:<12} {:>12} {:>12} {:>9} {:>9}  end",
-            "guest port", "host port", "opened by", "guest->host", "host->guest", "from s", "for s"
+            "  {:<9} {:>10} {:>10}  {:<12} {:>12} {:>12} {:>9} {:>9}  end",
+            "type",
+            "guest port",
+            "host port",
+            "opened by",
+            "guest->host",
+            "host->guest",
+            "from s",
+            "for s"
         )?;
         for c in &self.connections {
+            let ty = match c.socket_type {
+                1 => "stream".to_string(),
+                SEQPACKET => "seqpacket".to_string(),
+                n => format!("type {n}"),
+            };
             writeln!(
                 f,
-                "  {:>10} {:>10}  {:<12} {:>12} {:>12} {:>9.3} {:>9.3}  {}",
+                "  {:<9} {:>10} {:>10}  {:<12} {:>12} {:>12} {:>9.3} {:>9.3}  {}{}",
+                ty,
                 c.guest_port,
                 c.host_port,
                 match c.opener {
@@ -294,7 +327,15 @@ impl fmt::Display for Summary {
                 c.bytes_to_guest,
                 secs(c.first_nanos.saturating_sub(self.first_nanos)),
                 secs(c.last_nanos.saturating_sub(c.first_nanos)),
-                c.ending.as_str()
+                c.ending.as_str(),
+                if c.socket_type == SEQPACKET {
+                    format!(
+                        " ({} messages guest->host, {} host->guest)",
+                        c.messages_from_guest, c.messages_to_guest
+                    )
+                } else {
+                    String::new()
+                }
             )?;
         }
         Ok(())

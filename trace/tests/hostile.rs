@@ -34,6 +34,8 @@ fn trace() -> Vec<u8> {
             RxGrant::Packet(p) => {
                 let _ = p.send();
             }
+            RxGrant::Probe(p) => panic!("stream connections only: {p:?}"),
+            RxGrant::Message(m) => panic!("stream connections only: {m:?}"),
             RxGrant::Read(_) => break,
         }
     }

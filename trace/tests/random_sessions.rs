@@ -170,6 +170,8 @@ fn random_sessions_recorded_late_replay_exactly() {
                                     break;
                                 }
                             }
+                            RxGrant::Probe(p) => panic!("stream connections only: {p:?}"),
+                            RxGrant::Message(m) => panic!("stream connections only: {m:?}"),
                             RxGrant::Read(rd) => {
                                 let b = vec![1u8; rd.max()];
                                 let _ = rd.complete(io, &mut &b[..]);

@@ -1,5 +1,7 @@
 -- Wireshark dissector for interface 1 of a vsock trace: the host side's events and the
--- engine's socket actions, encoding v1 and v2 (docs/trace-format.md), on link type USER0 (147).
+-- engine's socket actions, encodings v1 to v3 (docs/trace-format.md), on link type USER0 (147).
+-- It also names what Wireshark's vsock dissector leaves raw on interface 0: socket type 2
+-- (seqpacket) and its EOM and EOR flags (fields vsockseq.type, vsockseq.eom, vsockseq.eor).
 --
 -- Use: tshark -X lua_script:trace/wireshark/vsock_events.lua -r FILE
 --   or copy this file into Wireshark's personal plugins folder.
@@ -12,6 +14,7 @@ local kinds = {
     [1] = "START", [2] = "TX_WRITTEN", [3] = "ACCEPT", [4] = "CONNECT_LINE", [5] = "HOST",
     [6] = "HOST_WRITE", [7] = "TIMEOUT", [8] = "RESET_CONNECTION", [9] = "ABORT_ALL",
     [10] = "RESET", [11] = "POLL_RX", [12] = "RX_READ", [13] = "ACTION", [14] = "STOP",
+    [15] = "SOCKET_TYPES", [16] = "PROBE", [17] = "RX_MESSAGE",
 }
 
 -- What the code means, per kind; the value's meaning follows in brackets.
@@ -20,16 +23,22 @@ local codes = {
     [2] = { [0] = "done [bytes]", [1] = "would block", [2] = "error [errno]", [3] = "abandoned",
             [4] = "unreadable, done [bytes]", [5] = "unreadable, would block",
             [6] = "unreadable, error [errno]" },
-    [3] = { [0] = "accepted", [1] = "table full" },
+    [3] = { [0] = "accepted [1 stream, 2 seqpacket]", [1] = "table full [1 stream, 2 seqpacket]" },
     [4] = { [0] = "bytes [count]", [1] = "end of file", [2] = "would block", [3] = "error [errno]" },
     [5] = { [0] = "connected", [1] = "connect failed [errno]", [2] = "readable", [3] = "writable",
             [4] = "error [errno]" },
     [6] = io_codes,
-    [11] = { [0] = "nothing [room]", [1] = "packet [room]", [2] = "read [room]" },
+    [11] = { [0] = "nothing [room]", [1] = "packet [room]", [2] = "read [room]",
+             [3] = "probe message [room]", [4] = "read message [room]" },
     [12] = io_codes,
     [13] = { [0] = "none", [1] = "connect [port]", [2] = "read connect line [max]",
              [3] = "flush", [4] = "shutdown [0 read, 1 write]",
-             [5] = "interest [1 readable, 2 writable]", [6] = "close" },
+             [5] = "interest [1 readable, 2 writable]", [6] = "close",
+             [7] = "connect seqpacket [port]" },
+    [15] = { [0] = "negotiated [1 stream, 2 seqpacket]" },
+    [16] = { [0] = "message size [bytes]", [1] = "empty message", [2] = "end of file",
+             [3] = "would block", [4] = "error [errno]" },
+    [17] = io_codes,
 }
 
 local f = {
@@ -58,7 +67,8 @@ p.experts = { e_short, e_version }
 local function names_conn(kind, code)
     if kind == 3 then return code == 0 end                  -- ACCEPT: accepted
     if kind == 4 or kind == 5 or kind == 6 or kind == 8 or kind == 12 then return true end
-    if kind == 11 then return code == 2 end                 -- POLL_RX: a read grant
+    if kind == 16 or kind == 17 then return true end       -- PROBE, RX_MESSAGE
+    if kind == 11 then return code >= 2 and code <= 4 end   -- POLL_RX: a read or probe grant
     if kind == 13 then return code ~= 0 end                 -- ACTION: any but none
     return false
 end
@@ -71,9 +81,10 @@ function p.dissector(tvb, pinfo, tree)
         return
     end
     t:add_le(f.version, tvb(0, 1))
-    -- Version 2 added the engine's state to START's data; the header is the same.
+    -- Version 2 added the engine's state to START's data, version 3 seqpacket sockets; the
+    -- header is the same.
     local version = tvb(0, 1):uint()
-    if version ~= 1 and version ~= 2 then
+    if version < 1 or version > 3 then
         t:add_proto_expert_info(e_version)
         return
     end
@@ -111,3 +122,34 @@ function p.dissector(tvb, pinfo, tree)
 end
 
 DissectorTable.get("wtap_encap"):add(wtap.USER0, p)
+
+-- Seqpacket on interface 0: Wireshark's vsock dissector shows the virtio header's type and
+-- flags as numbers; this names type 2 and decodes EOM (bit 0) and EOR (bit 1) of RW packets.
+local seq = Proto("vsockseq", "vsock seqpacket")
+local sf = {
+    type = ProtoField.string("vsockseq.type", "Socket type"),
+    eom = ProtoField.bool("vsockseq.eom", "End of message"),
+    eor = ProtoField.bool("vsockseq.eor", "End of record"),
+}
+seq.fields = sf
+local virtio_type = Field.new("vsock.virtio.type")
+local virtio_op = Field.new("vsock.virtio.op")
+local virtio_flags = Field.new("vsock.virtio.flags")
+
+function seq.dissector(tvb, pinfo, tree)
+    local ty = virtio_type()
+    if ty == nil or ty.value ~= 2 then return end
+    local t = tree:add(seq)
+    t:add(sf.type, "seqpacket")
+    local op, flags = virtio_op(), virtio_flags()
+    if op ~= nil and op.value == 5 and flags ~= nil then
+        local eom = bit.band(flags.value, 1) ~= 0
+        local eor = bit.band(flags.value, 2) ~= 0
+        t:add(sf.eom, eom)
+        t:add(sf.eor, eor)
+        if eom then pinfo.cols.info:append(" [EOM]") end
+        if eor then pinfo.cols.info:append(" [EOR]") end
+    end
+end
+
+register_postdissector(seq)

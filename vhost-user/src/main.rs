@@ -19,11 +19,13 @@ use vsock_host::DriverConfig;
 use vsock_vhost_user::{Report, RuntimeKind, Shared, VhostTransport};
 
 /// Serves a virtio-vsock device to a vhost-user frontend (QEMU's vhost-user-vsock-pci), and
-/// relays the guest's stream connections to host Unix sockets.
+/// relays the guest's stream and seqpacket connections to host Unix sockets.
 ///
-/// A guest connecting to vsock port P reaches the Unix socket `<uds-path>_P`. A host program
-/// connects to `<uds-path>`, writes `CONNECT <port>\n`, reads `OK <host_port>\n`, and is then
-/// joined to the guest listening on that port.
+/// A guest connecting to vsock port P reaches the Unix socket `<uds-path>_P` (a stream or a
+/// seqpacket socket, as the guest's). A host program connects to `<uds-path>`, writes
+/// `CONNECT <port>\n`, reads `OK <host_port>\n`, and is then joined to the guest listening on
+/// that port. For a seqpacket connection it connects a seqpacket socket to
+/// `<uds-path>_seqpacket` and the line and the reply are one message each.
 ///
 /// The daemon serves one VM at a time and waits for the next when it disconnects. SIGINT or
 /// SIGTERM resets the guest's connections, removes both socket paths, prints the counters
@@ -55,6 +57,13 @@ struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = 256 * 1024)]
     tx_buffer_size: u32,
 
+    /// Offer seqpacket sockets to the guest, with host clients at `<uds-path>_seqpacket`.
+    /// `auto` offers them when this kernel's socket send buffers take a message of the whole
+    /// `--tx-buffer-size` (net.core.wmem_max must be at least half of it plus 16 bytes),
+    /// and warns otherwise; `on` refuses to start without them; `off` offers streams only.
+    #[arg(long, value_enum, value_name = "WHEN", default_value_t = Seqpacket::Auto)]
+    seqpacket: Seqpacket,
+
     /// The largest virtqueue the driver may set up (a power of two, at most 32768).
     #[arg(long, value_name = "N", default_value_t = 1024)]
     queue_size: u16,
@@ -73,6 +82,17 @@ struct Args {
     /// kept, and replay still checks them).
     #[arg(long, value_name = "BYTES", requires = "record")]
     record_snaplen: Option<usize>,
+}
+
+/// When to offer seqpacket sockets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Seqpacket {
+    /// When the kernel allows messages of the whole buffer.
+    Auto,
+    /// Always; refuse to start if the kernel does not allow them.
+    On,
+    /// Never.
+    Off,
 }
 
 fn main() -> ExitCode {
@@ -107,9 +127,30 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     // (1 byte to 1 GiB) works.
     let engine = vsock_core::Config::new(args.guest_cid).with_buffer_size(args.tx_buffer_size);
     // Refuses a configuration the engine cannot run, before anything is bound.
-    let device_features = VsockDevice::new(engine.clone(), Instant::ZERO)
-        .map_err(|e| format!("bad configuration: {e}"))?
-        .features();
+    let mut device = VsockDevice::new(engine.clone(), Instant::ZERO)
+        .map_err(|e| format!("bad configuration: {e}"))?;
+    let buffer = engine.buffer_size as usize;
+    let seqpacket = match args.seqpacket {
+        Seqpacket::Off => false,
+        // Driver::new refuses to start if the kernel does not allow them.
+        Seqpacket::On => true,
+        Seqpacket::Auto => {
+            let limit = vsock_host::seqpacket_message_limit(buffer)?;
+            if limit < buffer {
+                warn!(
+                    buffer,
+                    limit,
+                    "seqpacket sockets are off: this kernel's socket send buffers take \
+                     messages of at most {limit} bytes, not the {buffer} of --tx-buffer-size \
+                     (raise net.core.wmem_max to at least {})",
+                    vsock_host::seqpacket_send_buffer(buffer)
+                );
+            }
+            limit >= buffer
+        }
+    };
+    device.set_seqpacket(seqpacket);
+    let device_features = device.features();
 
     // Registered before any thread starts, so every thread leaves the signals to this one.
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
@@ -124,6 +165,7 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     let config = DriverConfig {
         engine,
         uds_path: args.uds_path.clone(),
+        seqpacket,
     };
     let recorder = match &args.record {
         Some(path) => {

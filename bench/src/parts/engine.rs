@@ -187,6 +187,8 @@ impl Bench {
                         black_box(p.send());
                         busy = true;
                     }
+                    Some(RxGrant::Probe(p)) => panic!("stream connections only: {p:?}"),
+                    Some(RxGrant::Message(m)) => panic!("stream connections only: {m:?}"),
                     Some(RxGrant::Read(r)) => {
                         let _ = r.complete(Io::WouldBlock, &mut &[][..]);
                     }
@@ -248,6 +250,8 @@ impl Bench {
             Case::Rx(room) => {
                 let conn = self.conn.expect("connected");
                 match self.engine.poll_rx(self.now, room as usize) {
+                    Some(RxGrant::Probe(p)) => panic!("stream connections only: {p:?}"),
+                    Some(RxGrant::Message(m)) => panic!("stream connections only: {m:?}"),
                     Some(RxGrant::Read(r)) => {
                         assert_eq!(r.conn(), conn);
                         let n = r.max();

@@ -90,12 +90,35 @@ impl Engine {
 
     /// Forgets every connection without telling the guest, which is assumed to have forgotten
     /// them too (a device reset, or a restore that sends a transport reset). Every socket gets
-    /// its [`Action::Close`]; pending RST replies are dropped.
+    /// its [`Action::Close`]; pending RST replies are dropped. The driver's negotiation is
+    /// forgotten too: streams only, until [`set_socket_types`](Self::set_socket_types).
     pub fn reset(&mut self, now: Instant) {
         self.sink.reset(&self.conns, now);
         self.advance(now);
         self.resets.clear();
+        self.socket_types = SocketTypes::STREAM;
         self.forget_all();
+    }
+
+    /// The socket types the guest's driver negotiated: the device calls this when the driver
+    /// is ready (its features acknowledged). Until then, and after a [`reset`](Self::reset),
+    /// streams only. A guest packet of a type not allowed is answered with RST (counted as
+    /// `unknown_type`), and a host client of the seqpacket listener is closed once it names
+    /// its port (`seqpacket_clients_refused`). Live connections of a type no longer allowed
+    /// are reset.
+    pub fn set_socket_types(&mut self, now: Instant, types: SocketTypes) {
+        self.sink.socket_types(&self.conns, now, types);
+        self.advance(now);
+        self.socket_types = types;
+        for idx in 0..self.slots_used() {
+            let Some(c) = self.conns.get(idx) else {
+                continue;
+            };
+            let live_key = c.keyed || c.phase != Phase::ConnectLine;
+            if live_key && !types.allows(c.key.socket_type) {
+                self.reset_conn(idx);
+            }
+        }
     }
 
     /// Forgets every connection because the device stopped while the guest's driver may still

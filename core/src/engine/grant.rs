@@ -75,6 +75,13 @@ impl TxData<'_> {
         self.direct
     }
 
+    /// Whether the payload is (part of) a seqpacket message. A direct write of it must then be
+    /// one atomic send of the whole payload (one `sendmsg`), or not be tried at all
+    /// (`Io::Done(0)`, and the engine copies it): a message is never split over two writes.
+    pub fn is_message(&self) -> bool {
+        self.engine.conns[self.idx].is_seqpacket()
+    }
+
     /// Finishes the packet. `written` is the result of the direct write (`Io::Done(0)` if none
     /// was tried); `payload` gives access to the bytes the socket did not take.
     ///
@@ -93,7 +100,8 @@ impl TxData<'_> {
             inner: payload,
             faulted: false,
         };
-        let result = engine.tx_complete(self.idx, len, self.direct, written, &mut watched);
+        let flags = header.flags.get();
+        let result = engine.tx_complete(self.idx, len, self.direct, flags, written, &mut watched);
         engine
             .sink
             .tx_written(&engine.conns, now, written, watched.faulted);
@@ -137,6 +145,12 @@ pub enum RxGrant<'a> {
     Packet(RxPacket<'a>),
     /// Data to read from a host socket straight into the guest buffer, after the header.
     Read(RxRead<'a>),
+    /// Seqpacket: peek at the size of the socket's next message (the buffer is not used
+    /// unless the peek finds end of file).
+    Probe(RxProbe<'a>),
+    /// Seqpacket: read the socket's next message, whole, with one read straight into this
+    /// buffer and as many more as it takes.
+    Message(RxMessage<'a>),
 }
 
 /// A packet whose bytes the engine holds.
@@ -311,5 +325,264 @@ impl RxRead<'_> {
                 Ok(None)
             }
         }
+    }
+}
+
+/// A peek at a seqpacket socket: the size of its next message.
+///
+/// Peek (`recv` with `MSG_PEEK | MSG_TRUNC | MSG_DONTWAIT` and an empty buffer; a result of 0
+/// is an empty message unless `POLLRDHUP` says the peer shut down, and an empty message is
+/// consumed) and [`complete`](Self::complete) with what it found. Dropping it changes
+/// nothing.
+#[must_use]
+pub struct RxProbe<'a> {
+    pub(super) engine: &'a mut Engine,
+    pub(super) idx: usize,
+    pub(super) conn: ConnId,
+}
+
+impl fmt::Debug for RxProbe<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RxProbe").field("conn", &self.conn).finish()
+    }
+}
+
+impl RxProbe<'_> {
+    /// The connection whose socket to peek at.
+    pub fn conn(&self) -> ConnId {
+        self.conn
+    }
+
+    /// Reports the peek. Returns the header to publish in the buffer offered (a SHUTDOWN,
+    /// at end of file), or `None`: the buffer is still free, poll again.
+    pub fn complete(self, probe: Probe) -> Option<Header> {
+        let engine = self.engine;
+        let idx = self.idx;
+        let now = engine.now;
+        engine.sink.probe(&engine.conns, now, self.conn, probe);
+        let c = &mut engine.conns[idx];
+        match probe {
+            Probe::Size(n) if n > 0 => {
+                // Beyond the guest's buffer is reset by reconcile, now or whenever the guest
+                // shrinks its buffer below it.
+                c.rx_msg = Some(u32::try_from(n).unwrap_or(u32::MAX));
+                engine.reconcile(idx);
+                None
+            }
+            Probe::Size(_) | Probe::Empty => {
+                engine.stats.seqpacket_empty_from_host += 1;
+                engine.reconcile(idx);
+                None
+            }
+            Probe::Eof => {
+                let header = RxRead::finish(engine, idx, self.conn, 0, Io::Done(0));
+                let header = header.ok().flatten();
+                if let Some(h) = &header {
+                    engine.sink.guest_bound(now, h, &mut &[][..], 0);
+                }
+                header
+            }
+            Probe::WouldBlock => {
+                c.readable = false;
+                engine.reconcile(idx);
+                None
+            }
+            Probe::Error(e) => {
+                let _ = RxRead::finish(engine, idx, self.conn, 0, Io::Error(e));
+                None
+            }
+        }
+    }
+}
+
+/// A seqpacket message to read from a host socket, whole, into guest rx buffers.
+///
+/// The message has [`len`](Self::len) bytes. Take rx buffers (the one offered to
+/// [`Engine::poll_rx`] first) until their payload room, each counted up to
+/// [`max_part`](Self::max_part), covers it, and read the message with one `recvmsg`
+/// (`MSG_TRUNC`, to learn its real length) scattered over those buffers' payload areas.
+/// Then [`complete`](Self::complete) with the result and the room of each buffer, and
+/// write each returned header at the start of its buffer. If not enough buffers are
+/// posted, give them back and drop this: nothing changes, and the same grant comes once
+/// the guest posts more.
+#[must_use]
+pub struct RxMessage<'a> {
+    pub(super) engine: &'a mut Engine,
+    pub(super) idx: usize,
+    pub(super) conn: ConnId,
+    pub(super) len: usize,
+    pub(super) max_part: usize,
+}
+
+impl fmt::Debug for RxMessage<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RxMessage")
+            .field("conn", &self.conn)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+/// How many buffers of `rooms` a message of `len` bytes takes, each holding up to
+/// `max_part`; `None` unless every one of them is needed and they are enough.
+fn parts_needed(rooms: &[usize], len: usize, max_part: usize) -> Option<usize> {
+    let mut left = len;
+    for (i, &room) in rooms.iter().enumerate() {
+        let part = room.min(max_part);
+        if part == 0 || left == 0 {
+            return None;
+        }
+        left = left.saturating_sub(part);
+        if left == 0 {
+            return (i + 1 == rooms.len()).then_some(rooms.len());
+        }
+    }
+    None
+}
+
+impl RxMessage<'_> {
+    /// The connection whose socket to read.
+    pub fn conn(&self) -> ConnId {
+        self.conn
+    }
+
+    /// The message's size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: an empty message is never granted.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The most payload one packet (one rx buffer) carries.
+    pub fn max_part(&self) -> usize {
+        self.max_part
+    }
+
+    /// How many of the buffers with payload room `rooms`, in order, the message takes
+    /// (`None` if they are not enough).
+    pub fn buffers_for(&self, rooms: impl IntoIterator<Item = usize>) -> Option<usize> {
+        let mut left = self.len;
+        for (i, room) in rooms.into_iter().enumerate() {
+            let part = room.min(self.max_part);
+            if part == 0 {
+                return None;
+            }
+            left = left.saturating_sub(part);
+            if left == 0 {
+                return Some(i + 1);
+            }
+        }
+        None
+    }
+
+    /// Reports the read: `read` is the `recvmsg` result (with `MSG_TRUNC`, the message's
+    /// real length), `rooms` the payload room of each buffer it was scattered over, and
+    /// `payload` the bytes read, in order (for a recorder). Returns the headers to write,
+    /// one per buffer in order (RW, `EOM` on the last), or `None` if nothing goes to the
+    /// guest (the socket had nothing after all, or failed: the connection is then reset).
+    ///
+    /// # Errors
+    ///
+    /// [`ConnError::Overrun`] if the read does not match the message, or `rooms` are not
+    /// exactly the buffers it takes; the connection is reset and nothing is published.
+    pub fn complete<'r>(
+        self,
+        read: Io,
+        rooms: &'r [usize],
+        payload: &mut dyn GuestBytes,
+    ) -> Result<Option<MessageHeaders<'r>>, ConnError> {
+        let engine = self.engine;
+        let idx = self.idx;
+        let now = engine.now;
+        let len = self.len;
+        engine
+            .sink
+            .rx_message(&engine.conns, now, self.conn, read, rooms);
+        match read {
+            Io::Done(n) if n == len && parts_needed(rooms, len, self.max_part).is_some() => {
+                let c = &mut engine.conns[idx];
+                c.rx_msg = None;
+                let headers = MessageHeaders {
+                    template: engine.header(idx, Op::Rw, 0, 0),
+                    rooms: rooms.iter(),
+                    left: len,
+                    max_part: self.max_part,
+                };
+                engine.rx_queue.rotate_left(1);
+                let mut offset = 0;
+                for header in headers.clone() {
+                    let part = header.len.get() as usize;
+                    let mut bytes = Skip {
+                        inner: &mut *payload,
+                        skip: offset,
+                    };
+                    engine.sink.guest_bound(now, &header, &mut bytes, part);
+                    engine.delivered(idx, &header);
+                    offset += part;
+                }
+                engine.stats.messages_to_guest += 1;
+                Ok(Some(headers))
+            }
+            Io::Done(_) => {
+                debug!(conn = %self.conn, "message read does not match its probe");
+                engine.reset_conn(idx);
+                Err(ConnError::Overrun)
+            }
+            Io::WouldBlock => {
+                let c = &mut engine.conns[idx];
+                c.rx_msg = None;
+                c.readable = false;
+                engine.reconcile(idx);
+                Ok(None)
+            }
+            Io::Error(e) => {
+                let _ = RxRead::finish(engine, idx, self.conn, 0, Io::Error(e));
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// The headers of a message read into several rx buffers, one per buffer, in order: RW
+/// packets of the connection, each as long as its buffer's part, the last with `EOM`.
+#[derive(Clone, Debug)]
+pub struct MessageHeaders<'r> {
+    template: Header,
+    rooms: std::slice::Iter<'r, usize>,
+    left: usize,
+    max_part: usize,
+}
+
+impl Iterator for MessageHeaders<'_> {
+    type Item = Header;
+
+    fn next(&mut self) -> Option<Header> {
+        if self.left == 0 {
+            return None;
+        }
+        let room = *self.rooms.next()?;
+        let part = room.min(self.max_part).min(self.left);
+        self.left -= part;
+        let mut header = self.template;
+        header.len = (part as u32).into();
+        if self.left == 0 {
+            header.flags = SEQ_EOM.into();
+        }
+        Some(header)
+    }
+}
+
+/// Guest bytes seen from `skip` bytes in.
+struct Skip<'a> {
+    inner: &'a mut dyn GuestBytes,
+    skip: usize,
+}
+
+impl GuestBytes for Skip<'_> {
+    fn copy_to(&mut self, offset: usize, dst: &mut [u8]) -> Result<(), MemoryFault> {
+        self.inner.copy_to(self.skip + offset, dst)
     }
 }

@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// `EMSGSIZE` on Linux: a seqpacket socket refused a message larger than its send buffer.
+pub(super) const EMSGSIZE: i32 = 90;
+
 impl Engine {
     /// A packet from the guest's tx queue.
     ///
@@ -69,7 +72,8 @@ impl Engine {
                 return None;
             }
         };
-        if pkt.socket_type != SocketType::Stream {
+        if !self.socket_types.allows(pkt.socket_type) {
+            // A type the driver did not negotiate is as unknown as a type no one defined.
             self.stats.unknown_type += 1;
             if raw_op != Op::Rst.to_u16() {
                 self.reply_rst(header);
@@ -105,16 +109,14 @@ impl Engine {
             HeaderError::OversizeLen(_) => self.stats.oversize_len += 1,
             HeaderError::PayloadOnControl(_) => self.stats.control_payload += 1,
         }
-        let key = Key {
-            socket_type: SocketType::Stream,
-            guest_port: header.src_port.get(),
-            host_port: header.dst_port.get(),
-        };
-        let existing = if header.type_.get() == SocketType::Stream.to_u16() {
+        let existing = SocketType::from_u16(header.type_.get()).and_then(|socket_type| {
+            let key = Key {
+                socket_type,
+                guest_port: header.src_port.get(),
+                host_port: header.dst_port.get(),
+            };
             self.map.get(&key).map(|&i| i as usize)
-        } else {
-            None
-        };
+        });
         match existing {
             Some(idx) if is_rst => self.close_by_guest(idx),
             Some(idx) => self.reset_conn(idx),
@@ -212,6 +214,19 @@ impl Engine {
             }
             Op::Shutdown => {
                 c.guest_shut |= pkt.flags & SHUTDOWN_BOTH;
+                if c.guest_shut & SHUTDOWN_SEND != 0 && c.open_msg > 0 {
+                    // The guest's send of it failed (Linux reports an error for a message
+                    // not sent whole), so the socket must not get it: it is dropped, and its
+                    // bytes count as consumed.
+                    let open = c.open_msg;
+                    c.open_msg = 0;
+                    if let Some(ring) = c.ring.as_mut() {
+                        ring.truncate(open as usize);
+                    }
+                    c.fwd_cnt = c.fwd_cnt.wrapping_add(open);
+                    self.stats.seqpacket_partial_dropped += 1;
+                    self.stats.guest_bytes_lost += u64::from(open);
+                }
                 trace!(conn = %ConnId::new(idx as u32, c.generation), flags = pkt.flags, "guest shutdown");
             }
             Op::CreditUpdate => {}
@@ -239,9 +254,25 @@ impl Engine {
                     c.rx_cnt = c.rx_cnt.wrapping_add(pkt.len);
                     self.stats.guest_bytes_lost += u64::from(pkt.len);
                 } else if pkt.len > 0 {
-                    let direct = c.host_pending() == 0 && c.writable && c.socket_open;
+                    // A message goes straight to the socket only whole: one packet that ends
+                    // it, with nothing before it still held.
+                    let whole = !c.is_seqpacket() || pkt.flags & SEQ_EOM != 0;
+                    let direct = c.nothing_held() && c.writable && c.socket_open && whole;
                     let conn = ConnId::new(idx as u32, c.generation);
                     return Some((idx, conn, pkt.len as usize, direct));
+                } else if c.is_seqpacket() && pkt.flags & SEQ_EOM != 0 {
+                    if pkt.flags & SEQ_EOR != 0 {
+                        self.stats.seqpacket_eor_dropped += 1;
+                    }
+                    if c.open_msg > 0 {
+                        // An empty last packet ends the message its earlier packets began.
+                        c.open_msg = 0;
+                        if let Some(ring) = c.ring.as_mut() {
+                            ring.mark_end();
+                        }
+                    } else {
+                        self.stats.seqpacket_empty_from_guest += 1;
+                    }
                 }
             }
             Op::Request | Op::Rst => unreachable!("handled before the connection lookup"),
@@ -255,9 +286,13 @@ impl Engine {
         idx: usize,
         len: usize,
         direct: bool,
+        flags: u32,
         written: Io,
         payload: &mut dyn GuestBytes,
     ) -> Result<(), ConnError> {
+        if self.conns[idx].is_seqpacket() {
+            return self.tx_message(idx, len, flags, written, payload);
+        }
         let c = &mut self.conns[idx];
         let n = match written {
             Io::Done(n) if n > len => {
@@ -307,6 +342,93 @@ impl Engine {
             c.stats.buffered_bytes += rest as u64;
             self.stats.tx_buffered_bytes += rest as u64;
         }
+        self.reconcile(idx);
+        Ok(())
+    }
+
+    /// A seqpacket payload: sent whole straight from guest memory, or copied whole into the
+    /// connection buffer (the end of its message marked once the packet with `EOM` came).
+    /// Atomic sends leave no middle ground: a partial write is a broken socket.
+    fn tx_message(
+        &mut self,
+        idx: usize,
+        len: usize,
+        flags: u32,
+        written: Io,
+        payload: &mut dyn GuestBytes,
+    ) -> Result<(), ConnError> {
+        let eom = flags & SEQ_EOM != 0;
+        if eom && flags & SEQ_EOR != 0 {
+            self.stats.seqpacket_eor_dropped += 1;
+        }
+        let c = &mut self.conns[idx];
+        let n = match written {
+            Io::Done(n) if n > len => {
+                self.reset_conn(idx);
+                return Err(ConnError::Overrun);
+            }
+            Io::Done(n) if n == 0 || n == len => n,
+            Io::Done(_) => {
+                debug!(conn = %ConnId::new(idx as u32, c.generation), "partial message write");
+                self.stats.seqpacket_partial_write += 1;
+                self.stats.guest_bytes_lost += len as u64;
+                self.reset_conn(idx);
+                return Ok(());
+            }
+            Io::WouldBlock => {
+                c.writable = false;
+                0
+            }
+            Io::Error(e) if e.0 == EMSGSIZE => {
+                debug!(conn = %ConnId::new(idx as u32, c.generation), len, "host socket refused a message as too large");
+                self.stats.seqpacket_host_emsgsize += 1;
+                self.stats.guest_bytes_lost += len as u64;
+                self.reset_conn(idx);
+                return Ok(());
+            }
+            Io::Error(e) => {
+                debug!(conn = %ConnId::new(idx as u32, c.generation), error = %e, "host write failed");
+                c.rx_cnt = c.rx_cnt.wrapping_add(len as u32);
+                self.stats.guest_bytes_lost += len as u64;
+                self.host_broken(idx);
+                return Ok(());
+            }
+        };
+        c.rx_cnt = c.rx_cnt.wrapping_add(len as u32);
+        c.stats.guest_bytes += len as u64;
+        self.stats.tx_bytes += len as u64;
+        if n == len {
+            c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
+            c.stats.host_written += n as u64;
+            self.stats.tx_direct_bytes += n as u64;
+            self.stats.messages_to_host += 1;
+            self.reconcile(idx);
+            return Ok(());
+        }
+        if c.ring.is_none() {
+            c.ring = Some(self.pool.take());
+        }
+        let ring = c.ring.as_mut().expect("ring was just provided");
+        // The credit check in handle_tx guarantees the payload fits.
+        let (a, b) = ring.free_slices_mut();
+        let first = a.len().min(len);
+        let copied = payload
+            .copy_to(0, &mut a[..first])
+            .and_then(|()| payload.copy_to(first, &mut b[..len - first]));
+        if copied.is_err() {
+            self.stats.payload_faults += 1;
+            self.reset_conn(idx);
+            return Ok(());
+        }
+        ring.commit(len);
+        if eom {
+            ring.mark_end();
+            c.open_msg = 0;
+        } else {
+            c.open_msg += len as u32;
+        }
+        c.stats.buffered_bytes += len as u64;
+        self.stats.tx_buffered_bytes += len as u64;
         self.reconcile(idx);
         Ok(())
     }

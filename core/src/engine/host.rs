@@ -8,12 +8,25 @@ impl Engine {
     /// The engine will ask for its `CONNECT` line with [`Action::ReadConnectLine`] once the
     /// socket is readable. On `Err`, close the socket: the table is full (counted).
     pub fn handle_accept(&mut self, now: Instant) -> Result<ConnId, TableFull> {
-        let accepted = self.accept(now);
-        self.sink.accept(&self.conns, now, accepted);
+        let accepted = self.accept(now, SocketType::Stream);
+        self.sink
+            .accept(&self.conns, now, SocketType::Stream, accepted);
         accepted
     }
 
-    pub(super) fn accept(&mut self, now: Instant) -> Result<ConnId, TableFull> {
+    /// A host client was accepted on the seqpacket listener (`<uds_path>_seqpacket`): as
+    /// [`handle_accept`](Self::handle_accept), for a client whose `CONNECT` line is one
+    /// message and which is joined to a guest seqpacket listener. If the guest has not
+    /// negotiated seqpacket sockets when the line names its port, the client is closed
+    /// (counted as `seqpacket_clients_refused`).
+    pub fn handle_seqpacket_accept(&mut self, now: Instant) -> Result<ConnId, TableFull> {
+        let accepted = self.accept(now, SocketType::SeqPacket);
+        self.sink
+            .accept(&self.conns, now, SocketType::SeqPacket, accepted);
+        accepted
+    }
+
+    pub(super) fn accept(&mut self, now: Instant, ty: SocketType) -> Result<ConnId, TableFull> {
         self.advance(now);
         if self.conns.len() >= self.config.max_connections {
             self.stats.accept_limit += 1;
@@ -26,7 +39,7 @@ impl Engine {
             self.evict_oldest_pending();
         }
         let key = Key {
-            socket_type: SocketType::Stream,
+            socket_type: ty,
             guest_port: 0,
             host_port: 0,
         };
@@ -64,8 +77,20 @@ impl Engine {
         }
         match read {
             LineRead::Data(bytes) => {
+                // A seqpacket client's line is one message: whole, and alone in it.
+                let status = match c.line.feed(bytes) {
+                    ConnectStatus::Incomplete if c.is_seqpacket() => {
+                        ConnectStatus::Invalid(ConnectError::Garbage)
+                    }
+                    ConnectStatus::Complete(_)
+                        if c.is_seqpacket() && !c.line.leftover().is_empty() =>
+                    {
+                        ConnectStatus::Invalid(ConnectError::Garbage)
+                    }
+                    status => status,
+                };
                 // Readable until a read would block (see `RxRead::complete`).
-                match c.line.feed(bytes) {
+                match status {
                     ConnectStatus::Incomplete => {}
                     ConnectStatus::Complete(port) => self.host_request(idx, port),
                     ConnectStatus::Invalid(e) => {
@@ -122,14 +147,21 @@ impl Engine {
     }
 
     pub(super) fn host_request(&mut self, idx: usize, guest_port: u32) {
-        let Some(host_port) = self.alloc_host_port(guest_port) else {
+        let socket_type = self.conns[idx].key.socket_type;
+        if !self.socket_types.allows(socket_type) {
+            self.stats.seqpacket_clients_refused += 1;
+            debug!(conn = %self.id(idx), "seqpacket client, but the guest has no seqpacket sockets");
+            self.close_host_client(idx);
+            return;
+        }
+        let Some(host_port) = self.alloc_host_port(socket_type, guest_port) else {
             // Unreachable while the table is smaller than the port range, but never panic.
             self.close_host_client(idx);
             return;
         };
         let c = &mut self.conns[idx];
         c.key = Key {
-            socket_type: SocketType::Stream,
+            socket_type,
             guest_port,
             host_port,
         };
@@ -143,7 +175,7 @@ impl Engine {
     }
 
     /// A host port for a connection to `guest_port` that no live connection uses.
-    pub(super) fn alloc_host_port(&mut self, guest_port: u32) -> Option<u32> {
+    pub(super) fn alloc_host_port(&mut self, socket_type: SocketType, guest_port: u32) -> Option<u32> {
         for _ in 0..=self.config.max_connections {
             let port = self.next_host_port;
             self.next_host_port = if port >= u32::MAX - 1 {
@@ -152,7 +184,7 @@ impl Engine {
                 port + 1
             };
             let key = Key {
-                socket_type: SocketType::Stream,
+                socket_type,
                 guest_port,
                 host_port: port,
             };
@@ -219,7 +251,8 @@ impl Engine {
     }
 
     /// The bytes a [`Action::Flush`] writes: the rest of the `OK` line, or buffered guest
-    /// bytes, as at most two slices (for one `writev`).
+    /// bytes, as at most two slices (for one `writev`). On a seqpacket connection that is
+    /// one message: the `OK` line, or the oldest complete guest message.
     ///
     /// # Errors
     ///
@@ -233,6 +266,12 @@ impl Engine {
             return Ok([&line.as_bytes()[*done as usize..], &[]]);
         }
         Ok(match &c.ring {
+            Some(ring) if c.is_seqpacket() => {
+                let len = ring.first_message().unwrap_or(0);
+                let (a, b) = ring.as_slices();
+                let first = a.len().min(len);
+                [&a[..first], &b[..len - first]]
+            }
             Some(ring) => {
                 let (a, b) = ring.as_slices();
                 [a, b]
@@ -271,11 +310,25 @@ impl Engine {
             Io::Done(n) => {
                 let offered = match &c.ok {
                     Some((line, done)) => line.as_bytes().len() - *done as usize,
+                    None if c.is_seqpacket() => {
+                        c.ring.as_ref().and_then(|r| r.first_message()).unwrap_or(0)
+                    }
                     None => c.buffered(),
                 };
                 if n > offered {
                     self.reset_conn(idx);
                     return Err(ConnError::Overrun);
+                }
+                if c.is_seqpacket() && n < offered {
+                    // A message goes whole or not at all; part of one is a broken socket.
+                    debug!(%conn, n, offered, "partial message write");
+                    self.stats.seqpacket_partial_write += 1;
+                    self.stats.guest_bytes_lost += c.buffered() as u64;
+                    self.reset_conn(idx);
+                    return Ok(());
+                }
+                if c.is_seqpacket() && c.ok.is_none() {
+                    self.stats.messages_to_host += 1;
                 }
                 if n < offered {
                     c.writable = false;
@@ -292,6 +345,12 @@ impl Engine {
                 }
             }
             Io::WouldBlock => c.writable = false,
+            Io::Error(e) if c.is_seqpacket() && e.0 == super::guest::EMSGSIZE => {
+                debug!(%conn, "host socket refused a message as too large");
+                self.stats.seqpacket_host_emsgsize += 1;
+                self.stats.guest_bytes_lost += c.buffered() as u64;
+                self.reset_conn(idx);
+            }
             Io::Error(e) => {
                 debug!(%conn, error = %e, "host write failed");
                 self.host_broken(idx);
@@ -324,8 +383,9 @@ impl Engine {
         c.readable = true;
         c.writable = false;
         c.owed_rx |= owed_rx::SHUTDOWN_RCV;
-        let lost = c.host_pending() as u64;
+        let lost = (c.ok_pending() + c.buffered()) as u64;
         self.stats.guest_bytes_lost += lost;
+        c.open_msg = 0;
         if let Some(ring) = c.ring.take() {
             self.pool.give(ring);
         }

@@ -27,20 +27,22 @@ mod upkeep;
 
 use crate::conn::Next;
 use grant::Source;
-pub use grant::{RxGrant, RxPacket, RxRead, Tx, TxData};
+pub use grant::{MessageHeaders, RxGrant, RxMessage, RxPacket, RxProbe, RxRead, Tx, TxData};
 use sink::Sink;
 
 use crate::buf::Pool;
 use crate::config::{Config, ConfigError};
 use crate::conn::{owed_act, owed_rx, Conn, ConnId, ConnState, Key, Origin, Phase};
 use crate::error::{ConnError, TableFull};
-use crate::io::{Action, Direction, GuestBytes, HostEvent, Io, LineRead, MemoryFault};
+use crate::io::{
+    Action, Direction, GuestBytes, HostEvent, Io, LineRead, MemoryFault, Probe, SocketTypes,
+};
 use crate::record::{AttachError, Event, Grant, Recorder, ResumeError, Snapshot, TxOutcome};
 use crate::stats::{ConnStats, Stats};
 use crate::time::Instant;
 use crate::wire::{
     ConnectError, ConnectStatus, Header, HeaderError, OkLine, Op, Packet, SocketType,
-    CID_RESERVED_MASK, HOST_CID, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND,
+    CID_RESERVED_MASK, HOST_CID, SEQ_EOM, SEQ_EOR, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND,
 };
 
 /// The hybrid-vsock protocol engine.
@@ -86,6 +88,8 @@ pub struct Engine {
     next_host_port: u32,
     /// Host clients still sending their `CONNECT` line.
     reading_line: usize,
+    /// The socket types the guest's driver negotiated.
+    socket_types: SocketTypes,
     stats: Stats,
     /// Told of every input and output, when attached.
     sink: Sink,
@@ -119,6 +123,7 @@ impl Engine {
             next_generation: 1,
             next_host_port: config.host_port_first,
             reading_line: 0,
+            socket_types: SocketTypes::STREAM,
             stats: Stats::default(),
             config,
             sink: Sink::default(),
@@ -151,7 +156,8 @@ impl Engine {
     /// It is the sum of what [`new`](Self::new) reserves and what can grow:
     ///
     /// - per connection (`max_connections` of them): a connection buffer of `buffer_size`
-    ///   bytes (buffers pooled for reuse count among these: a buffer is only allocated when
+    ///   bytes and, for a seqpacket connection, its bitmap of message ends (an eighth of
+    ///   that; buffers pooled for reuse count among these: a buffer is only allocated when
     ///   the pool has none, so those in use and those pooled never outnumber the connections
     ///   the table has held), its slot in the table, two entries in the key map (whose
     ///   buckets are a power of two at most twice the capacity), two in each of the rx and
@@ -169,7 +175,9 @@ impl Engine {
             + 2 * n(size_of::<(Key, u32)>() + 1)
             + 2 * 2 * n(size_of::<(u32, u32)>())
             + 6 * n(size_of::<Reverse<(Instant, u32, u32)>>());
-        let per_conn = per_conn.saturating_add(u64::from(config.buffer_size));
+        // A connection buffer, and its bitmap of message ends (seqpacket).
+        let ring = u64::from(config.buffer_size);
+        let per_conn = per_conn.saturating_add(ring + ring.div_ceil(64) * 8);
         max.saturating_mul(per_conn)
             .saturating_add(n(config.max_pending_resets).saturating_mul(n(size_of::<OrphanRst>())))
             .saturating_add(
@@ -204,6 +212,17 @@ impl Engine {
     /// The state of a live connection.
     pub fn conn_state(&self, conn: ConnId) -> Option<ConnState> {
         self.get(conn).map(Conn::state)
+    }
+
+    /// The socket type of a live connection.
+    pub fn conn_socket_type(&self, conn: ConnId) -> Option<SocketType> {
+        self.get(conn).map(|c| c.key.socket_type)
+    }
+
+    /// The socket types the guest's driver negotiated (see
+    /// [`set_socket_types`](Self::set_socket_types)).
+    pub fn socket_types(&self) -> SocketTypes {
+        self.socket_types
     }
 
     /// Who opened a live connection.
@@ -307,7 +326,9 @@ impl Engine {
             next_generation: self.next_generation,
             next_host_port: self.next_host_port,
         };
-        let old = self.sink.attach(recorder, self.now, &self.config, snapshot);
+        let old = self
+            .sink
+            .attach(recorder, self.now, &self.config, snapshot, self.socket_types);
         Ok(old)
     }
 

@@ -49,6 +49,7 @@ impl Engine {
                 owed_act::CONNECT => Some(Action::Connect {
                     conn,
                     port: c.key.host_port,
+                    socket_type: c.key.socket_type,
                 }),
                 owed_act::READ_LINE => {
                     (c.phase == Phase::ConnectLine && c.readable).then(|| Action::ReadConnectLine {
@@ -103,6 +104,8 @@ impl Engine {
                 None => Grant::Nothing,
                 Some(RxDecision::Orphan(_) | RxDecision::Packet { .. }) => Grant::Packet,
                 Some(RxDecision::Read { conn, .. }) => Grant::Read(conn),
+                Some(RxDecision::Probe { conn, .. }) => Grant::Probe(conn),
+                Some(RxDecision::Message { conn, .. }) => Grant::Message(conn),
             };
             self.sink.poll_rx(&self.conns, now, room, grant);
         }
@@ -125,6 +128,21 @@ impl Engine {
                 conn,
                 max,
             }),
+            RxDecision::Probe { idx, conn } => RxGrant::Probe(RxProbe {
+                engine: self,
+                idx,
+                conn,
+            }),
+            RxDecision::Message { idx, conn, len } => {
+                let max_part = self.config.max_packet_payload as usize;
+                RxGrant::Message(RxMessage {
+                    engine: self,
+                    idx,
+                    conn,
+                    len,
+                    max_part,
+                })
+            }
         })
     }
 
@@ -166,6 +184,14 @@ impl Engine {
                 Next::Read(max) => {
                     let conn = ConnId::new(index, generation);
                     return Some(RxDecision::Read { idx, conn, max });
+                }
+                Next::Probe => {
+                    let conn = ConnId::new(index, generation);
+                    return Some(RxDecision::Probe { idx, conn });
+                }
+                Next::Message(len) => {
+                    let conn = ConnId::new(index, generation);
+                    return Some(RxDecision::Message { idx, conn, len });
                 }
                 Next::Blocked => {
                     self.rx_queue.rotate_left(1);
@@ -265,5 +291,14 @@ pub(super) enum RxDecision {
         idx: usize,
         conn: ConnId,
         max: usize,
+    },
+    Probe {
+        idx: usize,
+        conn: ConnId,
+    },
+    Message {
+        idx: usize,
+        conn: ConnId,
+        len: usize,
     },
 }

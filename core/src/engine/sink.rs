@@ -36,10 +36,15 @@ impl Sink {
         now: Instant,
         config: &Config,
         snapshot: Snapshot,
+        types: SocketTypes,
     ) -> Option<Box<dyn Recorder>> {
         let old = std::mem::replace(&mut self.recorder, recorder);
         if let Some(r) = self.recorder.as_mut() {
             r.event(now, None, &Event::Start(config, snapshot));
+            // What the driver negotiated is state too; a fresh engine allows streams only.
+            if types != SocketTypes::STREAM {
+                r.event(now, None, &Event::SocketTypes(types));
+            }
         }
         old
     }
@@ -113,9 +118,29 @@ impl Sink {
         &mut self,
         conns: &Slab<Conn>,
         now: Instant,
+        ty: SocketType,
         accepted: Result<ConnId, TableFull>,
     ) {
-        self.event(conns, now, &Event::Accept(accepted));
+        self.event(conns, now, &Event::Accept(ty, accepted));
+    }
+
+    pub(super) fn socket_types(&mut self, conns: &Slab<Conn>, now: Instant, types: SocketTypes) {
+        self.event(conns, now, &Event::SocketTypes(types));
+    }
+
+    pub(super) fn probe(&mut self, conns: &Slab<Conn>, now: Instant, conn: ConnId, probe: Probe) {
+        self.event(conns, now, &Event::Probe(conn, probe));
+    }
+
+    pub(super) fn rx_message(
+        &mut self,
+        conns: &Slab<Conn>,
+        now: Instant,
+        conn: ConnId,
+        io: Io,
+        rooms: &[usize],
+    ) {
+        self.event(conns, now, &Event::RxMessage(conn, io, rooms));
     }
 
     pub(super) fn connect_line(

@@ -81,6 +81,8 @@ impl Engine {
         c.phase = Phase::Resetting;
         c.owed_rx = owed_rx::RST;
         c.owed_act = if c.socket_open { owed_act::CLOSE } else { 0 };
+        c.open_msg = 0;
+        c.rx_msg = None;
         if let Some(ring) = c.ring.take() {
             self.pool.give(ring);
         }
@@ -166,6 +168,14 @@ impl Engine {
                 if c.guest_shut & SHUTDOWN_RCV != 0 && !c.host_rd_shut {
                     c.host_rd_shut = true;
                     c.owed_act |= owed_act::SHUT_RD;
+                }
+                if c.rx_msg.is_some_and(|size| size > c.peer_buf_alloc) {
+                    // A message the guest's whole buffer cannot hold is never read: a Linux
+                    // receiver resets on overflow, and so does the relay, telling both ends.
+                    debug!(conn = %ConnId::new(idx as u32, c.generation), size = c.rx_msg, buf_alloc = c.peer_buf_alloc, "host message larger than the guest's buffer");
+                    self.stats.seqpacket_oversize_from_host += 1;
+                    self.reset_conn(idx);
+                    return;
                 }
                 if c.host_broken && !c.to_guest_open() {
                     // Neither direction can carry anything more.

@@ -11,7 +11,7 @@ fn one_of_each(e: &mut Engine) -> ([ConnId; 4], u32) {
         guest_pkt(Op::Request, 999, 79, 0, 0, GUEST_BUF, 0),
     );
     let connecting = match e.poll_action() {
-        Some(Action::Connect { conn, port: 79 }) => conn,
+        Some(Action::Connect { conn, port: 79, .. }) => conn,
         other => panic!("expected Connect, got {other:?}"),
     };
     expect_actions(e, &[interest(connecting, false, true)]);
@@ -30,6 +30,8 @@ fn abort_all_resets_every_connection() {
     while let Some(grant) = e.poll_rx(ms(1), ROOM) {
         match grant {
             RxGrant::Packet(p) => rsts.push(p.send()),
+            RxGrant::Probe(p) => panic!("stream connections only: {p:?}"),
+            RxGrant::Message(m) => panic!("stream connections only: {m:?}"),
             RxGrant::Read(r) => panic!("unexpected {r:?}"),
         }
     }
@@ -83,6 +85,8 @@ fn stop_closes_every_socket_and_owes_the_guest_rsts_without_deadline() {
     while let Some(grant) = e.poll_rx(ms(3_600_001), ROOM) {
         match grant {
             RxGrant::Packet(p) => rsts.push(p.send()),
+            RxGrant::Probe(p) => panic!("stream connections only: {p:?}"),
+            RxGrant::Message(m) => panic!("stream connections only: {m:?}"),
             RxGrant::Read(r) => panic!("unexpected {r:?}"),
         }
     }
@@ -114,6 +118,8 @@ fn stop_owes_no_more_rsts_than_the_queue_holds() {
                 let _ = p.send();
                 n += 1;
             }
+            RxGrant::Probe(p) => panic!("stream connections only: {p:?}"),
+            RxGrant::Message(m) => panic!("stream connections only: {m:?}"),
             RxGrant::Read(r) => panic!("unexpected {r:?}"),
         }
     }

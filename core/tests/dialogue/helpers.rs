@@ -85,6 +85,8 @@ pub fn expect_rx_payload(e: &mut Engine, now: Instant, op: Op) -> (Header, Vec<u
             assert_eq!(p.header().len.get() as usize, payload.len());
             (p.send(), payload)
         }
+        Some(RxGrant::Probe(p)) => panic!("stream connections only: {p:?}"),
+        Some(RxGrant::Message(m)) => panic!("stream connections only: {m:?}"),
         Some(RxGrant::Read(r)) => panic!("expected {op:?}, got {r:?}"),
         None => panic!("expected {op:?}, got nothing"),
     }
@@ -99,6 +101,8 @@ pub fn expect_read(
     max: usize,
 ) -> RxRead<'_> {
     match e.poll_rx(now, room) {
+        Some(RxGrant::Probe(p)) => panic!("stream connections only: {p:?}"),
+        Some(RxGrant::Message(m)) => panic!("stream connections only: {m:?}"),
         Some(RxGrant::Read(r)) => {
             assert_eq!((r.conn(), r.max()), (conn, max), "read grant");
             r
@@ -127,6 +131,8 @@ pub fn expect_no_rx(e: &mut Engine, now: Instant) {
     if let Some(g) = e.poll_rx(now, ROOM) {
         match g {
             RxGrant::Packet(p) => panic!("unexpected packet {p:?}"),
+            RxGrant::Probe(p) => panic!("stream connections only: {p:?}"),
+            RxGrant::Message(m) => panic!("stream connections only: {m:?}"),
             RxGrant::Read(r) => panic!("unexpected {r:?}"),
         }
     }
@@ -180,6 +186,8 @@ macro_rules! assert_stats {
 /// After a short read the engine reads the socket again; this read finds it drained.
 pub fn read_would_block(e: &mut Engine, now: Instant, room: usize, conn: ConnId) {
     match e.poll_rx(now, room) {
+        Some(RxGrant::Probe(p)) => panic!("stream connections only: {p:?}"),
+        Some(RxGrant::Message(m)) => panic!("stream connections only: {m:?}"),
         Some(RxGrant::Read(r)) => {
             assert_eq!(r.conn(), conn, "read grant");
             assert_eq!(r.complete(Io::WouldBlock, &mut &[][..]), Ok(None));
@@ -205,7 +213,7 @@ pub fn line_would_block(e: &mut Engine, now: Instant, conn: ConnId, max: usize) 
 pub fn guest_connected(e: &mut Engine, now: Instant, gp: u32, hp: u32, guest_buf: u32) -> ConnId {
     tx(e, now, guest_pkt(Op::Request, gp, hp, 0, 0, guest_buf, 0));
     let conn = match e.poll_action() {
-        Some(Action::Connect { conn, port }) => {
+        Some(Action::Connect { conn, port, .. }) => {
             assert_eq!(port, hp);
             conn
         }

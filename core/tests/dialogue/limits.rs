@@ -77,7 +77,7 @@ fn host_port_allocation_never_collides_with_a_live_connection() {
         guest_pkt(Op::Request, 5000, MAX - 2, 0, 0, GUEST_BUF, 0),
     );
     let g = match e.poll_action() {
-        Some(Action::Connect { conn, port }) if port == MAX - 2 => conn,
+        Some(Action::Connect { conn, port, .. }) if port == MAX - 2 => conn,
         other => panic!("expected Connect, got {other:?}"),
     };
     expect_actions(&mut e, &[interest(g, false, true)]);

@@ -14,7 +14,7 @@ fn guest_connect_is_answered_once_the_socket_connects() {
         guest_pkt(Op::Request, 1000, 80, 0, 0, GUEST_BUF, 0),
     );
     let conn = match e.poll_action() {
-        Some(Action::Connect { conn, port: 80 }) => conn,
+        Some(Action::Connect { conn, port: 80, .. }) => conn,
         other => panic!("expected Connect to port 80, got {other:?}"),
     };
     expect_actions(&mut e, &[interest(conn, false, true)]);
@@ -55,7 +55,7 @@ fn guest_connect_failure_is_reset_at_once() {
         guest_pkt(Op::Request, 1000, 80, 0, 0, GUEST_BUF, 0),
     );
     let conn = match e.poll_action() {
-        Some(Action::Connect { conn, port: 80 }) => conn,
+        Some(Action::Connect { conn, port: 80, .. }) => conn,
         other => panic!("expected Connect, got {other:?}"),
     };
     expect_actions(&mut e, &[interest(conn, false, true)]);
@@ -89,7 +89,7 @@ fn guest_connect_timeout_is_reset() {
         guest_pkt(Op::Request, 1000, 80, 0, 0, GUEST_BUF, 0),
     );
     let conn = match e.poll_action() {
-        Some(Action::Connect { conn, port: 80 }) => conn,
+        Some(Action::Connect { conn, port: 80, .. }) => conn,
         other => panic!("expected Connect, got {other:?}"),
     };
     expect_actions(&mut e, &[interest(conn, false, true)]);

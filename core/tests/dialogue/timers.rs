@@ -101,6 +101,8 @@ fn poll_timeout_reports_the_nearest_deadline() {
     while let Some(grant) = e.poll_rx(ms(1_550), 4096) {
         match grant {
             RxGrant::Packet(p) => drop(p.send()),
+            RxGrant::Probe(p) => panic!("stream connections only: {p:?}"),
+            RxGrant::Message(m) => panic!("stream connections only: {m:?}"),
             RxGrant::Read(_) => panic!("no data is readable yet"),
         }
     }

@@ -495,6 +495,8 @@ impl Sim {
                     let h = p.send();
                     Some((h, payload))
                 }
+                RxGrant::Probe(p) => panic!("stream connections only: {p:?}"),
+                RxGrant::Message(m) => panic!("stream connections only: {m:?}"),
                 RxGrant::Read(r) => {
                     let sock = self
                         .host
@@ -584,7 +586,7 @@ impl Sim {
     fn perform(&mut self, action: Action) {
         let now = self.now;
         match action {
-            Action::Connect { conn, port } => {
+            Action::Connect { conn, port, .. } => {
                 let mut s = HostSock::new(conn, self.world.host_capacity);
                 s.auto_read = self.world.host_auto_read;
                 s.ports = self.engine.conn_ports(conn);

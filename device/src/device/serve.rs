@@ -190,44 +190,13 @@ impl VsockDevice {
         Ok(true)
     }
 
-    /// Flattens a chain's descriptors into `self.segs`: all write-only if `writable`, all
-    /// readable otherwise. Returns the total length, or `Err(wrong_direction)` if a descriptor
-    /// goes the wrong way (`true`) or the chain is too long, too large or broken (`false`).
+    /// Flattens a chain's descriptors into `self.segs` (see [`flatten_into`]).
     fn flatten<M>(&mut self, chain: DescriptorChain<M>, writable: bool) -> Result<usize, bool>
     where
         M: std::ops::Deref,
         M::Target: GuestMemory,
     {
-        self.segs.clear();
-        let mut total: usize = 0;
-        let mut descriptors = 0usize;
-        let mut last_has_next = false;
-        for desc in chain {
-            if desc.is_write_only() != writable {
-                return Err(true);
-            }
-            if self.segs.len() == Self::MAX_CHAIN {
-                return Err(false);
-            }
-            total = total.checked_add(desc.len() as usize).ok_or(false)?;
-            descriptors += 1;
-            last_has_next = desc.has_next();
-            if desc.len() > 0 {
-                self.segs.push(Seg {
-                    addr: desc.addr().0,
-                    len: desc.len(),
-                });
-            }
-        }
-        // virtio-queue ends the iteration silently when the chain breaks: a head or `next`
-        // index out of range, a descriptor or indirect table it cannot read, a bad indirect
-        // table, or a loop (cut after as many descriptors as the queue or table holds). A chain
-        // that yielded nothing, or whose last descriptor still points to a next one, is such a
-        // broken chain, not a short one.
-        if descriptors == 0 || last_has_next {
-            return Err(false);
-        }
-        Ok(total)
+        flatten_into(&mut self.segs, chain, writable)
     }
 
     /// Takes tx chains. Returns (any used, budget exhausted).
@@ -315,7 +284,11 @@ impl VsockDevice {
                 let payload = Span::new(&self.segs, HEADER_LEN, len);
                 let written = if data.direct() {
                     match host.fd(data.conn()) {
-                        Some(fd) => match payload.write_to_fd(mem, len, fd) {
+                        Some(fd) => match if data.is_message() {
+                            payload.send_message(mem, fd)
+                        } else {
+                            payload.write_to_fd(mem, len, fd)
+                        } {
                             Ok(r) => Io::from_result(&r),
                             Err(MemoryFault) => Io::Done(0),
                         },
@@ -354,22 +327,41 @@ impl VsockDevice {
                 };
                 popped = true;
                 let head = chain.head_index();
-                match self.rx_chain(now, mem, chain, host) {
+                let mut taken = 1;
+                match self.rx_chain(now, mem, chain, queue, host)? {
                     // A head out of range (counted as unreadable by `rx_chain`) names no
                     // descriptor: nothing to return.
-                    Some(_) if head >= queue.size() => {}
-                    Some(len) => {
+                    RxFill::Used(_) if head >= queue.size() => {}
+                    RxFill::Used(len) => {
                         queue.add_used(mem, head, len)?;
                         self.stats.rx_chains += 1;
                         used = true;
                     }
-                    None => {
+                    RxFill::Message { chains } => {
+                        self.stats.rx_chains += chains as u64;
+                        used = true;
+                        taken = chains;
+                    }
+                    RxFill::Nothing => {
                         // Nothing to send after all: give the buffer back unused.
                         queue.set_next_avail(queue.next_avail().wrapping_sub(1));
                         return Ok((used, false));
                     }
+                    RxFill::Wait { popped } => {
+                        // A message needs more buffers than are posted. Ask to be kicked once
+                        // the guest posts beyond those at hand, then give them all back.
+                        self.stats.rx_message_waits += 1;
+                        let more = queue.enable_notification(mem)?;
+                        queue.set_next_avail(queue.next_avail().wrapping_sub(popped as u16));
+                        if !more {
+                            return Ok((used, false));
+                        }
+                        // The guest posted meanwhile: try again, within the budget.
+                        queue.disable_notification(mem)?;
+                        taken = popped;
+                    }
                 }
-                *budget -= 1;
+                *budget = budget.saturating_sub(taken);
                 if *budget == 0 {
                     return Ok((used, self.engine.has_pending_rx()));
                 }
@@ -386,55 +378,45 @@ impl VsockDevice {
         }
     }
 
-    /// Fills one rx chain. Returns the used length, or `None` if there was nothing to send.
+    /// The payload room of the rx chain flattened into `self.segs` (see [`rx_room_of`]).
+    fn rx_room<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        flattened: Result<usize, bool>,
+    ) -> Option<usize> {
+        rx_room_of(&self.segs, &mut self.stats, mem, flattened)
+    }
+
+    /// Fills one rx chain (and, for a host message that takes several, the chains after it).
     fn rx_chain<M, H>(
         &mut self,
         now: Instant,
         mem: &M,
         chain: DescriptorChain<&M>,
+        queue: &mut Queue,
         host: &mut H,
-    ) -> Option<u32>
+    ) -> Result<RxFill, DeviceError>
     where
         M: GuestMemory,
         H: HostSockets,
     {
-        let total = match self.flatten(chain, true) {
-            Ok(total) => total,
-            Err(true) => {
-                self.stats.rx_read_only += 1;
-                return Some(0);
-            }
-            Err(false) => {
-                self.stats.rx_bad_memory += 1;
-                return Some(0);
-            }
+        let head = chain.head_index();
+        let flattened = self.flatten(chain, true);
+        let Some(room) = self.rx_room(mem, flattened) else {
+            return Ok(RxFill::Used(0));
         };
-        if total < HEADER_LEN {
-            self.stats.rx_too_short += 1;
-            return Some(0);
-        }
-        if !self.segs.iter().all(|s| {
-            mem.check_range(
-                vm_memory::GuestAddress(s.addr),
-                s.len as usize,
-                vm_memory::Permissions::Write,
-            )
-        }) {
-            self.stats.rx_bad_memory += 1;
-            return Some(0);
-        }
-        let all = Span::new(&self.segs, 0, total);
-        let room = (total - HEADER_LEN).min(u32::MAX as usize - HEADER_LEN);
+        let total = HEADER_LEN + room;
         loop {
             let Some(grant) = self.engine.poll_rx(now, room) else {
                 if room == 0 && self.engine.has_pending_rx() {
                     // Only data is waiting and this buffer has no room for any: it can never
                     // be filled, and putting it back would stop the ring behind it.
                     self.stats.rx_too_short += 1;
-                    return Some(0);
+                    return Ok(RxFill::Used(0));
                 }
-                return None;
+                return Ok(RxFill::Nothing);
             };
+            let all = Span::new(&self.segs, 0, total);
             match grant {
                 RxGrant::Packet(packet) => {
                     let payload_len = packet.payload().len();
@@ -443,10 +425,10 @@ impl VsockDevice {
                         || all.write(mem, 0, packet.header().as_bytes()).is_err()
                     {
                         self.stats.rx_bad_memory += 1;
-                        return Some(0);
+                        return Ok(RxFill::Used(0));
                     }
                     let _ = packet.send();
-                    return Some((HEADER_LEN + payload_len) as u32);
+                    return Ok(RxFill::Used((HEADER_LEN + payload_len) as u32));
                 }
                 RxGrant::Read(read) => {
                     let conn = read.conn();
@@ -456,7 +438,7 @@ impl VsockDevice {
                             Ok(r) => Io::from_result(&r),
                             Err(MemoryFault) => {
                                 self.stats.rx_bad_memory += 1;
-                                return Some(0);
+                                return Ok(RxFill::Used(0));
                             }
                         },
                         None => Io::Error(SocketError(libc::EBADF)),
@@ -471,17 +453,315 @@ impl VsockDevice {
                                 // the stream cannot go on as if they had.
                                 self.stats.rx_bad_memory += 1;
                                 let _ = self.engine.reset_connection(now, conn);
-                                return Some(0);
+                                return Ok(RxFill::Used(0));
                             }
-                            return Some((HEADER_LEN + header.len.get() as usize) as u32);
+                            return Ok(RxFill::Used(
+                                (HEADER_LEN + header.len.get() as usize) as u32,
+                            ));
                         }
                         // Would block, or failed (the connection is reset): try the next one.
                         Ok(None) | Err(_) => continue,
                     }
                 }
+                RxGrant::Probe(probe) => {
+                    let result = match host.fd(probe.conn()) {
+                        Some(fd) => crate::memory::probe_message(fd),
+                        None => vsock_core::Probe::Error(SocketError(libc::EBADF)),
+                    };
+                    if let Some(header) = probe.complete(result) {
+                        // End of file: a SHUTDOWN in this buffer.
+                        if all.write(mem, 0, header.as_bytes()).is_err() {
+                            self.stats.rx_bad_memory += 1;
+                            return Ok(RxFill::Used(0));
+                        }
+                        return Ok(RxFill::Used(HEADER_LEN as u32));
+                    }
+                    // The size is known now, or there is nothing: poll again.
+                }
+                RxGrant::Message(message) => {
+                    let conn = message.conn();
+                    let mut scratch = MsgScratch {
+                        segs: &mut self.segs,
+                        msg_segs: &mut self.msg_segs,
+                        chains: &mut self.msg_chains,
+                        rooms: &mut self.msg_rooms,
+                        stats: &mut self.stats,
+                    };
+                    match scratch.read(mem, queue, host, head, room, message)? {
+                        MsgOutcome::Filled(chains) => return Ok(RxFill::Message { chains }),
+                        MsgOutcome::Wait(popped) => return Ok(RxFill::Wait { popped }),
+                        MsgOutcome::Unplaceable => {
+                            let _ = self.engine.reset_connection(now, conn);
+                        }
+                        // Would block, or failed (the connection is reset): try the next one.
+                        MsgOutcome::Retry => {}
+                    }
+                }
             }
         }
     }
+}
+
+/// What filling one rx chain came to.
+enum RxFill {
+    /// The chain holds this many bytes: return it to the used ring.
+    Used(u32),
+    /// Nothing to send after all: give the chain back.
+    Nothing,
+    /// A host message filled this chain and the ones after it, `chains` in all, every one
+    /// already returned to the used ring, in order.
+    Message { chains: usize },
+    /// A host message needs more chains than are posted: the `popped` chains taken for it,
+    /// this one included, are still out, to be given back.
+    Wait { popped: usize },
+}
+
+/// What reading a host message into rx chains came to.
+enum MsgOutcome {
+    /// The message is in this many chains, all returned to the used ring.
+    Filled(usize),
+    /// Not enough chains are posted; this many were popped and are still out.
+    Wait(usize),
+    /// No posted ring can ever hold the message: the extra chains were given back, and the
+    /// connection must be reset.
+    Unplaceable,
+    /// The read found nothing, or failed (the engine reset the connection): the extra chains
+    /// were given back; poll again with the first.
+    Retry,
+}
+
+/// The device's scratch space for one host message, borrowed beside the engine's grant.
+struct MsgScratch<'d> {
+    segs: &'d mut Vec<Seg>,
+    msg_segs: &'d mut Vec<Seg>,
+    chains: &'d mut Vec<MsgChain>,
+    rooms: &'d mut Vec<usize>,
+    stats: &'d mut DeviceStats,
+}
+
+impl MsgScratch<'_> {
+    /// Takes rx chains after the first (`head`, with payload room `room`, flattened in
+    /// `segs`) until their room covers the message, reads it with one `recvmsg` scattered
+    /// over them, writes each chain's header and returns them all to the used ring, in order.
+    fn read<M: GuestMemory, H: HostSockets>(
+        &mut self,
+        mem: &M,
+        queue: &mut Queue,
+        host: &mut H,
+        head: u16,
+        room: usize,
+        message: vsock_core::RxMessage<'_>,
+    ) -> Result<MsgOutcome, DeviceError> {
+        self.msg_segs.clear();
+        self.chains.clear();
+        self.rooms.clear();
+        self.msg_segs.extend_from_slice(self.segs);
+        self.chains.push(MsgChain {
+            head,
+            segs: (0, self.segs.len()),
+            room,
+        });
+        self.rooms.push(room);
+        let cap = crate::memory::MAX_MSG_IOV;
+        let give_back = |queue: &mut Queue, n: usize| {
+            queue.set_next_avail(queue.next_avail().wrapping_sub(n as u16));
+        };
+        while message.buffers_for(self.rooms.iter().copied()).is_none() {
+            let extra = self.chains.len() - 1;
+            if self.chains.len() >= usize::from(queue.size()) || self.chains.len() >= cap {
+                // Every buffer the ring can hold is taken and still the message does not fit.
+                self.stats.rx_message_unplaceable += 1;
+                give_back(queue, extra);
+                return Ok(MsgOutcome::Unplaceable);
+            }
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                return Ok(MsgOutcome::Wait(self.chains.len()));
+            };
+            let head = chain.head_index();
+            let flattened = flatten_into(self.segs, chain, true);
+            let room = match rx_room_of(self.segs, self.stats, mem, flattened) {
+                Some(room) if room > 0 && head < queue.size() => room,
+                Some(_) => {
+                    self.stats.rx_too_short += 1;
+                    0
+                }
+                None => 0,
+            };
+            let start = self.msg_segs.len();
+            if room > 0 {
+                if start + self.segs.len() > cap {
+                    self.stats.rx_message_unplaceable += 1;
+                    give_back(queue, extra + 1);
+                    return Ok(MsgOutcome::Unplaceable);
+                }
+                self.msg_segs.extend_from_slice(self.segs);
+                self.rooms.push(room);
+            }
+            self.chains.push(MsgChain {
+                head,
+                segs: (start, self.msg_segs.len()),
+                room,
+            });
+        }
+        let (len, max_part) = (message.len(), message.max_part());
+        let parts = Parts {
+            chains: self.chains,
+            left: len,
+            max_part,
+        };
+        let conn = message.conn();
+        let io = match host.fd(conn) {
+            Some(fd) => {
+                let spans = parts
+                    .iter()
+                    .map(|(c, part)| Span::new(&self.msg_segs[c.segs.0..c.segs.1], HEADER_LEN, part));
+                match crate::memory::read_message_from_fd(mem, spans, fd) {
+                    Ok(r) => Io::from_result(&r),
+                    Err(MemoryFault) => {
+                        // More pieces than one read takes, or memory that went away.
+                        self.stats.rx_message_unplaceable += 1;
+                        give_back(queue, self.chains.len() - 1);
+                        return Ok(MsgOutcome::Unplaceable);
+                    }
+                }
+            }
+            None => Io::Error(SocketError(libc::EBADF)),
+        };
+        let mut bytes = MessageBytes {
+            mem,
+            segs: self.msg_segs,
+            parts,
+        };
+        let headers = match message.complete(io, self.rooms, &mut bytes) {
+            Ok(Some(headers)) => headers,
+            Ok(None) | Err(_) => {
+                give_back(queue, self.chains.len() - 1);
+                return Ok(MsgOutcome::Retry);
+            }
+        };
+        // Each chain's header goes in last, once its data is in; then every chain taken goes
+        // to the used ring in the order popped, the unusable ones empty.
+        let mut headers = headers;
+        for (chain, part) in parts.iter_all() {
+            let len = match part {
+                Some(part) => {
+                    let header = headers.next().expect("one header per part");
+                    let span = Span::new(
+                        &self.msg_segs[chain.segs.0..chain.segs.1],
+                        0,
+                        HEADER_LEN + part,
+                    );
+                    if span.write(mem, 0, header.as_bytes()).is_err() {
+                        self.stats.rx_bad_memory += 1;
+                        0
+                    } else {
+                        (HEADER_LEN + part) as u32
+                    }
+                }
+                None => 0,
+            };
+            queue.add_used(mem, chain.head, len)?;
+        }
+        Ok(MsgOutcome::Filled(self.chains.len()))
+    }
+}
+
+/// How a message of `left` bytes falls over message chains: each usable chain takes up to
+/// its room (and `max_part`), in order.
+#[derive(Clone, Copy)]
+struct Parts<'c> {
+    chains: &'c [MsgChain],
+    left: usize,
+    max_part: usize,
+}
+
+impl<'c> Parts<'c> {
+    /// Every chain with the part of the message it holds (`None` for an unusable chain).
+    fn iter_all(self) -> impl Iterator<Item = (&'c MsgChain, Option<usize>)> {
+        let mut left = self.left;
+        let max_part = self.max_part;
+        self.chains.iter().map(move |c| {
+            if c.room == 0 || left == 0 {
+                return (c, None);
+            }
+            let part = c.room.min(max_part).min(left);
+            left -= part;
+            (c, Some(part))
+        })
+    }
+
+    /// The usable chains with their parts.
+    fn iter(self) -> impl Iterator<Item = (&'c MsgChain, usize)> {
+        self.iter_all().filter_map(|(c, part)| part.map(|p| (c, p)))
+    }
+}
+
+/// A message's payload across its chains, for the engine's recorder.
+struct MessageBytes<'a, M> {
+    mem: &'a M,
+    segs: &'a [Seg],
+    parts: Parts<'a>,
+}
+
+impl<M: GuestMemory> GuestBytes for MessageBytes<'_, M> {
+    fn copy_to(&mut self, offset: usize, dst: &mut [u8]) -> Result<(), MemoryFault> {
+        let (mut offset, mut done) = (offset, 0);
+        for (chain, part) in self.parts.iter() {
+            if done == dst.len() {
+                break;
+            }
+            if offset >= part {
+                offset -= part;
+                continue;
+            }
+            let n = (part - offset).min(dst.len() - done);
+            let span = Span::new(&self.segs[chain.segs.0..chain.segs.1], HEADER_LEN, part);
+            span.read(self.mem, offset, &mut dst[done..done + n])?;
+            done += n;
+            offset = 0;
+        }
+        if done == dst.len() {
+            Ok(())
+        } else {
+            Err(MemoryFault)
+        }
+    }
+}
+
+/// The payload room of an rx chain flattened into `segs`, checked to lie in guest memory;
+/// `None` (counted) if the chain is unusable.
+fn rx_room_of<M: GuestMemory>(
+    segs: &[Seg],
+    stats: &mut DeviceStats,
+    mem: &M,
+    flattened: Result<usize, bool>,
+) -> Option<usize> {
+    let total = match flattened {
+        Ok(total) => total,
+        Err(true) => {
+            stats.rx_read_only += 1;
+            return None;
+        }
+        Err(false) => {
+            stats.rx_bad_memory += 1;
+            return None;
+        }
+    };
+    if total < HEADER_LEN {
+        stats.rx_too_short += 1;
+        return None;
+    }
+    if !segs.iter().all(|s| {
+        mem.check_range(
+            vm_memory::GuestAddress(s.addr),
+            s.len as usize,
+            vm_memory::Permissions::Write,
+        )
+    }) {
+        stats.rx_bad_memory += 1;
+        return None;
+    }
+    Some((total - HEADER_LEN).min(u32::MAX as usize - HEADER_LEN))
 }
 
 /// A payload that cannot be read: the chain ended before it.
@@ -519,4 +799,48 @@ fn check_stall<M: GuestMemory>(
             .err()
             .unwrap_or(virtio_queue::Error::InvalidAvailRingIndex),
     ))
+}
+
+/// Flattens a chain's descriptors into `segs`: all write-only if `writable`, all
+/// readable otherwise. Returns the total length, or `Err(wrong_direction)` if a descriptor
+/// goes the wrong way (`true`) or the chain is too long, too large or broken (`false`).
+fn flatten_into<M>(
+segs: &mut Vec<Seg>,
+chain: DescriptorChain<M>,
+writable: bool,
+) -> Result<usize, bool>
+where
+    M: std::ops::Deref,
+    M::Target: GuestMemory,
+{
+    segs.clear();
+    let mut total: usize = 0;
+    let mut descriptors = 0usize;
+    let mut last_has_next = false;
+    for desc in chain {
+        if desc.is_write_only() != writable {
+            return Err(true);
+        }
+        if segs.len() == VsockDevice::MAX_CHAIN {
+            return Err(false);
+        }
+        total = total.checked_add(desc.len() as usize).ok_or(false)?;
+        descriptors += 1;
+        last_has_next = desc.has_next();
+        if desc.len() > 0 {
+            segs.push(Seg {
+                addr: desc.addr().0,
+                len: desc.len(),
+            });
+        }
+    }
+    // virtio-queue ends the iteration silently when the chain breaks: a head or `next`
+    // index out of range, a descriptor or indirect table it cannot read, a bad indirect
+    // table, or a loop (cut after as many descriptors as the queue or table holds). A chain
+    // that yielded nothing, or whose last descriptor still points to a next one, is such a
+    // broken chain, not a short one.
+    if descriptors == 0 || last_has_next {
+        return Err(false);
+    }
+    Ok(total)
 }

@@ -123,7 +123,7 @@ impl HostSockets for TestHost {
 
     fn perform(&mut self, now: Instant, engine: &mut Engine, action: Action) {
         match action {
-            Action::Connect { conn, port } => {
+            Action::Connect { conn, port, .. } => {
                 if self.listening.contains(&port) {
                     let (ours, app) = UnixStream::pair().unwrap();
                     self.watch(conn, ours, app);

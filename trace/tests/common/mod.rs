@@ -45,6 +45,8 @@ pub fn settle(e: &mut Engine, now: Instant) {
                 RxGrant::Packet(p) => {
                     let _ = p.send();
                 }
+                RxGrant::Probe(p) => panic!("stream connections only: {p:?}"),
+                RxGrant::Message(m) => panic!("stream connections only: {m:?}"),
                 RxGrant::Read(r) => {
                     let _ = r.complete(Io::WouldBlock, &mut &[][..]);
                 }
