@@ -333,11 +333,8 @@ impl Conn {
                     }
                     blocked = true;
                 }
-                Some(_) => {
-                    if !self.credit_requested {
-                        return control(Op::CreditRequest);
-                    }
-                }
+                Some(_) if !self.credit_requested => return control(Op::CreditRequest),
+                Some(_) => {}
                 None if self.readable && credit > 0 => return Next::Probe,
                 None if self.readable && !self.credit_requested => {
                     return control(Op::CreditRequest)

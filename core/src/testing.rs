@@ -526,6 +526,36 @@ pub fn host_pkt(
     .to_header()
 }
 
+/// A seqpacket packet header from guest [`GUEST_CID`] to the host.
+pub fn guest_seq_pkt(
+    op: Op,
+    src_port: u32,
+    dst_port: u32,
+    len: u32,
+    flags: u32,
+    buf_alloc: u32,
+    fwd_cnt: u32,
+) -> Header {
+    let mut h = guest_pkt(op, src_port, dst_port, len, flags, buf_alloc, fwd_cnt);
+    h.type_ = SocketType::SeqPacket.to_u16().into();
+    h
+}
+
+/// A seqpacket packet header from the host to guest [`GUEST_CID`], as the engine sends it.
+pub fn host_seq_pkt(
+    op: Op,
+    src_port: u32,
+    dst_port: u32,
+    len: u32,
+    flags: u32,
+    buf_alloc: u32,
+    fwd_cnt: u32,
+) -> Header {
+    let mut h = host_pkt(op, src_port, dst_port, len, flags, buf_alloc, fwd_cnt);
+    h.type_ = SocketType::SeqPacket.to_u16().into();
+    h
+}
+
 /// `len` bytes of a stream that differs for each `seed` (modulo 251): byte `i` is
 /// `(31 i + 7919 seed) mod 251`. Tests send it and compare what arrives with a second call.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {

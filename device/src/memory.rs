@@ -355,7 +355,7 @@ pub(crate) fn read_message_from_fd<'s, M: GuestMemory>(
         )
     };
     // The guards live until here, past the call.
-    drop(guards);
+    let _ = &guards;
     Ok(if r < 0 {
         Err(io::Error::last_os_error())
     } else {

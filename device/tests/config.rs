@@ -101,7 +101,10 @@ fn negotiated_features_give_the_socket_types() {
     // Linux 6.1 acks SEQPACKET alone and relies on streams being implied.
     assert_eq!(types(VERSION_1 | SEQPACKET), t(true, true));
     assert_eq!(types(VERSION_1 | STREAM | SEQPACKET), t(true, true));
-    assert_eq!(types(VERSION_1 | STREAM | NO_IMPLIED_STREAM), t(true, false));
+    assert_eq!(
+        types(VERSION_1 | STREAM | NO_IMPLIED_STREAM),
+        t(true, false)
+    );
     // Seqpacket only, streams excluded: a driver the device serves (seqpacket only).
     assert_eq!(
         types(VERSION_1 | SEQPACKET | NO_IMPLIED_STREAM),

@@ -194,7 +194,8 @@ where
         let batch = ACCEPT_BATCH.min(self.device.engine().config().max_pending_host_clients);
         // Each listener gets its round: a flood on one never keeps the other's clients out.
         let more = self.accept_from(now, false, batch);
-        let more_seqpacket = self.seqpacket_listener.is_some() && self.accept_from(now, true, batch);
+        let more_seqpacket =
+            self.seqpacket_listener.is_some() && self.accept_from(now, true, batch);
         self.accept_more = more || more_seqpacket;
     }
 
@@ -202,7 +203,9 @@ where
     fn accept_from(&mut self, now: Instant, seqpacket: bool, batch: usize) -> bool {
         for _ in 0..batch {
             let listener = if seqpacket {
-                self.seqpacket_listener.as_ref().expect("checked by the caller")
+                self.seqpacket_listener
+                    .as_ref()
+                    .expect("checked by the caller")
             } else {
                 &self.listener
             };

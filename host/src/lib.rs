@@ -590,16 +590,16 @@ impl<R: Reactor> Host<R> {
         interest: Interest,
     ) -> HostEvent {
         match self.reactor.register(conn, stream, interest) {
-                Ok(socket) => {
-                    self.sockets.insert(conn, socket);
-                    self.stats.connects += 1;
-                    HostEvent::Connected
-                }
-                Err(e) => {
-                    warn!(%conn, error = %e, "cannot watch a connected socket");
-                    self.stats.register_failures += 1;
-                    HostEvent::ConnectFailed(SocketError::from(&e))
-                }
+            Ok(socket) => {
+                self.sockets.insert(conn, socket);
+                self.stats.connects += 1;
+                HostEvent::Connected
+            }
+            Err(e) => {
+                warn!(%conn, error = %e, "cannot watch a connected socket");
+                self.stats.register_failures += 1;
+                HostEvent::ConnectFailed(SocketError::from(&e))
+            }
         }
     }
 

@@ -36,7 +36,8 @@
 //!     vsock_core::RxGrant::Packet(p) => {
 //!         let _ = p.send();
 //!     }
-//!     vsock_core::RxGrant::Read(_) => {}
+//!     // Reads and seqpacket grants need a socket; this engine has none yet.
+//!     _ => {}
 //! });
 //!
 //! // Detaching the recorder (or dropping the engine) finishes the file.

@@ -175,7 +175,11 @@ impl Engine {
     }
 
     /// A host port for a connection to `guest_port` that no live connection uses.
-    pub(super) fn alloc_host_port(&mut self, socket_type: SocketType, guest_port: u32) -> Option<u32> {
+    pub(super) fn alloc_host_port(
+        &mut self,
+        socket_type: SocketType,
+        guest_port: u32,
+    ) -> Option<u32> {
         for _ in 0..=self.config.max_connections {
             let port = self.next_host_port;
             self.next_host_port = if port >= u32::MAX - 1 {

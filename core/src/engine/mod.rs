@@ -326,9 +326,13 @@ impl Engine {
             next_generation: self.next_generation,
             next_host_port: self.next_host_port,
         };
-        let old = self
-            .sink
-            .attach(recorder, self.now, &self.config, snapshot, self.socket_types);
+        let old = self.sink.attach(
+            recorder,
+            self.now,
+            &self.config,
+            snapshot,
+            self.socket_types,
+        );
         Ok(old)
     }
 

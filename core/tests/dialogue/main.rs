@@ -16,5 +16,6 @@ mod limits;
 mod open;
 mod order;
 mod review;
+mod seqpacket;
 mod shutdown;
 mod timers;

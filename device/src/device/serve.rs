@@ -612,9 +612,9 @@ impl MsgScratch<'_> {
         let conn = message.conn();
         let io = match host.fd(conn) {
             Some(fd) => {
-                let spans = parts
-                    .iter()
-                    .map(|(c, part)| Span::new(&self.msg_segs[c.segs.0..c.segs.1], HEADER_LEN, part));
+                let spans = parts.iter().map(|(c, part)| {
+                    Span::new(&self.msg_segs[c.segs.0..c.segs.1], HEADER_LEN, part)
+                });
                 match crate::memory::read_message_from_fd(mem, spans, fd) {
                     Ok(r) => Io::from_result(&r),
                     Err(MemoryFault) => {
@@ -805,9 +805,9 @@ fn check_stall<M: GuestMemory>(
 /// readable otherwise. Returns the total length, or `Err(wrong_direction)` if a descriptor
 /// goes the wrong way (`true`) or the chain is too long, too large or broken (`false`).
 fn flatten_into<M>(
-segs: &mut Vec<Seg>,
-chain: DescriptorChain<M>,
-writable: bool,
+    segs: &mut Vec<Seg>,
+    chain: DescriptorChain<M>,
+    writable: bool,
 ) -> Result<usize, bool>
 where
     M: std::ops::Deref,
