@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use crate::time::Instant;
 use crate::wire::{
-    Header, HeaderError, Op, Packet, SocketType, HOST_CID, SHUTDOWN_BOTH, SHUTDOWN_SEND,
+    Header, HeaderError, Op, Packet, SocketType, HOST_CID, SEQ_EOM, SEQ_EOR, SHUTDOWN_BOTH,
+    SHUTDOWN_SEND,
 };
 
 /// Linux's default receive buffer per socket.
@@ -84,6 +85,18 @@ pub struct GuestConn {
     pub close_deadline: Option<Instant>,
     /// The application reads everything as it arrives.
     pub auto_read: bool,
+    /// A `SOCK_SEQPACKET` socket: its packets have type 2, and what it sends and reads are
+    /// whole messages.
+    pub seqpacket: bool,
+    /// Seqpacket: the messages queued for sending, as (bytes not yet sent, sent with
+    /// `MSG_EOR`), in order; their bytes are in `to_send`.
+    pub messages_to_send: VecDeque<(usize, bool)>,
+    /// Seqpacket: the message being received, until a packet with `EOM` ends it.
+    pub partial: Vec<u8>,
+    /// Seqpacket: complete messages received and not yet read, with whether `EOR` ended them.
+    pub messages: VecDeque<(Vec<u8>, bool)>,
+    /// Seqpacket: the messages the application read, in order, with their `EOR`.
+    pub messages_read: Vec<(Vec<u8>, bool)>,
 }
 
 impl GuestConn {
@@ -103,6 +116,8 @@ pub struct LinuxGuest {
     pub conns: BTreeMap<GuestKey, GuestConn>,
     /// Ports with a listening socket.
     pub listeners: BTreeSet<u32>,
+    /// Ports with a listening seqpacket socket.
+    pub seqpacket_listeners: BTreeSet<u32>,
     /// Packets received, in order (headers).
     pub log: Vec<Header>,
     /// Packets that broke the credit the guest advertised.
@@ -122,6 +137,7 @@ impl LinuxGuest {
             cid,
             conns: BTreeMap::new(),
             listeners: BTreeSet::new(),
+            seqpacket_listeners: BTreeSet::new(),
             log: Vec::new(),
             credit_violations: 0,
             ignored_rsts: 0,
@@ -166,6 +182,65 @@ impl LinuxGuest {
     /// `listen()` on `port`.
     pub fn listen(&mut self, port: u32) {
         self.listeners.insert(port);
+    }
+
+    /// `connect()` of a `SOCK_SEQPACKET` socket to host port `port`; returns its key.
+    pub fn connect_seqpacket(&mut self, port: u32) -> GuestKey {
+        let local = self.next_port;
+        self.next_port += 1;
+        let key = (local, port);
+        self.conns.insert(
+            key,
+            GuestConn {
+                local_port: local,
+                peer_port: port,
+                connecting: true,
+                auto_read: self.auto_read,
+                seqpacket: true,
+                ..Default::default()
+            },
+        );
+        self.send_ctl(key, Op::Request, 0);
+        key
+    }
+
+    /// `listen()` of a `SOCK_SEQPACKET` socket on `port`.
+    pub fn listen_seqpacket(&mut self, port: u32) {
+        self.seqpacket_listeners.insert(port);
+    }
+
+    /// `sendmsg()` of one message on a seqpacket socket (`eor`: with `MSG_EOR`). Like Linux,
+    /// refuses a message longer than the smaller of the host's buffer and its own (the
+    /// application sees `ENOMEM`): returns whether it was queued. An empty message sends
+    /// nothing.
+    pub fn send_message(&mut self, key: GuestKey, bytes: &[u8], eor: bool) -> bool {
+        let c = self.conn_mut(key);
+        assert!(c.seqpacket, "send_message on a stream socket");
+        if bytes.len() > c.peer_buf_alloc.min(GUEST_BUF_ALLOC) as usize {
+            return false;
+        }
+        if bytes.is_empty() {
+            return true;
+        }
+        c.to_send.extend(bytes);
+        c.sent_by_app.extend_from_slice(bytes);
+        c.messages_to_send.push_back((bytes.len(), eor));
+        true
+    }
+
+    /// `recvmsg()` on a seqpacket socket: the next whole message and its `EOR`, if one has
+    /// arrived. Like Linux, tells the host of the freed space after every read.
+    pub fn read_message(&mut self, key: GuestKey) -> Option<(Vec<u8>, bool)> {
+        let c = self.conn_mut(key);
+        let (msg, eor) = c.messages.pop_front()?;
+        c.fwd_cnt = c.fwd_cnt.wrapping_add(msg.len() as u32);
+        c.read.extend_from_slice(&msg);
+        c.messages_read.push((msg.clone(), eor));
+        let live = !c.closed && c.established;
+        if live {
+            self.send_ctl(key, Op::CreditUpdate, 0);
+        }
+        Some((msg, eor))
     }
 
     /// `send()`: queues bytes, sent as credit allows.
@@ -275,7 +350,11 @@ impl LinuxGuest {
             src_port: key.0,
             dst_port: key.1,
             len,
-            socket_type: SocketType::Stream,
+            socket_type: if c.seqpacket {
+                SocketType::SeqPacket
+            } else {
+                SocketType::Stream
+            },
             op,
             flags,
             buf_alloc: GUEST_BUF_ALLOC,
@@ -290,13 +369,21 @@ impl LinuxGuest {
     }
 
     fn send_rst_to(&mut self, key: GuestKey) {
+        let ty = match self.conns.get(&key) {
+            Some(c) if c.seqpacket => SocketType::SeqPacket,
+            _ => SocketType::Stream,
+        };
+        self.send_rst_typed(key, ty);
+    }
+
+    fn send_rst_typed(&mut self, key: GuestKey, socket_type: SocketType) {
         let h = Packet {
             src_cid: self.cid,
             dst_cid: HOST_CID,
             src_port: key.0,
             dst_port: key.1,
             len: 0,
-            socket_type: SocketType::Stream,
+            socket_type,
             op: Op::Rst,
             flags: 0,
             buf_alloc: GUEST_BUF_ALLOC,
@@ -330,11 +417,27 @@ impl LinuxGuest {
                     }
                     break;
                 }
-                let n = c.to_send.len().min(credit).min(GUEST_MAX_PKT);
-                let h = self.header(key, Op::Rw, 0, n as u32);
+                let mut n = c.to_send.len().min(credit).min(GUEST_MAX_PKT);
+                let mut flags = 0;
+                if c.seqpacket {
+                    // Packets of one message at a time; the last carries EOM (and EOR).
+                    let (left, eor) = *c.messages_to_send.front().expect("a queued message");
+                    n = n.min(left);
+                    if n == left {
+                        flags = SEQ_EOM | if eor { SEQ_EOR } else { 0 };
+                    }
+                }
+                let h = self.header(key, Op::Rw, flags, n as u32);
                 let c = self.conn_mut(key);
                 let payload: Vec<u8> = c.to_send.drain(..n).collect();
                 c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
+                if c.seqpacket {
+                    let front = c.messages_to_send.front_mut().expect("a queued message");
+                    front.0 -= n;
+                    if front.0 == 0 {
+                        c.messages_to_send.pop_front();
+                    }
+                }
                 self.outbox.push_back((h, payload));
                 progress = true;
             }
@@ -385,22 +488,18 @@ impl LinuxGuest {
             payload.len(),
             "header length disagrees with payload"
         );
-        if pkt.socket_type != SocketType::Stream {
-            assert_eq!(
-                pkt.op,
-                Op::Rst,
-                "device sent a {:?} packet",
-                pkt.socket_type
-            );
-            self.ignored_rsts += 1;
-            return;
-        }
+        let seqpacket = pkt.socket_type == SocketType::SeqPacket;
         let key = (pkt.dst_port, pkt.src_port);
         if pkt.op == Op::Request {
             if self.conns.get(&key).is_some_and(|c| !c.closed) {
                 return;
             }
-            if self.listeners.contains(&pkt.dst_port) {
+            let listening = if seqpacket {
+                &self.seqpacket_listeners
+            } else {
+                &self.listeners
+            };
+            if listening.contains(&pkt.dst_port) {
                 self.conns.insert(
                     key,
                     GuestConn {
@@ -410,19 +509,28 @@ impl LinuxGuest {
                         peer_buf_alloc: pkt.buf_alloc,
                         peer_fwd_cnt: pkt.fwd_cnt,
                         auto_read: self.auto_read,
+                        seqpacket,
                         ..Default::default()
                     },
                 );
                 self.send_ctl(key, Op::Response, 0);
             } else {
-                self.send_rst_to(key);
+                self.send_rst_typed(key, pkt.socket_type);
             }
             return;
         }
         if self.conns.get(&key).is_none_or(|c| c.closed) {
             if pkt.op != Op::Rst {
-                self.send_rst_to(key);
+                self.send_rst_typed(key, pkt.socket_type);
             }
+            return;
+        }
+        if self.conns[&key].seqpacket != seqpacket {
+            // Linux resets a packet whose type is not its socket's.
+            if pkt.op != Op::Rst {
+                self.send_rst_typed(key, pkt.socket_type);
+            }
+            self.ignored_rsts += u32::from(pkt.op == Op::Rst);
             return;
         }
         let c = self.conn_mut(key);
@@ -438,6 +546,22 @@ impl LinuxGuest {
                     c.established = true;
                 } else {
                     self.send_rst_to(key);
+                }
+            }
+            Op::Rw if seqpacket => {
+                c.rx_cnt = c.rx_cnt.wrapping_add(pkt.len);
+                let over = c.rx_cnt.wrapping_sub(c.fwd_cnt) > GUEST_BUF_ALLOC;
+                c.partial.extend_from_slice(payload);
+                if pkt.flags & SEQ_EOM != 0 {
+                    let msg = std::mem::take(&mut c.partial);
+                    c.messages.push_back((msg, pkt.flags & SEQ_EOR != 0));
+                }
+                let auto = c.auto_read;
+                if over {
+                    self.credit_violations += 1;
+                }
+                if auto {
+                    while self.read_message(key).is_some() {}
                 }
             }
             Op::Rw => {
