@@ -487,7 +487,13 @@ impl VsockDevice {
                         rooms: &mut self.msg_rooms,
                         stats: &mut self.stats,
                     };
-                    match scratch.read(mem, queue, host, head, room, message)? {
+                    let outcome = scratch.read(mem, queue, host, head, room, message)?;
+                    // The other chains were flattened over this one's segments: the first
+                    // chain's are the first in the message's list.
+                    let own = self.msg_chains[0].segs;
+                    self.segs.clear();
+                    self.segs.extend_from_slice(&self.msg_segs[own.0..own.1]);
+                    match outcome {
                         MsgOutcome::Filled(chains) => return Ok(RxFill::Message { chains }),
                         MsgOutcome::Wait(popped) => return Ok(RxFill::Wait { popped }),
                         MsgOutcome::Unplaceable => {

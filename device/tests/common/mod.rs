@@ -123,9 +123,16 @@ impl HostSockets for TestHost {
 
     fn perform(&mut self, now: Instant, engine: &mut Engine, action: Action) {
         match action {
-            Action::Connect { conn, port, .. } => {
+            Action::Connect {
+                conn,
+                port,
+                socket_type,
+            } => {
                 if self.listening.contains(&port) {
-                    let (ours, app) = UnixStream::pair().unwrap();
+                    let (ours, app) = match socket_type {
+                        vsock_core::wire::SocketType::Stream => UnixStream::pair().unwrap(),
+                        vsock_core::wire::SocketType::SeqPacket => seqpacket_pair(),
+                    };
                     self.watch(conn, ours, app);
                     engine
                         .handle_host_event(now, conn, HostEvent::Connected)
@@ -424,4 +431,14 @@ pub fn app_read_all(app: &mut UnixStream) -> Vec<u8> {
     }
     app.set_nonblocking(false).unwrap();
     out
+}
+
+/// A connected pair of Unix seqpacket sockets, each with room for a message of 300 000 bytes.
+pub fn seqpacket_pair() -> (UnixStream, UnixStream) {
+    use socket2::{Domain, Socket, Type};
+    let (a, b) = Socket::pair(Domain::UNIX, Type::SEQPACKET, None).unwrap();
+    for s in [&a, &b] {
+        s.set_send_buffer_size(150_016).unwrap();
+    }
+    (UnixStream::from(a), UnixStream::from(b))
 }
