@@ -139,6 +139,8 @@ fn session_trace(name: &str, snap: usize) {
             Some(RxGrant::Read(r)) => {
                 let _ = r.complete(Io::Done(3), &mut &b"abc"[..]);
             }
+            // A stream session: no seqpacket grants.
+            Some(RxGrant::Probe(_) | RxGrant::Message(_)) => unreachable!(),
             None => break,
         }
     }
@@ -246,6 +248,12 @@ fn main() {
         ("close-timeout", |s| s.close_timeout > 0),
         ("line-timeout", |s| s.connect_line_timeout > 0),
         ("credit-violation", |s| s.credit_violation > 0),
+        ("seqpacket-to-host", |s| s.messages_to_host > 0),
+        ("seqpacket-to-guest", |s| s.messages_to_guest > 0),
+        ("seqpacket-partial-dropped", |s| {
+            s.seqpacket_partial_dropped > 0
+        }),
+        ("seqpacket-oversize", |s| s.seqpacket_oversize_from_host > 0),
     ];
     search::<vsock_fuzz::engine::Input, S>(
         "engine",

@@ -189,7 +189,7 @@ impl HostSockets for Host {
     fn perform(&mut self, now: Instant, engine: &mut Engine, action: Action) {
         let raw = action.conn().to_raw();
         match action {
-            Action::Connect { conn, port } => {
+            Action::Connect { conn, port, .. } => {
                 // Even ports have a host service listening.
                 if port % 2 == 0 {
                     let (ours, app) = pair();

@@ -16,17 +16,23 @@
 //!   sent (what followed the `CONNECT` line, then what the engine read);
 //! - at the end, after driving every connection to quiescence with a cooperative guest and
 //!   host, each side got every byte or saw the connection reset (an RST to the guest, a
-//!   `Close` for the host).
+//!   `Close` for the host);
+//! - seqpacket connections (once the fuzzer negotiates them): every write to the host socket
+//!   ends at a message boundary the guest marked, or the connection is reset; every message
+//!   to the guest is a run of RW packets with `EOM` on the last only; a message the guest
+//!   left unfinished is never written, and dropped at its shutdown.
 
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arbitrary::Arbitrary;
-use vsock_core::wire::{Header, OkLine, Op, Packet, SocketType, CONNECT_LINE_MAX, HOST_CID};
+use vsock_core::wire::{
+    Header, OkLine, Op, Packet, SocketType, CONNECT_LINE_MAX, HOST_CID, SEQ_EOM,
+};
 use vsock_core::{
     Action, Config, ConnError, ConnId, ConnState, Direction, Engine, HostEvent, Instant, Io,
-    LineRead, RxGrant, SocketError, Tx,
+    LineRead, Probe, RxGrant, SocketError, SocketTypes, Tx,
 };
 
 /// The guest's CID in every run.
@@ -102,6 +108,10 @@ enum Step {
     Guest2(GuestPacket),
     Guest3(GuestPacket),
     Accept,
+    /// A client of the seqpacket listener.
+    AcceptSeqpacket,
+    /// The driver negotiates socket types (bit 0 stream, bit 1 seqpacket).
+    SocketTypes(u8),
     Line {
         conn: u8,
         read: LineChoice,
@@ -346,6 +356,12 @@ struct Rec {
     guest_eof: bool,
     /// Forgotten without an RST by design (device reset or stop, or its RST expired).
     waived: bool,
+    /// A seqpacket connection.
+    seqpacket: bool,
+    /// Seqpacket: where in `accepted` the guest's messages end.
+    ends: Vec<usize>,
+    /// Seqpacket: bytes of the guest's unfinished message, at the end of `accepted`.
+    open: usize,
 }
 
 impl Rec {
@@ -371,7 +387,26 @@ impl Rec {
             request_seen: false,
             guest_eof: false,
             waived: false,
+            seqpacket: false,
+            ends: Vec::new(),
+            open: 0,
         }
+    }
+
+    /// The length of the `OK` line the host socket gets first.
+    fn ok_len(&self) -> usize {
+        match (self.origin_host, self.ports) {
+            (true, Some((_, host_port))) => OkLine::new(host_port).as_bytes().len(),
+            _ => 0,
+        }
+    }
+
+    /// Seqpacket: whether the host socket's bytes so far end at a message boundary (or inside
+    /// the `OK` line's own message, or right after it).
+    fn host_at_boundary(&self) -> bool {
+        let ok = self.ok_len();
+        let n = self.host_rx.len();
+        n <= ok || self.ends.contains(&(n - ok))
     }
 
     /// Everything the host socket should receive, in order.
@@ -383,6 +418,14 @@ impl Rec {
             }
         }
         v.extend_from_slice(&self.accepted);
+        v
+    }
+
+    /// What the host socket must have got once everything is flushed: an unfinished
+    /// seqpacket message is never written.
+    fn expected_host_complete(&self) -> Vec<u8> {
+        let mut v = self.expected_host();
+        v.truncate(v.len() - self.open);
         v
     }
 
@@ -418,6 +461,15 @@ struct Harness {
     seq: u32,
 }
 
+/// The raw socket type of a connection's packets.
+fn rec_type(rec: &Rec) -> u16 {
+    if rec.seqpacket {
+        SocketType::SeqPacket.to_u16()
+    } else {
+        SocketType::Stream.to_u16()
+    }
+}
+
 fn pattern(seed: u32, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (seed.wrapping_mul(31).wrapping_add(i as u32 * 7) % 251) as u8)
@@ -443,9 +495,11 @@ impl Harness {
         self.recs.iter().rposition(|r| r.id == id)
     }
 
-    /// The newest record with these `(guest_port, host_port)`.
-    fn rec_by_ports(&self, ports: (u32, u32)) -> Option<usize> {
-        self.recs.iter().rposition(|r| r.ports == Some(ports))
+    /// The newest record with these `(guest_port, host_port)` and this raw socket type.
+    fn rec_by_key(&self, ports: (u32, u32), ty: u16) -> Option<usize> {
+        self.recs
+            .iter()
+            .rposition(|r| r.ports == Some(ports) && rec_type(r) == ty)
     }
 
     fn pick(&self, sel: u8) -> Option<usize> {
@@ -486,8 +540,14 @@ impl Harness {
 
     fn on_action(&mut self, action: Action) {
         let id = action.conn();
-        if let Action::Connect { conn, port } = action {
+        if let Action::Connect {
+            conn,
+            port,
+            socket_type,
+        } = action
+        {
             assert!(self.rec_index(conn).is_none(), "Connect for a known handle");
+            assert_eq!(self.engine.conn_socket_type(conn), Some(socket_type));
             let ports = self
                 .engine
                 .conn_ports(conn)
@@ -496,6 +556,7 @@ impl Harness {
             let mut rec = Rec::new(conn, false);
             rec.ports = Some(ports);
             rec.connect_pending = true;
+            rec.seqpacket = socket_type == SocketType::SeqPacket;
             self.recs.push(rec);
             return;
         }
@@ -520,6 +581,17 @@ impl Harness {
                 assert!(!rec.shut_wr, "Flush after shutdown(SHUT_WR)");
                 let bytes = concat(self.engine.host_bytes(conn).expect("live handle"));
                 assert!(!bytes.is_empty(), "Flush with nothing to write");
+                if rec.seqpacket {
+                    // One message per flush: the OK line, or up to the next guest boundary.
+                    let ok = rec.ok_len();
+                    let at = rec.host_rx.len() + bytes.len();
+                    assert!(
+                        at == ok || (at > ok && rec.ends.contains(&(at - ok))),
+                        "conn {}: a flush of {} bytes is not one message",
+                        rec.id,
+                        bytes.len()
+                    );
+                }
                 self.recs[i].flush = Some(bytes);
             }
             Action::Shutdown { direction, .. } => {
@@ -558,11 +630,14 @@ impl Harness {
                 assert_eq!(self.recs[i].ports, Some(ports), "read grant ports");
                 Some(i)
             }
-            // A reply to a packet of another socket type is no stream connection's.
-            None if header.type_.get() != SocketType::Stream.to_u16() => None,
-            None => self.rec_by_ports(ports),
+            // A reply to a packet of another socket type is no connection of this one's.
+            None => self
+                .recs
+                .iter()
+                .rposition(|r| r.ports == Some(ports) && rec_type(r) == header.type_.get()),
         };
-        if header.type_.get() == SocketType::Stream.to_u16() || op != Op::Rst.to_u16() {
+        let known_type = SocketType::from_u16(header.type_.get()).is_some();
+        if known_type || op != Op::Rst.to_u16() {
             let p = Packet::parse(header, self.config.max_packet_payload)
                 .unwrap_or_else(|e| panic!("the engine sent a bad header {header:?}: {e}"));
             if p.op != Op::Rst {
@@ -578,6 +653,14 @@ impl Harness {
             return;
         };
         let rec = &mut self.recs[i];
+        assert_eq!(
+            header.type_.get(),
+            rec_type(rec),
+            "a packet of another type"
+        );
+        if !rec.seqpacket || op != Op::Rw.to_u16() {
+            assert_eq!(header.flags.get() & !3, 0, "flags beyond the shutdown bits");
+        }
         match Op::from_u16(op) {
             Some(Op::Rw) => {
                 assert!(len > 0, "an empty RW");
@@ -686,6 +769,89 @@ impl Harness {
                         (io, r) => panic!("read {io:?} completed as {r:?}"),
                     }
                 }
+                RxGrant::Probe(p) => {
+                    let conn = p.conn();
+                    let i = self
+                        .recs
+                        .iter()
+                        .rposition(|r| r.id == conn)
+                        .expect("probe for a known handle");
+                    assert!(self.recs[i].seqpacket, "a probe for a stream connection");
+                    let idle = if self.recs[i].host_failed {
+                        RxChoice::Eof
+                    } else {
+                        RxChoice::WouldBlock
+                    };
+                    let probe = match choice.unwrap_or(idle) {
+                        RxChoice::Drop => break,
+                        RxChoice::Take => Probe::Size(room.max(1) * 3 / 2 + 1),
+                        RxChoice::Read(0) => Probe::Empty,
+                        RxChoice::Read(n) => Probe::Size(n as usize * 7),
+                        RxChoice::WouldBlock => Probe::WouldBlock,
+                        RxChoice::Eof => Probe::Eof,
+                        RxChoice::Error => Probe::Error(SocketError(104)),
+                    };
+                    if let Some(h) = p.complete(probe) {
+                        assert_eq!(probe, Probe::Eof, "only end of file makes a packet");
+                        assert_eq!(h.op.get(), Op::Shutdown.to_u16(), "EOF is a SHUTDOWN");
+                        packets += 1;
+                        self.guest_receive(&h, &[], Some(conn));
+                    }
+                }
+                RxGrant::Message(m) => {
+                    let conn = m.conn();
+                    let len = m.len();
+                    let i = self
+                        .recs
+                        .iter()
+                        .rposition(|r| r.id == conn)
+                        .expect("message for a known handle");
+                    assert!(self.recs[i].seqpacket, "a message for a stream connection");
+                    assert!(len > 0, "an empty message granted");
+                    // The guest's ring: buffers of the room offered, as many as it takes.
+                    let Some(k) = m.buffers_for(std::iter::repeat_n(room, 4096)) else {
+                        break;
+                    };
+                    let rooms = vec![room; k];
+                    let io = match choice.unwrap_or(RxChoice::Take) {
+                        RxChoice::Drop => break,
+                        RxChoice::Take => Io::Done(len),
+                        RxChoice::Read(n) => Io::Done(n as usize),
+                        RxChoice::WouldBlock => Io::WouldBlock,
+                        RxChoice::Eof => Io::Done(0),
+                        RxChoice::Error => Io::Error(SocketError(104)),
+                    };
+                    self.seq += 1;
+                    let bytes = pattern(self.seq, len);
+                    let result = m.complete(io, &rooms, &mut &bytes[..]);
+                    match (io, result) {
+                        (Io::Done(n), Ok(Some(headers))) => {
+                            assert_eq!(n, len);
+                            let headers: Vec<Header> = headers.collect();
+                            assert_eq!(headers.len(), k, "one packet per buffer");
+                            let mut at = 0;
+                            self.recs[i].h2g.extend_from_slice(&bytes);
+                            for (j, h) in headers.iter().enumerate() {
+                                let part = h.len.get() as usize;
+                                let eom = if j + 1 == k { SEQ_EOM } else { 0 };
+                                assert_eq!(h.flags.get(), eom, "EOM on the last packet only");
+                                assert!(part > 0 && part <= room.min(max_payload));
+                                packets += 1;
+                                self.guest_receive(h, &bytes[at..at + part], Some(conn));
+                                at += part;
+                            }
+                            assert_eq!(at, len, "the parts make the message");
+                        }
+                        (Io::Done(n), r) if n != len => {
+                            assert_eq!(r.map(|h| h.is_some()), Err(ConnError::Overrun))
+                        }
+                        (Io::WouldBlock | Io::Error(_), Ok(None)) => {}
+                        (io, r) => panic!(
+                            "message read {io:?} completed as {:?}",
+                            r.map(|h| h.map(|h| h.count()))
+                        ),
+                    }
+                }
             }
         }
         packets
@@ -734,7 +900,7 @@ impl Harness {
             Credit::Raw(v) => v,
         };
         let honest = self
-            .rec_by_ports((guest_port, host_port))
+            .rec_by_key((guest_port, host_port), ty)
             .map_or(0, |i| self.recs[i].guest_rx.len() as u32);
         let fwd_cnt = match g.fwd_cnt {
             Fwd::Honest | Fwd::Honest2 => honest,
@@ -776,7 +942,9 @@ impl Harness {
         let ports = (header.src_port.get(), header.dst_port.get());
         let addressed = header.src_cid.get() == GUEST_CID
             && header.dst_cid.get() == HOST_CID
-            && header.type_.get() == SocketType::Stream.to_u16();
+            && SocketType::from_u16(header.type_.get()).is_some();
+        let partial_dropped = self.engine.stats().seqpacket_partial_dropped;
+        let lost = self.engine.stats().guest_bytes_lost;
         let op = header.op.get();
         if addressed
             && (op == Op::Rst.to_u16()
@@ -784,12 +952,15 @@ impl Harness {
                     && header.flags.get() & vsock_core::wire::SHUTDOWN_RCV != 0))
         {
             // The guest gives up on the data it has not received yet.
-            if let Some(i) = self.rec_by_ports(ports) {
+            if let Some(i) = self.rec_by_key(ports, header.type_.get()) {
                 self.recs[i].guest_gave_up = true;
             }
         }
+        let empty_before = self.engine.stats().seqpacket_empty_from_guest;
+        let mut no_payload = false;
+        let mut wrote_direct = None;
         match self.engine.handle_tx(now, &header) {
-            Tx::Done => {}
+            Tx::Done => no_payload = true,
             Tx::Data(data) => {
                 let conn = data.conn();
                 let len = data.len();
@@ -831,14 +1002,73 @@ impl Harness {
                 let mut intended = bytes[..have].to_vec();
                 intended.resize(len, 0);
                 rec.accepted.extend_from_slice(&intended);
+                if rec.seqpacket {
+                    if header.flags.get() & SEQ_EOM != 0 {
+                        rec.open = 0;
+                        rec.ends.push(rec.accepted.len());
+                    } else {
+                        rec.open += len;
+                    }
+                }
                 if let (true, Io::Done(n)) = (direct, written) {
                     rec.host_rx.extend_from_slice(&bytes[..n]);
                     rec.check_host_prefix();
+                    wrote_direct = Some(i);
                 }
             }
         }
+        if let Some(i) = wrote_direct {
+            let rec = &self.recs[i];
+            let reset = matches!(
+                self.engine.conn_state(rec.id),
+                None | Some(ConnState::Resetting | ConnState::Closed)
+            );
+            assert!(
+                !rec.seqpacket || reset || rec.host_at_boundary(),
+                "conn {}: a direct write that is not a whole message",
+                rec.id
+            );
+        }
+        if no_payload
+            && addressed
+            && op == Op::Rw.to_u16()
+            && header.len.get() == 0
+            && header.type_.get() == SocketType::SeqPacket.to_u16()
+            && header.flags.get() & SEQ_EOM != 0
+        {
+            // An empty RW with EOM that the engine took (not counted as an empty message)
+            // ends the unfinished message.
+            let took = self.engine.stats().seqpacket_empty_from_guest == empty_before;
+            if let Some(i) = self.rec_by_key(ports, header.type_.get()) {
+                let live = matches!(
+                    self.engine.conn_state(self.recs[i].id),
+                    Some(ConnState::Established | ConnState::HostSendShut)
+                );
+                let rec = &mut self.recs[i];
+                if took && live && rec.seqpacket && rec.open > 0 && !rec.closed {
+                    rec.open = 0;
+                    rec.ends.push(rec.accepted.len());
+                }
+            }
+        }
+        if self.engine.stats().seqpacket_partial_dropped != partial_dropped {
+            // A SHUTDOWN dropped the unfinished message: its bytes never go to the socket.
+            let dropped = (self.engine.stats().guest_bytes_lost - lost) as usize;
+            let i = self
+                .rec_by_key(ports, header.type_.get())
+                .expect("a dropped message's connection");
+            let rec = &mut self.recs[i];
+            assert!(rec.seqpacket);
+            assert_eq!(
+                dropped, rec.open,
+                "the unfinished message, and only it, dropped"
+            );
+            let keep = rec.accepted.len() - rec.open;
+            rec.accepted.truncate(keep);
+            rec.open = 0;
+        }
         if addressed && op == Op::Response.to_u16() {
-            if let Some(i) = self.rec_by_ports(ports) {
+            if let Some(i) = self.rec_by_key(ports, header.type_.get()) {
                 if matches!(
                     self.engine.conn_state(self.recs[i].id),
                     Some(
@@ -908,12 +1138,21 @@ impl Harness {
             WriteChoice::Over(n) => Io::Done(current.len() + 1 + n as usize),
         };
         let r = self.engine.handle_host_write(now, id, io);
+        let reset = matches!(
+            self.engine.conn_state(id),
+            None | Some(ConnState::Resetting | ConnState::Closed)
+        );
         let rec = &mut self.recs[i];
         match (io, r) {
             (Io::Done(n), Ok(())) if !current.is_empty() => {
                 assert!(n <= current.len(), "an overlong write accepted");
                 rec.host_rx.extend_from_slice(&snapshot[..n]);
                 rec.check_host_prefix();
+                assert!(
+                    !rec.seqpacket || reset || rec.host_at_boundary(),
+                    "conn {}: a flush that is not a whole message",
+                    rec.id
+                );
             }
             (Io::Done(n), Err(ConnError::Overrun)) => assert!(n > current.len()),
             (_, Ok(())) => {}
@@ -968,6 +1207,21 @@ impl Harness {
                     );
                 }
             },
+            Step::AcceptSeqpacket => {
+                if let Ok(id) = self.engine.handle_seqpacket_accept(now) {
+                    assert!(self.rec_index(id).is_none(), "a handle given twice");
+                    let mut rec = Rec::new(id, true);
+                    rec.seqpacket = true;
+                    self.recs.push(rec);
+                }
+            }
+            Step::SocketTypes(bits) => {
+                let types = SocketTypes {
+                    stream: bits & 1 != 0,
+                    seqpacket: bits & 2 != 0,
+                };
+                self.engine.set_socket_types(now, types);
+            }
             Step::Line { conn, read } => {
                 let Some(i) = self.pick(*conn) else { return };
                 let id = self.recs[i].id;
@@ -1091,7 +1345,7 @@ impl Harness {
             if !rec.closed {
                 assert_eq!(
                     rec.host_rx,
-                    rec.expected_host(),
+                    rec.expected_host_complete(),
                     "conn {}: the host neither got every accepted byte nor saw a Close",
                     rec.id
                 );
@@ -1164,7 +1418,11 @@ impl Harness {
                     src_port: guest_port,
                     dst_port: host_port,
                     len: 0,
-                    socket_type: SocketType::Stream,
+                    socket_type: if rec.seqpacket {
+                        SocketType::SeqPacket
+                    } else {
+                        SocketType::Stream
+                    },
                     op,
                     flags: 0,
                     buf_alloc: 1 << 20,
