@@ -44,6 +44,22 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace().join("target"))
 }
 
+/// The guest's seqpacket helper (`tests/guest-seq`), built statically; panics with the
+/// command that builds it when it is missing.
+pub fn seqpacket_helper() -> Vec<u8> {
+    let path = std::env::var_os("VSOCK_SEQ_GUEST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("guest-seq/release/vsock-seq-guest"));
+    fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "no seqpacket guest helper at {} ({e}); build it: RUSTFLAGS=\"-C \
+             target-feature=+crt-static\" cargo build --release --manifest-path \
+             tests/guest-seq/Cargo.toml --target-dir target/guest-seq",
+            path.display()
+        )
+    })
+}
+
 /// What a real-guest test needs: the kernel, the initramfs and the daemon binary.
 #[derive(Clone, Debug)]
 pub struct Image {
@@ -357,6 +373,16 @@ impl Vm {
     /// Boots a guest with the device at `vhost_socket`, running `script` as `/guest/run.sh`.
     /// Tests hold [`exclusive`] while they do.
     pub fn boot(image: &Image, vhost_socket: &Path, script: &str) -> Vm {
+        Self::boot_with(image, vhost_socket, script, &[])
+    }
+
+    /// As [`boot`](Self::boot), with `files` (name, contents) added to `/guest/`, executable.
+    pub fn boot_with(
+        image: &Image,
+        vhost_socket: &Path,
+        script: &str,
+        files: &[(&str, &[u8])],
+    ) -> Vm {
         let dir = Scratch::new("vm");
         let serial = dir.0.join("serial.log");
         let monitor = dir.0.join("monitor.sock");
@@ -364,10 +390,15 @@ impl Vm {
         let mut initrd = fs::read(&image.initramfs).expect("read the initramfs");
         // An uncompressed archive must start 4-byte aligned; zeros in between are skipped.
         initrd.resize(initrd.len().next_multiple_of(4), 0);
-        initrd.extend(cpio(&[
-            ("guest", None),
-            ("guest/run.sh", Some(script.as_bytes())),
-        ]));
+        let names: Vec<String> = files.iter().map(|(n, _)| format!("guest/{n}")).collect();
+        let mut entries = vec![("guest", None), ("guest/run.sh", Some(script.as_bytes()))];
+        entries.extend(
+            names
+                .iter()
+                .zip(files)
+                .map(|(n, (_, d))| (n.as_str(), Some(*d))),
+        );
+        initrd.extend(cpio(&entries));
         let initrd_path = dir.0.join("initrd");
         fs::write(&initrd_path, initrd).expect("write the initrd");
         let child = Command::new("qemu-system-x86_64")

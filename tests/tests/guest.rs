@@ -959,6 +959,279 @@ fn tx_buffer_size(bytes: u32) {
     assert!(status.success(), "{log}");
 }
 
+const SEQPACKET_CHECKS: &str = include_str!("../guest/seqpacket.sh");
+const SEQPACKET_OFF: &str = include_str!("../guest/seqpacket-off.sh");
+/// What the `sizes` check sends, as `tests/guest-seq` does.
+const SEQ_SIZES: [usize; 6] = [1, 3732, 3733, 65536, 65537, 262_144];
+
+/// The guest helper's pattern (`tests/guest-seq`).
+fn seq_pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u64 * 31 + seed * 7919) % 251) as u8)
+        .collect()
+}
+
+/// A seqpacket host service at `path`, polled so that [`guest::accept`] can give up.
+fn seq_listen(path: &std::path::Path) -> std::os::unix::net::UnixListener {
+    let l = vsock_host::bind_listener(path, vsock_core::wire::SocketType::SeqPacket)
+        .expect("bind a seqpacket listener");
+    l.set_nonblocking(true).unwrap();
+    l
+}
+
+/// Room in a host seqpacket socket for a message of the guest's whole buffer.
+fn seq_room(s: &UnixStream) {
+    socket2::SockRef::from(s)
+        .set_send_buffer_size(vsock_host::seqpacket_send_buffer(300_000))
+        .unwrap();
+}
+
+/// Sends one message, whole (a seqpacket send is atomic).
+fn seq_send(mut s: &UnixStream, msg: &[u8]) -> Option<()> {
+    (s.write(msg).ok()? == msg.len()).then_some(())
+}
+
+/// One message (empty at end of file).
+fn seq_recv(s: &mut UnixStream) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 400_000];
+    let n = s.read(&mut buf).ok()?;
+    Some(buf[..n].to_vec())
+}
+
+/// One message and its `MSG_TRUNC`, read into `room` bytes with `MSG_TRUNC` as a flag: the
+/// real length.
+fn seq_recv_trunc(s: &UnixStream, room: usize) -> Option<(usize, bool)> {
+    let mut buf = vec![std::mem::MaybeUninit::<u8>::uninit(); room];
+    let mut bufs = [socket2::MaybeUninitSlice::new(&mut buf)];
+    let mut msg = socket2::MsgHdrMut::new().with_buffers(&mut bufs);
+    let n = socket2::SockRef::from(s)
+        .recvmsg(&mut msg, libc::MSG_TRUNC)
+        .ok()?;
+    Some((n, msg.flags().is_truncated()))
+}
+
+/// Echoes each message of the next client of `l` until its end of file; returns the sizes.
+fn seq_echo(l: std::os::unix::net::UnixListener, stop: &AtomicBool) -> Option<Vec<usize>> {
+    let mut s = guest::accept(&l, stop)?;
+    seq_room(&s);
+    let mut sizes = Vec::new();
+    loop {
+        let m = seq_recv(&mut s)?;
+        if m.is_empty() {
+            break;
+        }
+        sizes.push(m.len());
+        if s.write(&m).ok()? != m.len() {
+            return None;
+        }
+    }
+    s.shutdown(Shutdown::Write).ok()?;
+    Some(sizes)
+}
+
+/// A seqpacket client of `<uds_path>_seqpacket` for guest port `port`, retried until the
+/// guest listens: the `CONNECT` line and the `OK` are one message each.
+fn seq_connect(uds: &std::path::Path, port: u32, stop: &AtomicBool) -> Option<UnixStream> {
+    let mut path = uds.as_os_str().to_owned();
+    path.push("_seqpacket");
+    while !stop.load(Ordering::Relaxed) {
+        if let Ok(mut s) = vsock_host::connect_unix(
+            std::path::Path::new(&path),
+            vsock_core::wire::SocketType::SeqPacket,
+        ) {
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+            seq_room(&s);
+            let line = format!("CONNECT {port}\n");
+            if s.write(line.as_bytes()).ok() == Some(line.len()) {
+                if let Some(ok) = seq_recv(&mut s) {
+                    if ok.starts_with(b"OK ") && ok.ends_with(b"\n") {
+                        return Some(s);
+                    }
+                }
+            }
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    None
+}
+
+/// SOCK_SEQPACKET between the real guest and host Unix seqpacket sockets, through the daemon:
+/// messages of every size each way, 10,000 echoed messages of varied sizes, a host client of
+/// `<uds_path>_seqpacket`, a stream service where the guest connects seqpacket, and the
+/// cases of Linux's vsock_test that apply to a host peer (message bounds, MSG_TRUNC, a read
+/// timeout, an invalid receive buffer).
+fn seqpacket_checks(runtime: &str) {
+    let image = Image::require();
+    let helper = guest::seqpacket_helper();
+    let _turn = guest::exclusive();
+    let daemon = Daemon::start(&image, runtime);
+    let stop = Arc::new(AtomicBool::new(false));
+    let uds = daemon.uds.clone();
+
+    let l = seq_listen(&daemon.port_path(6001));
+    let sizes = peer(&stop, move |stop| seq_echo(l, stop));
+    let l = seq_listen(&daemon.port_path(6002));
+    let echo = peer(&stop, move |stop| seq_echo(l, stop));
+    let u = uds.clone();
+    let serve = peer(&stop, move |stop| {
+        let mut c = seq_connect(&u, 6003, stop)?;
+        let mut whole = true;
+        for (i, &n) in SEQ_SIZES[..5].iter().enumerate() {
+            let m = seq_pattern(100 + i as u64, n);
+            if c.write(&m).ok()? != n {
+                return None;
+            }
+            whole &= seq_recv(&mut c)? == m;
+        }
+        c.shutdown(Shutdown::Write).ok()?;
+        Some((whole, seq_recv(&mut c)?.is_empty()))
+    });
+    // A stream service where the guest connects seqpacket.
+    let _stream = guest::listen(&daemon.port_path(6004));
+    let l = seq_listen(&daemon.port_path(6005));
+    let bounds = peer(&stop, move |stop| {
+        let mut s = guest::accept(&l, stop)?;
+        let lens: Vec<usize> = (0..7)
+            .map_while(|_| seq_recv(&mut s).map(|m| m.len()))
+            .collect();
+        for i in 0..7u8 {
+            seq_send(&s, &[i])?;
+        }
+        Some(lens)
+    });
+    let l = seq_listen(&daemon.port_path(6006));
+    let trunc = peer(&stop, move |stop| {
+        let s = guest::accept(&l, stop)?;
+        let got = seq_recv_trunc(&s, 16)?;
+        seq_send(&s, &[b'y'; 32])?;
+        Some(got)
+    });
+    let l = seq_listen(&daemon.port_path(6007));
+    let timeout = peer(&stop, move |stop| {
+        let mut s = guest::accept(&l, stop)?;
+        let done = seq_recv(&mut s)?;
+        seq_send(&s, b"ok")?;
+        Some(done)
+    });
+    let l = seq_listen(&daemon.port_path(6008));
+    let badbuf = peer(&stop, move |stop| {
+        let mut s = guest::accept(&l, stop)?;
+        seq_send(&s, &[b'a'; 12288])?;
+        seq_send(&s, &[b'b'; 12288])?;
+        seq_recv(&mut s)
+    });
+
+    let vm = Vm::boot_with(
+        &image,
+        &daemon.socket,
+        SEQPACKET_CHECKS,
+        &[("vsock-seq-guest", &helper)],
+    );
+    let out = vm.wait(Duration::from_secs(900));
+    stop.store(true, Ordering::Relaxed);
+    let serial = &out.serial;
+    assert_eq!(out.status, Some(0), "the guest script failed:\n{serial}");
+    assert!(out.line("SEQ-DONE").is_some(), "unfinished:\n{serial}");
+    assert!(out.line("FAIL").is_none(), "{serial}");
+    // Bit 1 (SEQPACKET) offered and negotiated.
+    assert_eq!(out.line("SEQ features "), Some("bits=010"), "{serial}");
+
+    // Every size each way, and one byte over the host's buffer refused in the guest (ENOMEM).
+    let line = out.line("SEQ sizes ").expect("sizes");
+    assert_eq!(field(line, "enomem"), Some("12"), "{line}");
+    assert_eq!(
+        field(line, "got"),
+        Some("1,3732,3733,65536,65537,262144"),
+        "{line}"
+    );
+    assert_eq!(field(line, "whole"), Some("1"), "{line}");
+    assert_eq!(sizes.join().unwrap(), Some(SEQ_SIZES.to_vec()));
+    // 10,000 messages, each echoed whole.
+    let line = out.line("SEQ echo ").expect("echo");
+    assert_eq!(field(line, "ok"), Some("10000"), "{line}");
+    assert_eq!(echo.join().unwrap().map(|s| s.len()), Some(10_000));
+    // The host client of <uds_path>_seqpacket, echoed by the guest, then end of file.
+    assert_eq!(out.line("SEQ serve "), Some("messages=5"), "{serial}");
+    assert_eq!(serve.join().unwrap(), Some((true, true)));
+    // A stream service at the port: the guest's seqpacket connect is reset at once.
+    let line = out.line("SEQ wrongtype ").expect("wrongtype");
+    assert_eq!(field(line, "errno"), Some("104"), "ECONNRESET: {line}");
+    let ms: u64 = field(line, "ms").unwrap().parse().unwrap();
+    assert!(ms < 1000, "the reset took {ms} ms: {line}");
+    // vsock_test "msg bounds": seven one-byte messages each way. The host reads seven
+    // messages; the guest too, with no MSG_EOR: a Unix socket cannot carry records.
+    assert_eq!(bounds.join().unwrap(), Some(vec![1; 7]));
+    assert_eq!(
+        out.line("SEQ bounds "),
+        Some("lens=1,1,1,1,1,1,1 eor=none"),
+        "{serial}"
+    );
+    // vsock_test "MSG_TRUNC flag", both ways.
+    assert_eq!(trunc.join().unwrap(), Some((32, true)));
+    assert_eq!(out.line("SEQ trunc "), Some("ret=32 flag=1"), "{serial}");
+    // vsock_test "timeout": EAGAIN after about 1 s, and the connection still works.
+    let line = out.line("SEQ timeout ").expect("timeout");
+    assert_eq!(field(line, "errno"), Some("11"), "{line}");
+    let ms: u64 = field(line, "ms").unwrap().parse().unwrap();
+    assert!((900..2500).contains(&ms), "{line}");
+    assert_eq!(field(line, "after"), Some("ok"), "{line}");
+    assert_eq!(timeout.join().unwrap().as_deref(), Some(&b"done"[..]));
+    // vsock_test "invalid receive buffer": ENOMEM, the message gone, the next one whole.
+    assert_eq!(
+        out.line("SEQ badbuf "),
+        Some("first=12 second=12288 all_b=1"),
+        "{serial}"
+    );
+    let _ = badbuf.join();
+
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "daemon exit {status}:\n{log}");
+}
+
+/// `--seqpacket off`: the guest is not offered the bit, and its seqpacket connect fails at
+/// once with ESOCKTNOSUPPORT.
+fn seqpacket_off() {
+    let image = Image::require();
+    let helper = guest::seqpacket_helper();
+    let _turn = guest::exclusive();
+    let daemon = Daemon::start_flags(&image, "mio", &["--seqpacket", "off"]);
+    let vm = Vm::boot_with(
+        &image,
+        &daemon.socket,
+        SEQPACKET_OFF,
+        &[("vsock-seq-guest", &helper)],
+    );
+    let out = vm.wait(Duration::from_secs(300));
+    let serial = &out.serial;
+    assert_eq!(out.status, Some(0), "{serial}");
+    assert_eq!(out.line("SEQ features "), Some("bits=000"), "{serial}");
+    assert_eq!(out.line("SEQ nosupport "), Some("errno=94"), "{serial}");
+    assert!(
+        !{
+            let mut p = daemon.uds.as_os_str().to_owned();
+            p.push("_seqpacket");
+            std::path::PathBuf::from(p)
+        }
+        .exists(),
+        "no seqpacket listener with --seqpacket off"
+    );
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "daemon exit {status}:\n{log}");
+}
+
+#[test]
+// Ignored only where tests/build.rs found no guest image or QEMU; `./scripts/test.sh` (CI's
+// command) provides both and sets VSOCK_REQUIRE_GUEST=1, so there it runs, and a missing
+// part fails it.
+#[cfg_attr(
+    not(vsock_guest),
+    ignore = "no guest image or QEMU: run scripts/guest/build.sh"
+)]
+fn seqpacket_off_on_mio() {
+    seqpacket_off();
+}
+
 /// One `--tx-buffer-size` test per size.
 macro_rules! for_each_buffer_size {
     ($($name:ident: $bytes:expr),* $(,)?) => {
@@ -1022,4 +1295,5 @@ on_each_runtime!(
     reply_then_close,
     connect_storm,
     slow_clients_then_one,
+    seqpacket_checks,
 );
