@@ -32,6 +32,22 @@ pub fn available() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// The frames of `file` that the display filter `filter` selects, with our Lua dissector.
+///
+/// # Errors
+///
+/// tshark failed.
+pub fn frames(file: &Path, filter: &str) -> Result<Vec<u64>, String> {
+    let out = tshark(
+        file,
+        true,
+        &["-Y", filter, "-T", "fields", "-e", "frame.number"],
+    )?;
+    out.split_whitespace()
+        .map(|n| n.parse().map_err(|e| format!("tshark frame {n:?}: {e}")))
+        .collect()
+}
+
 fn tshark(file: &Path, lua: bool, args: &[&str]) -> Result<String, String> {
     let mut command = Command::new("tshark");
     if lua {

@@ -201,6 +201,122 @@ fn tshark_reads_the_trace(rt: Runtime) {
     assert_eq!(checked.events, entries.len() - packets);
 }
 
+/// A seqpacket session: the guest's messages to an echo service (one needs several rx
+/// buffers back), and a host client of `<uds_path>_seqpacket`; returns the trace.
+fn record_seqpacket_session(rt: Runtime) -> Vec<u8> {
+    use vsock_core::wire::SocketType;
+    let out = Shared::default();
+    let writer = TraceWriter::new(out.clone(), usize::MAX, 1_700_000_000).unwrap();
+    let mut rig = Rig::start_recorded(
+        rt,
+        Config::new(vsock_tests::GUEST_CID),
+        Some(Box::new(writer)),
+    );
+    let listener = vsock_host::bind_listener(&rig.port_path(1234), SocketType::SeqPacket).unwrap();
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 100_000];
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            assert_eq!(s.write(&buf[..n]).unwrap(), n);
+        }
+    });
+    let key = rig.guest.stack.connect_seqpacket(1234);
+    rig.until("connected", LONG, |g| g.stack.conn(key).established);
+    for n in [1, 10_000, 300] {
+        assert!(rig.guest.stack.send_message(key, &vec![7; n], false));
+    }
+    rig.until("echoed", LONG, |g| {
+        g.stack.conn(key).messages_read.len() == 3
+    });
+    rig.guest.stack.close(key);
+    rig.until("closed", LONG, |g| g.stack.conn(key).closed);
+    echo.join().unwrap();
+
+    rig.guest.stack.listen_seqpacket(5000);
+    let mut path = rig.listener().into_os_string();
+    path.push("_seqpacket");
+    let client = std::thread::spawn(move || {
+        let mut c =
+            vsock_host::connect_unix(std::path::Path::new(&path), SocketType::SeqPacket).unwrap();
+        c.set_nonblocking(false).unwrap();
+        c.write_all(b"CONNECT 5000\n").unwrap();
+        c.write_all(b"ping").unwrap();
+        let mut buf = [0u8; 64];
+        let n = c.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"OK "));
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let n = c.read(&mut buf).unwrap();
+        buf[..n].to_vec()
+    });
+    rig.until("ping", LONG, |g| {
+        g.stack.conns.values().any(|c| c.read == b"ping")
+    });
+    let key = *rig
+        .guest
+        .stack
+        .conns
+        .iter()
+        .find(|(_, c)| c.read == b"ping")
+        .unwrap()
+        .0;
+    rig.guest.stack.send_message(key, b"pong", false);
+    rig.until("sent", LONG, |g| g.stack.conn(key).to_send.is_empty());
+    assert_eq!(client.join().unwrap(), b"pong");
+    rig.guest.stack.close(key);
+    rig.until("closed", LONG, |g| g.stack.conn(key).closed);
+    drop(rig.stop());
+    let bytes = out.0.lock().unwrap().clone();
+    bytes
+}
+
+/// A seqpacket session replays exactly, and tshark shows its packets' type and `EOM`.
+fn seqpacket_session_replays_and_tshark_shows_it(rt: Runtime) {
+    let trace = record_seqpacket_session(rt);
+    let replayed = replay(&trace).unwrap_or_else(|e| panic!("{e}"));
+    assert!(replayed.to_guest > 8, "{replayed:?}");
+    let entries = read(&trace).unwrap();
+    // Messages each way end with EOM: three and "ping" from the host side (four), three and
+    // "pong" from the guest (four).
+    let eom = |to_guest: bool| {
+        entries
+            .iter()
+            .filter(|e| {
+                matches!(&e.item, Item::Packet { to_guest: t, header, .. }
+                    if *t == to_guest && header.op.get() == 5 && header.flags.get() == 1)
+            })
+            .count()
+    };
+    assert_eq!((eom(false), eom(true)), (4, 4));
+    let summary = vsock_trace::summary::summarize(&trace).unwrap().to_string();
+    assert!(
+        summary.contains("(3 messages guest->host, 3 host->guest)")
+            && summary.contains("(1 messages guest->host, 1 host->guest)"),
+        "{summary}"
+    );
+    if !vsock_tests::tshark::available() {
+        assert!(
+            std::env::var_os("VSOCK_REQUIRE_GUEST").is_none_or(|v| v != "1"),
+            "tshark is required (scripts/test.sh installs it)"
+        );
+        return;
+    }
+    let path = vsock_tests::temp_dir().join("seqpacket.pcapng");
+    std::fs::write(&path, &trace).unwrap();
+    vsock_tests::tshark::check(&path).unwrap_or_else(|e| panic!("{e}"));
+    let frames = vsock_tests::tshark::frames(&path, "vsockseq.eom == 1").unwrap();
+    assert_eq!(frames.len(), 8, "tshark's EOM packets: {frames:?}");
+    let seq = vsock_tests::tshark::frames(&path, "vsock.virtio.type == 2").unwrap();
+    let ours = entries
+        .iter()
+        .filter(|e| matches!(&e.item, Item::Packet { header, .. } if header.type_.get() == 2))
+        .count();
+    assert_eq!(seq.len(), ours, "every seqpacket packet shows as type 2");
+}
+
 /// The committed regression traces (`tests/traces`, recorded from a real Linux guest through
 /// the daemon) replay exactly, and tshark reads each cleanly.
 #[test]
@@ -283,5 +399,6 @@ on_each_runtime!(
     recorded_session_replays_exactly,
     snapped_session_replays,
     mutated_output_is_caught,
-    tshark_reads_the_trace
+    tshark_reads_the_trace,
+    seqpacket_session_replays_and_tshark_shows_it,
 );
