@@ -28,7 +28,7 @@ use vsock_vhost_user::{Report, RuntimeKind, Shared, VhostTransport};
 /// `<uds-path>_seqpacket` and the line and the reply are one message each.
 ///
 /// The daemon serves one VM at a time and waits for the next when it disconnects. SIGINT or
-/// SIGTERM resets the guest's connections, removes both socket paths, prints the counters
+/// SIGTERM resets the guest's connections, removes its socket paths, prints the counters
 /// and exits. Logs go to stderr; RUST_LOG sets the level (default `info`).
 #[derive(Debug, Parser)]
 #[command(name = "vhost-user-vsock", version, verbatim_doc_comment)]
