@@ -309,6 +309,87 @@ fn a_stalled_host_reader_loses_no_message(rt: Runtime) {
     );
 }
 
+/// A hundred seqpacket connections opened, used and closed, from each side in turn, leave no
+/// descriptor behind.
+fn connect_close_cycles_leak_no_descriptor(rt: Runtime) {
+    let mut rig = Rig::start(rt, config());
+    let listener = seq_listener(&rig.port_path(90));
+    listener.set_nonblocking(true).unwrap();
+    rig.guest.stack.listen_seqpacket(91);
+    let mut client_path = rig.listener().into_os_string();
+    client_path.push("_seqpacket");
+    let client_path = std::path::PathBuf::from(client_path);
+    let cycle = |rig: &mut Rig, i: u64| {
+        // The guest connects, sends a message, closes; the host reads it and closes.
+        let key = rig.guest.stack.connect_seqpacket(90);
+        rig.until("connected", LONG, |g| g.stack.conn(key).established);
+        rig.guest.stack.send_message(key, &pattern(i, 100), false);
+        rig.guest.stack.close(key);
+        let mut s = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(_) => rig.step(),
+            }
+        };
+        s.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 256];
+        let n = loop {
+            match s.read(&mut buf) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => rig.step(),
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert_eq!(buf[..n], pattern(i, 100)[..]);
+        drop(s);
+        rig.until("closed", LONG, |g| g.stack.conn(key).closed);
+        // A host client of the seqpacket listener, closed at once after its OK.
+        let mut c = vsock_host::connect_unix(&client_path, SocketType::SeqPacket).unwrap();
+        c.set_nonblocking(false).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+        send_message(&mut c, b"CONNECT 91\n");
+        let ok = loop {
+            match c.read(&mut buf) {
+                Ok(n) => break n,
+                Err(_) => rig.step(),
+            }
+        };
+        assert!(buf[..ok].starts_with(b"OK "));
+        drop(c);
+        // The guest hears of the end, and closes its side.
+        rig.until("the guest saw it end", LONG, |g| {
+            g.stack
+                .conns
+                .values()
+                .any(|c| !c.closed && c.peer_shut & SHUTDOWN_SEND != 0)
+        });
+        let key = *rig
+            .guest
+            .stack
+            .conns
+            .iter()
+            .find(|(_, c)| !c.closed)
+            .unwrap()
+            .0;
+        rig.guest.stack.close(key);
+        rig.until("closed", LONG, |g| g.stack.conn(key).closed);
+    };
+    cycle(&mut rig, 0);
+    let before = vsock_tests::open_fds();
+    for i in 1..=100 {
+        cycle(&mut rig, i);
+    }
+    let vsock = rig.stop();
+    assert_eq!(vsock.device().engine().connections(), 0);
+    drop(vsock);
+    assert!(
+        vsock_tests::open_fds() <= before,
+        "descriptors leaked: {} before, {} after",
+        before,
+        vsock_tests::open_fds()
+    );
+}
+
 macro_rules! seqpacket {
     ($($scenario:ident),* $(,)?) => {
         mod mio {
@@ -330,4 +411,5 @@ seqpacket!(
     host_client_connects_through_the_seqpacket_listener,
     a_host_message_the_guest_can_never_take_resets_both_ends,
     a_stalled_host_reader_loses_no_message,
+    connect_close_cycles_leak_no_descriptor,
 );

@@ -763,3 +763,55 @@ fn stream_and_seqpacket_connections_on_the_same_ports_are_apart() {
     expect_actions(&mut e, &[close(seq)]);
     assert_eq!(e.conn_state(stream), Some(ConnState::Established));
 }
+
+#[test]
+fn a_guest_message_larger_than_our_buffer_breaks_the_credit() {
+    let mut e = engine_with(|c| {
+        c.buffer_size = 8192;
+        c.credit_update_threshold = 2048;
+    });
+    e.set_socket_types(ms(0), BOTH);
+    let conn = seq_connected(&mut e, ms(0), 1000, 80);
+    // A guest other than Linux (which refuses such a send) sends 8192 bytes without EOM,
+    // and then one more: the message could never be whole within the buffer.
+    seq_tx(&mut e, ms(1), (1000, 80), &pattern(1, 8192), 0, Io::Done(0));
+    expect_nothing(&mut e, ms(1));
+    tx(
+        &mut e,
+        ms(2),
+        guest_seq_pkt(Op::Rw, 1000, 80, 1, SEQ_EOM, GUEST_BUF, 0),
+    );
+    expect_actions(&mut e, &[close(conn)]);
+    expect_rx(&mut e, ms(2), Op::Rst);
+    assert_eq!(e.stats().credit_violation, 1);
+    assert_eq!(e.stats().messages_to_host, 0, "no part of it was written");
+}
+
+#[test]
+fn seqpacket_connections_time_out_as_streams_do() {
+    let mut e = seq_engine();
+    // A guest connect whose socket never connects.
+    tx(
+        &mut e,
+        ms(0),
+        guest_seq_pkt(Op::Request, 1000, 80, 0, 0, GUEST_BUF, 0),
+    );
+    let conn = match e.poll_action() {
+        Some(Action::Connect { conn, .. }) => conn,
+        other => panic!("expected Connect, got {other:?}"),
+    };
+    actions(&mut e);
+    // A seqpacket client that never names its port.
+    let client = e.handle_seqpacket_accept(ms(0)).expect("room");
+    actions(&mut e);
+    e.handle_timeout(ms(2000));
+    expect_actions(&mut e, &[close(conn)]);
+    assert_eq!(
+        expect_rx(&mut e, ms(2000), Op::Rst),
+        host_seq_pkt(Op::Rst, 80, 1000, 0, 0, BUF, 0)
+    );
+    e.handle_timeout(ms(5000));
+    expect_actions(&mut e, &[close(client)]);
+    let s = e.stats();
+    assert_eq!((s.connect_timeout, s.connect_line_timeout), (1, 1));
+}
