@@ -158,9 +158,13 @@ impl Pool {
     pub(crate) fn give(&mut self, mut ring: Ring) {
         self.outstanding -= 1;
         if self.free.len() < self.keep {
+            // A drained ring's marks were cleared as its messages were consumed; one given back
+            // with bytes in it (a reset) may still hold some.
+            if ring.len > 0 {
+                ring.ends.fill(0);
+            }
             ring.head = 0;
             ring.len = 0;
-            ring.ends.fill(0);
             self.free.push(ring);
         }
     }
@@ -274,6 +278,30 @@ mod tests {
             assert_eq!(r.as_slices().0[0], i);
             r.consume(1);
         }
+        assert_eq!(r.first_message(), None);
+    }
+
+    #[test]
+    fn a_pooled_ring_keeps_no_message_end() {
+        let mut p = Pool::new(64, 1);
+        let mut r = p.take();
+        push(&mut r, &[1; 10]);
+        r.mark_end();
+        push(&mut r, &[2; 5]);
+        r.mark_end();
+        r.consume(10);
+        // Given back with a message still in it (a reset): its mark must not survive.
+        p.give(r);
+        let mut r = p.take();
+        push(&mut r, &[3; 20]);
+        assert_eq!(r.first_message(), None);
+        r.mark_end();
+        assert_eq!(r.first_message(), Some(20));
+        r.consume(20);
+        // Drained: nothing left to clear.
+        p.give(r);
+        let mut r = p.take();
+        push(&mut r, &[4; 30]);
         assert_eq!(r.first_message(), None);
     }
 

@@ -226,3 +226,108 @@ fn the_counter_sees_allocations() {
     assert_eq!(v.len(), 100);
     assert!(ALLOCATIONS.load(Ordering::Relaxed) > before);
 }
+
+/// Seqpacket too: once its buffer (and the bitmap of message ends beside it) is pooled, a
+/// connection moving messages both ways, buffered and direct, probed and read over several rx
+/// buffers, allocates nothing.
+#[test]
+fn seqpacket_steady_state_allocates_nothing() {
+    use vsock_core::testing::guest_seq_pkt;
+    use vsock_core::wire::SEQ_EOM;
+    use vsock_core::{Probe, SocketTypes};
+    let mut e = Engine::new(Config::new(GUEST_CID), Instant::ZERO).unwrap();
+    let mut now = Instant::from_millis(1);
+    e.set_socket_types(
+        now,
+        SocketTypes {
+            stream: true,
+            seqpacket: true,
+        },
+    );
+    let pkt = |op, len, flags, fwd| guest_seq_pkt(op, 1000, 80, len, flags, GUEST_BUF_ALLOC, fwd);
+    let _ = e.handle_tx(now, &pkt(Op::Request, 0, 0, 0));
+    let mut conn = None;
+    while let Some(a) = e.poll_action() {
+        if let Action::Connect { conn: c, .. } = a {
+            conn = Some(c);
+        }
+    }
+    let conn = conn.expect("a connect");
+    e.handle_host_event(now, conn, HostEvent::Connected)
+        .unwrap();
+    while e.poll_action().is_some() {}
+    while let Some(RxGrant::Packet(p)) = e.poll_rx(now, 4052) {
+        let _ = p.send();
+    }
+    let payload = vec![5u8; 9000];
+    let rooms = [4052usize, 4052, 896];
+    let mut fwd = 0u32;
+    let mut round = |e: &mut Engine, now: Instant, fwd: &mut u32| {
+        // A message over two packets, buffered, then flushed whole.
+        for (len, flags) in [(5000u32, 0), (4000, SEQ_EOM)] {
+            if let Tx::Data(d) = e.handle_tx(now, &pkt(Op::Rw, len, flags, *fwd)) {
+                d.complete(Io::Done(0), &mut &payload[..len as usize])
+                    .unwrap();
+            }
+        }
+        // A message in one packet, straight to the socket.
+        if let Tx::Data(d) = e.handle_tx(now, &pkt(Op::Rw, 100, SEQ_EOM, *fwd)) {
+            d.complete(Io::Done(100), &mut &payload[..100]).unwrap();
+        }
+        e.handle_host_event(now, conn, HostEvent::Writable).unwrap();
+        while let Some(a) = e.poll_action() {
+            if let Action::Flush { conn } = a {
+                let n: usize = e.host_bytes(conn).unwrap().iter().map(|b| b.len()).sum();
+                e.handle_host_write(now, conn, Io::Done(n)).unwrap();
+            }
+        }
+        // A host message of 9000 bytes over three buffers.
+        e.handle_host_event(now, conn, HostEvent::Readable).unwrap();
+        let mut probed = false;
+        loop {
+            match e.poll_rx(now, 4052) {
+                Some(RxGrant::Probe(p)) => {
+                    let probe = if probed {
+                        Probe::WouldBlock
+                    } else {
+                        Probe::Size(9000)
+                    };
+                    probed = true;
+                    assert!(p.complete(probe).is_none());
+                }
+                Some(RxGrant::Message(m)) => {
+                    let headers = m
+                        .complete(Io::Done(9000), &rooms, &mut &payload[..])
+                        .unwrap()
+                        .expect("packets for the guest");
+                    *fwd = fwd.wrapping_add(headers.map(|h| h.len.get()).sum::<u32>());
+                }
+                Some(RxGrant::Packet(p)) => {
+                    let _ = p.send();
+                }
+                Some(RxGrant::Read(r)) => panic!("a stream read grant: {r:?}"),
+                None => break,
+            }
+        }
+        // The guest read the message, and says so.
+        let _ = e.handle_tx(now, &pkt(Op::CreditUpdate, 0, 0, *fwd));
+        while e.poll_action().is_some() {}
+        while let Some(RxGrant::Packet(p)) = e.poll_rx(now, 4052) {
+            let _ = p.send();
+        }
+    };
+    // Warm up: the buffer and its bitmap are allocated once, then pooled.
+    round(&mut e, now, &mut fwd);
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    for _ in 0..200 {
+        now = now + std::time::Duration::from_micros(50);
+        watch(|| round(&mut e, now, &mut fwd));
+    }
+    assert_eq!(
+        ALLOCATIONS.load(Ordering::Relaxed) - before,
+        0,
+        "allocations in the steady state"
+    );
+    let s = e.stats();
+    assert_eq!((s.messages_to_host, s.messages_to_guest), (402, 201));
+}
