@@ -203,6 +203,9 @@ pub(crate) struct Conn {
     /// Seqpacket: the size of the next message on the socket, once a probe found it and
     /// until it is read.
     pub(crate) rx_msg: Option<u32>,
+    /// Seqpacket: the socket reported `ECONNRESET` once (the peer closed with our messages
+    /// unread); what it sent before is still read.
+    pub(crate) peer_reset_seen: bool,
     /// The `OK` reply and how much of it was written.
     pub(crate) ok: Option<(OkLine, u8)>,
     /// The `CONNECT` line of a host client, then the stream bytes that followed it.
@@ -245,6 +248,7 @@ impl Conn {
             ring: None,
             open_msg: 0,
             rx_msg: None,
+            peer_reset_seen: false,
             ok: None,
             line: ConnectParser::new(),
             owed_rx: 0,

@@ -170,7 +170,8 @@ pub enum Action {
     },
     /// Read at most `max` bytes of the client's `CONNECT` line and report them with
     /// [`Engine::handle_connect_line`](crate::Engine::handle_connect_line). A seqpacket
-    /// client's line is one message: one read of it (a longer message is cut, and refused).
+    /// client's line is one message: read it whole, with room for one byte more than `max`,
+    /// so that a longer message shows (and is refused as too long).
     ReadConnectLine {
         /// The accepted host client.
         conn: ConnId,

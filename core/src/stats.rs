@@ -123,6 +123,9 @@ pub struct Stats {
     /// Closed: a client of the seqpacket listener while the guest has not negotiated
     /// seqpacket sockets.
     pub seqpacket_clients_refused: u64,
+    /// Closed: a client of the stream listener while the guest has negotiated seqpacket
+    /// sockets only.
+    pub stream_clients_refused: u64,
     /// Reset at the caller's request ([`Engine::reset_connection`](crate::Engine::reset_connection)).
     pub resets_by_caller: u64,
 }

@@ -604,8 +604,15 @@ impl<R: Reactor> Host<R> {
     }
 
     fn read_line(&mut self, now: Instant, engine: &mut Engine, conn: ConnId, max: usize) {
-        let mut buf = [0u8; CONNECT_LINE_MAX];
-        let max = max.min(buf.len());
+        let mut buf = [0u8; CONNECT_LINE_MAX + 1];
+        // A seqpacket client's line is one message, read whole: one byte more than the line
+        // may hold shows a message too long (the kernel drops what a read does not take).
+        let max = if engine.conn_socket_type(conn) == Some(SocketType::SeqPacket) {
+            max + 1
+        } else {
+            max
+        }
+        .min(buf.len());
         let Some(mut stream) = self.stream(conn) else {
             return;
         };

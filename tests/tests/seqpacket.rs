@@ -390,6 +390,59 @@ fn connect_close_cycles_leak_no_descriptor(rt: Runtime) {
     );
 }
 
+/// A host service that reads one request, replies and closes with the guest's second request
+/// unread: the guest gets the reply, then a reset.
+fn a_reply_then_close_with_messages_unread_reaches_the_guest(rt: Runtime) {
+    let mut rig = Rig::start(rt, config());
+    let listener = seq_listener(&rig.port_path(1234));
+    let host = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(LONG)).unwrap();
+        let first = recv_message(&mut s).unwrap();
+        // Wait for the second request to be queued, unread, before replying and closing.
+        std::thread::sleep(Duration::from_millis(100));
+        send_message(&mut s, b"bye");
+        first
+    });
+    let key = rig.guest.stack.connect_seqpacket(1234);
+    rig.until("connected", LONG, |g| g.stack.conn(key).established);
+    rig.guest.stack.send_message(key, b"one", false);
+    rig.guest.stack.send_message(key, b"two", false);
+    rig.until("the host closed", LONG, |_| host.is_finished());
+    assert_eq!(host.join().unwrap(), b"one");
+    rig.until("reset", LONG, |g| g.stack.conn(key).rst_received);
+    let c = rig.guest.stack.conn(key);
+    assert_eq!(
+        c.messages_read,
+        [(b"bye".to_vec(), false)],
+        "the reply, then the reset"
+    );
+}
+
+/// A seqpacket `CONNECT` message longer than a line may be, though it starts with a good line,
+/// is refused.
+fn a_long_connect_message_is_refused(rt: Runtime) {
+    let mut rig = Rig::start(rt, config());
+    rig.guest.stack.listen_seqpacket(5000);
+    let mut path = rig.listener().into_os_string();
+    path.push("_seqpacket");
+    let client = std::thread::spawn(move || {
+        let mut c = vsock_host::connect_unix(Path::new(&path), SocketType::SeqPacket).unwrap();
+        c.set_nonblocking(false).unwrap();
+        c.set_read_timeout(Some(LONG)).unwrap();
+        let mut msg = b"CONNECT 0000000000000000000000000000000000000000000000005000\n".to_vec();
+        assert!(msg.len() <= 64);
+        msg.extend_from_slice(&[b'x'; 100]);
+        send_message(&mut c, &msg);
+        recv_message(&mut c)
+    });
+    rig.until("refused", LONG, |_| client.is_finished());
+    assert_eq!(client.join().unwrap(), None, "closed without an OK");
+    let vsock = rig.stop();
+    let s = vsock.device().engine().stats();
+    assert_eq!(s.connect_line_too_long + s.connect_line_garbage, 1);
+}
+
 macro_rules! seqpacket {
     ($($scenario:ident),* $(,)?) => {
         mod mio {
@@ -412,4 +465,6 @@ seqpacket!(
     a_host_message_the_guest_can_never_take_resets_both_ends,
     a_stalled_host_reader_loses_no_message,
     connect_close_cycles_leak_no_descriptor,
+    a_reply_then_close_with_messages_unread_reaches_the_guest,
+    a_long_connect_message_is_refused,
 );

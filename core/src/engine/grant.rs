@@ -2,6 +2,7 @@
 //! buffer to fill. Nothing changes until a grant is completed.
 
 use super::*;
+use crate::io::SocketError;
 
 #[derive(Clone, Copy, Debug)]
 pub(super) enum Source {
@@ -371,6 +372,9 @@ impl RxProbe<'_> {
             }
             Probe::Size(_) | Probe::Empty => {
                 engine.stats.seqpacket_empty_from_host += 1;
+                // Other connections go first: a peer sending nothing but empty messages must
+                // not keep the rx queue to itself.
+                engine.rx_queue.rotate_left(1);
                 engine.reconcile(idx);
                 None
             }
@@ -388,7 +392,7 @@ impl RxProbe<'_> {
                 None
             }
             Probe::Error(e) => {
-                let _ = RxRead::finish(engine, idx, self.conn, 0, Io::Error(e));
+                seqpacket_error(engine, idx, self.conn, e);
                 None
             }
         }
@@ -539,11 +543,28 @@ impl RxMessage<'_> {
                 Ok(None)
             }
             Io::Error(e) => {
-                let _ = RxRead::finish(engine, idx, self.conn, 0, Io::Error(e));
+                engine.conns[idx].rx_msg = None;
+                seqpacket_error(engine, idx, self.conn, e);
                 Ok(None)
             }
         }
     }
+}
+
+/// `ECONNRESET` on a Unix seqpacket socket: the peer closed with our messages unread. The
+/// error comes before the messages it had sent, which are still read (docs/seqpacket.md §1.5):
+/// the socket is broken (it takes no more), but its messages are delivered first, then the
+/// reset. A second error is the end.
+fn seqpacket_error(engine: &mut Engine, idx: usize, conn: ConnId, e: SocketError) {
+    const ECONNRESET: i32 = 104;
+    let c = &mut engine.conns[idx];
+    if e.0 == ECONNRESET && !c.peer_reset_seen {
+        c.peer_reset_seen = true;
+        debug!(%conn, "seqpacket peer closed with messages unread; delivering what it sent");
+        engine.host_broken(idx);
+        return;
+    }
+    let _ = RxRead::finish(engine, idx, conn, 0, Io::Error(e));
 }
 
 /// The headers of a message read into several rx buffers, one per buffer, in order: RW

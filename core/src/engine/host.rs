@@ -149,8 +149,12 @@ impl Engine {
     pub(super) fn host_request(&mut self, idx: usize, guest_port: u32) {
         let socket_type = self.conns[idx].key.socket_type;
         if !self.socket_types.allows(socket_type) {
-            self.stats.seqpacket_clients_refused += 1;
-            debug!(conn = %self.id(idx), "seqpacket client, but the guest has no seqpacket sockets");
+            if socket_type == SocketType::SeqPacket {
+                self.stats.seqpacket_clients_refused += 1;
+            } else {
+                self.stats.stream_clients_refused += 1;
+            }
+            debug!(conn = %self.id(idx), ?socket_type, "client of a socket type the guest did not negotiate");
             self.close_host_client(idx);
             return;
         }

@@ -815,3 +815,46 @@ fn seqpacket_connections_time_out_as_streams_do() {
     let s = e.stats();
     assert_eq!((s.connect_timeout, s.connect_line_timeout), (1, 1));
 }
+
+#[test]
+fn a_peer_that_closed_with_messages_unread_still_delivers_what_it_sent() {
+    let mut e = seq_engine();
+    let conn = seq_connected(&mut e, ms(0), 1000, 80);
+    assert_eq!(
+        e.handle_host_event(ms(1), conn, HostEvent::Readable),
+        Ok(())
+    );
+    actions(&mut e);
+    // Unix reports the close first, then the messages sent before it.
+    assert_eq!(
+        expect_probe(&mut e, ms(1), conn, Probe::Error(SocketError(ECONNRESET))),
+        None
+    );
+    // The guest is told at once that its sends go nowhere.
+    assert_eq!(
+        expect_rx(&mut e, ms(1), Op::Shutdown),
+        host_seq_pkt(Op::Shutdown, 80, 1000, 0, SHUTDOWN_RCV, BUF, 0)
+    );
+    assert_eq!(expect_probe(&mut e, ms(1), conn, Probe::Size(3)), None);
+    let h = expect_message(&mut e, ms(1), conn, 3, &[LINUX_ROOM]);
+    assert_eq!(h, [host_seq_pkt(Op::Rw, 80, 1000, 3, SEQ_EOM, BUF, 0)]);
+    // Then the end, and only then the reset.
+    assert_eq!(expect_probe(&mut e, ms(1), conn, Probe::Eof), None);
+    expect_actions(&mut e, &[close(conn)]);
+    expect_rx(&mut e, ms(1), Op::Rst);
+    assert_eq!(e.stats().messages_to_guest, 1);
+}
+
+#[test]
+fn an_empty_message_flood_lets_other_connections_go_first() {
+    let mut e = seq_engine();
+    let a = seq_connected(&mut e, ms(0), 1000, 80);
+    let b = seq_connected(&mut e, ms(0), 1001, 80);
+    for c in [a, b] {
+        assert_eq!(e.handle_host_event(ms(1), c, HostEvent::Readable), Ok(()));
+    }
+    actions(&mut e);
+    assert_eq!(expect_probe(&mut e, ms(1), a, Probe::Empty), None);
+    // b's turn, though a is still readable.
+    assert_eq!(expect_probe(&mut e, ms(1), b, Probe::Size(2)), None);
+}

@@ -347,6 +347,12 @@ impl VsockDevice {
                         queue.set_next_avail(queue.next_avail().wrapping_sub(1));
                         return Ok((used, false));
                     }
+                    RxFill::Yield => {
+                        // Work that filled no buffer went on too long: give the buffer back
+                        // and come back soon, after the other queues had their turn.
+                        queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                        return Ok((used, true));
+                    }
                     RxFill::Wait { popped } => {
                         // A message needs more buffers than are posted. Ask to be kicked once
                         // the guest posts beyond those at hand, then give them all back.
@@ -406,7 +412,14 @@ impl VsockDevice {
             return Ok(RxFill::Used(0));
         };
         let total = HEADER_LEN + room;
+        // Peeks and reads that found nothing for this buffer (empty messages, a socket that
+        // drained): bounded, so a peer flooding empty messages cannot hold the serve call.
+        let mut idle = 0;
         loop {
+            idle += 1;
+            if idle > IDLE_GRANTS {
+                return Ok(RxFill::Yield);
+            }
             let Some(grant) = self.engine.poll_rx(now, room) else {
                 if room == 0 && self.engine.has_pending_rx() {
                     // Only data is waiting and this buffer has no room for any: it can never
@@ -494,7 +507,14 @@ impl VsockDevice {
                     self.segs.clear();
                     self.segs.extend_from_slice(&self.msg_segs[own.0..own.1]);
                     match outcome {
-                        MsgOutcome::Filled(chains) => return Ok(RxFill::Message { chains }),
+                        MsgOutcome::Filled { chains, lost } => {
+                            if lost {
+                                // Part of the message never reached the guest: the connection
+                                // cannot go on as if it had.
+                                let _ = self.engine.reset_connection(now, conn);
+                            }
+                            return Ok(RxFill::Message { chains });
+                        }
                         MsgOutcome::Wait(popped) => return Ok(RxFill::Wait { popped }),
                         MsgOutcome::Unplaceable => {
                             let _ = self.engine.reset_connection(now, conn);
@@ -508,12 +528,18 @@ impl VsockDevice {
     }
 }
 
+/// How many grants that fill nothing (a probe that found an empty message, a read that would
+/// block) one rx buffer goes through before the serve call yields.
+const IDLE_GRANTS: usize = 64;
+
 /// What filling one rx chain came to.
 enum RxFill {
     /// The chain holds this many bytes: return it to the used ring.
     Used(u32),
     /// Nothing to send after all: give the chain back.
     Nothing,
+    /// Too many grants filled nothing: give the chain back and serve again soon.
+    Yield,
     /// A host message filled this chain and the ones after it, `chains` in all, every one
     /// already returned to the used ring, in order.
     Message { chains: usize },
@@ -524,8 +550,9 @@ enum RxFill {
 
 /// What reading a host message into rx chains came to.
 enum MsgOutcome {
-    /// The message is in this many chains, all returned to the used ring.
-    Filled(usize),
+    /// The message is in this many chains, all returned to the used ring; `lost` if a header
+    /// could not be written (the connection must be reset).
+    Filled { chains: usize, lost: bool },
     /// Not enough chains are posted; this many were popped and are still out.
     Wait(usize),
     /// No posted ring can ever hold the message: the extra chains were given back, and the
@@ -648,6 +675,7 @@ impl MsgScratch<'_> {
         // Each chain's header goes in last, once its data is in; then every chain taken goes
         // to the used ring in the order popped, the unusable ones empty.
         let mut headers = headers;
+        let mut lost = false;
         for (chain, part) in parts.iter_all() {
             let len = match part {
                 Some(part) => {
@@ -659,6 +687,7 @@ impl MsgScratch<'_> {
                     );
                     if span.write(mem, 0, header.as_bytes()).is_err() {
                         self.stats.rx_bad_memory += 1;
+                        lost = true;
                         0
                     } else {
                         (HEADER_LEN + part) as u32
@@ -666,9 +695,15 @@ impl MsgScratch<'_> {
                 }
                 None => 0,
             };
-            queue.add_used(mem, chain.head, len)?;
+            // A head out of range names no descriptor: nothing to return.
+            if chain.head < queue.size() {
+                queue.add_used(mem, chain.head, len)?;
+            }
         }
-        Ok(MsgOutcome::Filled(self.chains.len()))
+        Ok(MsgOutcome::Filled {
+            chains: self.chains.len(),
+            lost,
+        })
     }
 }
 
