@@ -262,7 +262,7 @@ fn seqpacket_steady_state_allocates_nothing() {
     let payload = vec![5u8; 9000];
     let rooms = [4052usize, 4052, 896];
     let mut fwd = 0u32;
-    let mut round = |e: &mut Engine, now: Instant, fwd: &mut u32| {
+    let round = |e: &mut Engine, now: Instant, fwd: &mut u32| {
         // A message over two packets, buffered, then flushed whole.
         for (len, flags) in [(5000u32, 0), (4000, SEQ_EOM)] {
             if let Tx::Data(d) = e.handle_tx(now, &pkt(Op::Rw, len, flags, *fwd)) {
