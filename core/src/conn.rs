@@ -24,7 +24,7 @@ use std::fmt;
 use crate::buf::Ring;
 use crate::stats::ConnStats;
 use crate::time::Instant;
-use crate::wire::{ConnectParser, OkLine, Op, SocketType, SHUTDOWN_RCV};
+use crate::wire::{ConnectParser, OkLine, Op, SocketType, SEQ_EOM, SHUTDOWN_RCV};
 use crate::Interest;
 
 /// A handle to a connection: a slot index and a generation, so a handle outlived by its
@@ -203,6 +203,9 @@ pub(crate) struct Conn {
     /// Seqpacket: the size of the next message on the socket, once a probe found it and
     /// until it is read.
     pub(crate) rx_msg: Option<u32>,
+    /// Seqpacket: the tail of a host message read when the guest had too few rx buffers
+    /// posted for all of it, delivered from here as buffers come (drawn from the pool).
+    pub(crate) stage: Option<Ring>,
     /// Seqpacket: the socket reported `ECONNRESET` once (the peer closed with our messages
     /// unread); what it sent before is still read.
     pub(crate) peer_reset_seen: bool,
@@ -248,6 +251,7 @@ impl Conn {
             ring: None,
             open_msg: 0,
             rx_msg: None,
+            stage: None,
             peer_reset_seen: false,
             ok: None,
             line: ConnectParser::new(),
@@ -270,6 +274,11 @@ impl Conn {
     /// included.
     pub(crate) fn buffered(&self) -> usize {
         self.ring.as_ref().map_or(0, Ring::len)
+    }
+
+    /// Seqpacket: bytes of a host message waiting in the stage for rx buffers.
+    pub(crate) fn staged(&self) -> usize {
+        self.stage.as_ref().map_or(0, Ring::len)
     }
 
     /// Whether the connection carries messages (seqpacket), not a byte stream.
@@ -328,7 +337,20 @@ impl Conn {
         }
         let mut blocked = false;
         let credit = self.peer_credit() as usize;
-        if self.to_guest_open() && self.is_seqpacket() {
+        let staged = self.staged();
+        if self.to_guest_open() && self.is_seqpacket() && staged > 0 {
+            // The rest of a message read before: its credit was counted when it was granted.
+            if room > 0 {
+                let held = staged.min(room).min(max_packet_payload as usize);
+                let flags = if held == staged { SEQ_EOM } else { 0 };
+                return Next::Packet {
+                    op: Op::Rw,
+                    flags,
+                    held,
+                };
+            }
+            blocked = true;
+        } else if self.to_guest_open() && self.is_seqpacket() {
             // A message goes whole or waits: the guest frees credit only for whole messages.
             match self.rx_msg {
                 Some(size) if size as usize <= credit => {
@@ -392,6 +414,7 @@ impl Conn {
                     && self.to_guest_open()
                     && self.line.leftover().is_empty()
                     && self.rx_msg.is_none()
+                    && self.staged() == 0
                     && self.peer_credit() > 0,
                 writable: !self.writable && self.host_pending() > 0,
             },

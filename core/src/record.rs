@@ -135,9 +135,11 @@ pub enum Event<'a> {
     /// [`RxProbe::complete`](crate::RxProbe::complete) with what the peek found; the packet
     /// it makes (end of file), if any, follows.
     Probe(ConnId, Probe),
-    /// [`RxMessage::complete`](crate::RxMessage::complete) with the read's result and the
-    /// payload room of each rx buffer used; the packets it makes follow, one per buffer.
-    RxMessage(ConnId, Io, &'a [usize]),
+    /// [`RxMessage::complete`](crate::RxMessage::complete) with the read's result, the
+    /// payload room of each rx buffer used, and the bytes read into the stage
+    /// ([`RxMessage::stage`](crate::RxMessage::stage); empty if none); the packets it makes
+    /// follow, one per buffer.
+    RxMessage(ConnId, Io, &'a [usize], &'a [u8]),
     /// [`Engine::poll_action`](crate::Engine::poll_action) returned this action (`None`:
     /// nothing, though it had connections to look at).
     Action(Option<Action>),

@@ -170,6 +170,9 @@ pub struct DeviceStats {
     /// A host seqpacket message no posted ring could ever hold (more buffers than the queue
     /// has, or more pieces of memory than one read takes): the connection was reset.
     pub rx_message_unplaceable: u64,
+    /// A host seqpacket message was read with its tail into the engine's stage, the guest
+    /// having posted too few rx buffers for all of it; the tail follows as buffers come.
+    pub rx_message_staged: u64,
     /// Config space writes (the space is read-only): ignored.
     pub config_writes: u64,
     /// Times the guest was interrupted, per [`Served`].

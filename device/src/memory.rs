@@ -297,13 +297,14 @@ impl<'s> Span<'s> {
 /// `recvmsg` takes.
 pub(crate) const MAX_MSG_IOV: usize = 1024;
 
-/// Reads one message from the seqpacket socket `fd`, scattered over `spans` in order, with one
-/// `recvmsg` (`MSG_TRUNC`: the result is the message's real length, even if the spans are
-/// shorter), never blocking. Every byte of the spans is marked dirty. `Err` if the spans lie
+/// Reads one message from the seqpacket socket `fd`, scattered over `spans` in order and then
+/// `tail` (host memory), with one `recvmsg` (`MSG_TRUNC`: the result is the message's real
+/// length, even if the spans are shorter), never blocking. Every byte of the spans is marked dirty. `Err` if the spans lie
 /// outside guest memory or take more than [`MAX_MSG_IOV`] pieces.
 pub(crate) fn read_message_from_fd<'s, M: GuestMemory>(
     mem: &M,
     spans: impl Iterator<Item = Span<'s>>,
+    tail: Option<&mut [u8]>,
     fd: BorrowedFd<'_>,
 ) -> Result<io::Result<usize>, MemoryFault> {
     let mut guards = [const { None }; MAX_MSG_IOV];
@@ -329,12 +330,20 @@ pub(crate) fn read_message_from_fd<'s, M: GuestMemory>(
     let mut iov = [libc::iovec {
         iov_base: std::ptr::null_mut(),
         iov_len: 0,
-    }; MAX_MSG_IOV];
+    }; MAX_MSG_IOV + 1];
     for (entry, guard) in iov.iter_mut().zip(guards.iter().flatten()) {
         *entry = libc::iovec {
             iov_base: guard.as_ptr().cast(),
             iov_len: guard.len(),
         };
+    }
+    if let Some(tail) = tail {
+        // Host memory of the engine's, after the guest's pieces.
+        iov[count] = libc::iovec {
+            iov_base: tail.as_mut_ptr().cast(),
+            iov_len: tail.len(),
+        };
+        count += 1;
     }
     // SAFETY: `msghdr` is a plain C struct for which all-zero bytes are a valid value (null
     // name and control pointers with zero lengths).
@@ -342,11 +351,12 @@ pub(crate) fn read_message_from_fd<'s, M: GuestMemory>(
     msg.msg_iov = iov.as_mut_ptr();
     msg.msg_iovlen = count as _;
     // SAFETY: the first `count` iovecs describe writable slices of mapped guest memory that
-    // vm-memory checked against the guest's regions; the guards keep those mappings alive
-    // until after the call. Guest memory is only ever accessed through raw pointers, which is
-    // what `recvmsg` does. `msg` points at `iov`, which outlives the call, asks for no address
-    // and no control data, and `count <= MAX_MSG_IOV <= UIO_MAXIOV`. `fd` is a valid borrowed
-    // descriptor. MSG_DONTWAIT keeps the call from blocking whatever the descriptor's mode.
+    // vm-memory checked against the guest's regions (the guards keep those mappings alive
+    // until after the call; guest memory is only ever accessed through raw pointers, which is
+    // what `recvmsg` does), then, if given, `tail`, a slice we borrow mutably for the call.
+    // `msg` points at `iov`, which outlives the call, asks for no address and no control
+    // data, and `count <= MAX_MSG_IOV + 1 <= UIO_MAXIOV`. `fd` is a valid borrowed descriptor.
+    // MSG_DONTWAIT keeps the call from blocking whatever the descriptor's mode.
     let r = unsafe {
         libc::recvmsg(
             fd.as_raw_fd(),

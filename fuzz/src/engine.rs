@@ -515,7 +515,8 @@ impl Harness {
             self.config.max_connections
         );
         let keep = self.config.pooled_buffers.min(self.config.max_connections);
-        let bound = (e.connections() + keep) * self.config.buffer_size as usize;
+        // Two buffers per connection at most: the one for the socket, and a seqpacket stage.
+        let bound = (2 * e.connections() + keep) * self.config.buffer_size as usize;
         assert!(
             e.buffer_memory() <= bound,
             "buffer memory {} beyond {bound}",
@@ -798,7 +799,7 @@ impl Harness {
                         self.guest_receive(&h, &[], Some(conn));
                     }
                 }
-                RxGrant::Message(m) => {
+                RxGrant::Message(mut m) => {
                     let conn = m.conn();
                     let len = m.len();
                     let i = self
@@ -808,10 +809,20 @@ impl Harness {
                         .expect("message for a known handle");
                     assert!(self.recs[i].seqpacket, "a message for a stream connection");
                     assert!(len > 0, "an empty message granted");
-                    // The guest's ring: buffers of the room offered, as many as it takes.
-                    let Some(k) = m.buffers_for(std::iter::repeat_n(room, 4096)) else {
-                        break;
+                    // The guest's ring: buffers of the room offered, as many as it takes, or
+                    // at most 8 and the rest into the engine's stage.
+                    let part = room.min(m.max_part());
+                    let (k, staged) = match m.buffers_for(std::iter::repeat_n(room, 8)) {
+                        Some(k) => (k, 0),
+                        None if part > 0 && m.stage(len - 8 * part).is_some() => {
+                            (8, len - 8 * part)
+                        }
+                        None => break,
                     };
+                    if staged > 0 {
+                        let tail = pattern(self.seq.wrapping_add(1), len)[len - staged..].to_vec();
+                        m.stage(staged).expect("a stage").copy_from_slice(&tail);
+                    }
                     let rooms = vec![room; k];
                     let io = match choice.unwrap_or(RxChoice::Take) {
                         RxChoice::Drop => break,
@@ -823,7 +834,7 @@ impl Harness {
                     };
                     self.seq += 1;
                     let bytes = pattern(self.seq, len);
-                    let result = m.complete(io, &rooms, &mut &bytes[..]);
+                    let result = m.complete(io, &rooms, &mut &bytes[..len - staged]);
                     match (io, result) {
                         (Io::Done(n), Ok(Some(headers))) => {
                             assert_eq!(n, len);
@@ -833,14 +844,18 @@ impl Harness {
                             self.recs[i].h2g.extend_from_slice(&bytes);
                             for (j, h) in headers.iter().enumerate() {
                                 let part = h.len.get() as usize;
-                                let eom = if j + 1 == k { SEQ_EOM } else { 0 };
+                                let eom = if j + 1 == k && staged == 0 {
+                                    SEQ_EOM
+                                } else {
+                                    0
+                                };
                                 assert_eq!(h.flags.get(), eom, "EOM on the last packet only");
                                 assert!(part > 0 && part <= room.min(max_payload));
                                 packets += 1;
                                 self.guest_receive(h, &bytes[at..at + part], Some(conn));
                                 at += part;
                             }
-                            assert_eq!(at, len, "the parts make the message");
+                            assert_eq!(at + staged, len, "the parts make the message");
                         }
                         (Io::Done(n), r) if n != len => {
                             assert_eq!(r.map(|h| h.is_some()), Err(ConnError::Overrun))

@@ -212,6 +212,8 @@ fn record_seqpacket_session(rt: Runtime) -> Vec<u8> {
         Config::new(vsock_tests::GUEST_CID),
         Some(Box::new(writer)),
     );
+    // One rx buffer posted at a time: the 10 000-byte echo is staged, its tail recorded.
+    rig.guest.rx_target = 1;
     let listener = vsock_host::bind_listener(&rig.port_path(1234), SocketType::SeqPacket).unwrap();
     let echo = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
@@ -232,6 +234,7 @@ fn record_seqpacket_session(rt: Runtime) -> Vec<u8> {
     rig.until("echoed", LONG, |g| {
         g.stack.conn(key).messages_read.len() == 3
     });
+    rig.guest.rx_target = 128;
     rig.guest.stack.close(key);
     rig.until("closed", LONG, |g| g.stack.conn(key).closed);
     echo.join().unwrap();
@@ -268,7 +271,13 @@ fn record_seqpacket_session(rt: Runtime) -> Vec<u8> {
     assert_eq!(client.join().unwrap(), b"pong");
     rig.guest.stack.close(key);
     rig.until("closed", LONG, |g| g.stack.conn(key).closed);
-    drop(rig.stop());
+    let stopped = rig.stop();
+    assert!(
+        stopped.device().stats().rx_message_staged > 0,
+        "nothing was staged: {:?}",
+        stopped.device().stats()
+    );
+    drop(stopped);
     let bytes = out.0.lock().unwrap().clone();
     bytes
 }

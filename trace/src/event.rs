@@ -91,8 +91,8 @@ pub fn is_events_description(description: &str) -> bool {
 pub enum Decoded<'a> {
     /// [`Event::Start`], with the configuration owned.
     Start(Config, Snapshot),
-    /// [`Event::RxMessage`], with the rooms owned.
-    RxMessage(ConnId, Io, Vec<usize>),
+    /// [`Event::RxMessage`], with the rooms owned and the staged bytes borrowed.
+    RxMessage(ConnId, Io, Vec<usize>, &'a [u8]),
     /// Any other event.
     Event(Event<'a>),
 }
@@ -182,7 +182,7 @@ pub fn encode(out: &mut Vec<u8>, ports: Option<(u32, u32)>, event: &Event<'_>) {
             Probe::WouldBlock => (kind::PROBE, 3, 0),
             Probe::Error(e) => (kind::PROBE, 4, e.0 as u32 as u64),
         },
-        Event::RxMessage(_, io, _) => {
+        Event::RxMessage(_, io, _, _) => {
             let (c, v) = io_code(io);
             (kind::RX_MESSAGE, c, v)
         }
@@ -275,10 +275,12 @@ pub fn encode(out: &mut Vec<u8>, ports: Option<(u32, u32)>, event: &Event<'_>) {
         Event::ConnectLine(_, LineRead::Data(bytes)) => {
             out.extend_from_slice(bytes);
         }
-        Event::RxMessage(_, _, rooms) => {
+        Event::RxMessage(_, _, rooms, staged) => {
+            out.extend_from_slice(&(rooms.len() as u32).to_le_bytes());
             for &room in rooms {
                 out.extend_from_slice(&u32::try_from(room).unwrap_or(u32::MAX).to_le_bytes());
             }
+            out.extend_from_slice(staged);
         }
         _ => {}
     }
@@ -468,10 +470,16 @@ pub fn decode(record: &[u8]) -> Result<Decoded<'_>, EventError> {
             },
         ),
         kind::RX_MESSAGE => {
-            if data.len() % 4 != 0 {
-                return Err(EventError::Short);
-            }
-            let rooms = data
+            let count = data
+                .get(..4)
+                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")) as usize)
+                .ok_or(EventError::Short)?;
+            let rooms_end = count
+                .checked_mul(4)
+                .and_then(|n| n.checked_add(4))
+                .filter(|&end| end <= data.len())
+                .ok_or(EventError::Short)?;
+            let rooms = data[4..rooms_end]
                 .chunks_exact(4)
                 .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")) as usize)
                 .collect();
@@ -479,6 +487,7 @@ pub fn decode(record: &[u8]) -> Result<Decoded<'_>, EventError> {
                 conn()?,
                 io_from(f.kind, f.code, f.value)?,
                 rooms,
+                &data[rooms_end..],
             ));
         }
         kind::CONNECT_LINE => Event::ConnectLine(
@@ -707,9 +716,21 @@ mod tests {
             assert_eq!(f.conn, event.conn(), "{event:?}");
         }
         let rooms = [3732, 3732, 100];
-        for io in [Io::Done(7564), Io::WouldBlock, Io::Error(e)] {
-            encode(&mut buf, Some((1, 2)), &Event::RxMessage(c, io, &rooms));
-            assert_eq!(decode(&buf), Ok(Decoded::RxMessage(c, io, rooms.to_vec())));
+        for (io, staged) in [
+            (Io::Done(7564), &b""[..]),
+            (Io::Done(7570), b"staged"),
+            (Io::WouldBlock, b""),
+            (Io::Error(e), b""),
+        ] {
+            encode(
+                &mut buf,
+                Some((1, 2)),
+                &Event::RxMessage(c, io, &rooms, staged),
+            );
+            assert_eq!(
+                decode(&buf),
+                Ok(Decoded::RxMessage(c, io, rooms.to_vec(), staged))
+            );
             assert_eq!(fields(&buf).unwrap().0.conn, Some(c));
         }
     }

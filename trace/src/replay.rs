@@ -28,8 +28,8 @@ pub enum Item<'a> {
     },
     /// A host-side input or an engine action.
     Event(Event<'a>),
-    /// [`Event::RxMessage`], with the rooms read back.
-    RxMessage(ConnId, Io, Vec<usize>),
+    /// [`Event::RxMessage`], with the rooms read back, and the staged bytes.
+    RxMessage(ConnId, Io, Vec<usize>, &'a [u8]),
 }
 
 /// A record with its place in the file.
@@ -119,7 +119,9 @@ pub fn read(bytes: &[u8]) -> Result<Vec<Entry<'_>>, TraceError> {
             EVENTS => match event::decode(p.data) {
                 Ok(Decoded::Start(config, snapshot)) => Item::Start(config, snapshot),
                 Ok(Decoded::Event(e)) => Item::Event(e),
-                Ok(Decoded::RxMessage(conn, io, rooms)) => Item::RxMessage(conn, io, rooms),
+                Ok(Decoded::RxMessage(conn, io, rooms, staged)) => {
+                    Item::RxMessage(conn, io, rooms, staged)
+                }
                 Err(error) => return Err(TraceError::Event { number, error }),
             },
             _ => return Err(TraceError::Interfaces),
@@ -265,7 +267,10 @@ fn describe_item(item: &Item<'_>) -> String {
             payload,
         } => describe(*to_guest, header, payload),
         Item::Event(e) => format!("{e:?}"),
-        Item::RxMessage(conn, io, rooms) => format!("RxMessage({conn:?}, {io:?}, {rooms:?})"),
+        Item::RxMessage(conn, io, rooms, staged) => format!(
+            "RxMessage({conn:?}, {io:?}, {rooms:?}, {} bytes staged)",
+            staged.len()
+        ),
     }
 }
 
@@ -574,10 +579,23 @@ fn poll_rx(
                 (None, None) => Ok(i + 2),
             }
         }
-        (Some(RxGrant::Message(m)), Grant::Message(conn)) if m.conn() == conn => {
-            let Some(Item::RxMessage(_, io, rooms)) = entries.get(i + 1).map(|e| &e.item) else {
+        (Some(RxGrant::Message(mut m)), Grant::Message(conn)) if m.conn() == conn => {
+            let Some(Item::RxMessage(_, io, rooms, staged)) = entries.get(i + 1).map(|e| &e.item)
+            else {
                 return Ok(i + 1);
             };
+            if !staged.is_empty() {
+                // The tail the device read into the engine's stage.
+                match m.stage(staged.len()) {
+                    Some(stage) => stage.copy_from_slice(staged),
+                    None => {
+                        return Err(diverge(
+                            &entries[i + 1],
+                            format!("no stage of {} bytes", staged.len()),
+                        ))
+                    }
+                }
+            }
             // The packets the read made follow, one per buffer; their payloads, in order, are
             // the message.
             let mut bytes = Vec::new();

@@ -204,8 +204,11 @@ fn worst_case_fits(config: Config, budget: u64, at_edge: bool) {
         peak <= needs + own,
         "{config:?}: held {peak} bytes, bound {needs}"
     );
+    // A stream session fills one buffer per connection; the bound also counts what only
+    // seqpacket connections hold (each buffer's bitmap of message ends, and a stage of the
+    // same size): a stream session reaches 1 / 2.25 of it.
     assert!(
-        peak >= needs / 2,
+        peak >= needs * 2 / 5,
         "{config:?}: held {peak} bytes, bound {needs}"
     );
     eprintln!(

@@ -179,20 +179,14 @@ impl RxPacket<'_> {
 
     /// The payload to write after the header (empty for control packets).
     pub fn payload(&self) -> &[u8] {
-        match self.source {
-            Source::Conn(idx) => &self.engine.conns[idx].line.leftover()[..self.held],
-            Source::Orphan => &[],
-        }
+        held_bytes(&self.engine.conns, self.source, self.held)
     }
 
     /// The packet is in the guest's buffer: commit it. Returns the header.
     pub fn send(self) -> Header {
         let header = self.header;
         let engine = &mut *self.engine;
-        let payload = match self.source {
-            Source::Conn(idx) => &engine.conns[idx].line.leftover()[..self.held],
-            Source::Orphan => &[],
-        };
+        let payload = held_bytes(&engine.conns, self.source, self.held);
         engine
             .sink
             .guest_bound(engine.now, &header, &mut &payload[..], payload.len());
@@ -203,14 +197,41 @@ impl RxPacket<'_> {
                 self.engine.stats.rst_sent += 1;
             }
             Source::Conn(idx) => {
-                if self.held > 0 {
-                    self.engine.conns[idx].line.consume_leftover(self.held);
+                let engine = &mut *self.engine;
+                let c = &mut engine.conns[idx];
+                if self.held > 0 && c.staged() > 0 {
+                    // The rest of a host message: its last part ends it.
+                    let stage = c.stage.as_mut().expect("staged bytes");
+                    stage.consume(self.held);
+                    if stage.len() == 0 {
+                        let ring = c.stage.take().expect("checked");
+                        engine.pool.give(ring);
+                        engine.stats.messages_to_guest += 1;
+                    }
+                } else if self.held > 0 {
+                    c.line.consume_leftover(self.held);
                 }
-                self.engine.rx_queue.rotate_left(1);
-                self.engine.delivered(idx, &header);
+                engine.rx_queue.rotate_left(1);
+                engine.delivered(idx, &header);
             }
         }
         header
+    }
+}
+
+/// The bytes the engine holds for a packet: the rest of a staged host message, or what
+/// followed a host client's `CONNECT` line.
+fn held_bytes(conns: &Slab<Conn>, source: Source, held: usize) -> &[u8] {
+    match source {
+        Source::Conn(idx) => {
+            let c = &conns[idx];
+            match &c.stage {
+                // A stage is filled once from its start and only drained: one slice.
+                Some(stage) if stage.len() > 0 => &stage.as_slices().0[..held],
+                _ => &c.line.leftover()[..held],
+            }
+        }
+        Source::Orphan => &[],
     }
 }
 
@@ -416,6 +437,8 @@ pub struct RxMessage<'a> {
     pub(super) conn: ConnId,
     pub(super) len: usize,
     pub(super) max_part: usize,
+    /// Bytes of the message to be read into the stage, not into rx buffers.
+    pub(super) staged: usize,
 }
 
 impl fmt::Debug for RxMessage<'_> {
@@ -427,21 +450,22 @@ impl fmt::Debug for RxMessage<'_> {
     }
 }
 
-/// How many buffers of `rooms` a message of `len` bytes takes, each holding up to
-/// `max_part`; `None` unless every one of them is needed and they are enough.
-fn parts_needed(rooms: &[usize], len: usize, max_part: usize) -> Option<usize> {
+/// Whether a message of `len` bytes, `staged` of them read into the stage, fills `rooms`
+/// exactly: every buffer needed (each holding up to `max_part`), and the stage taking exactly
+/// what they leave.
+fn rooms_fit(rooms: &[usize], len: usize, staged: usize, max_part: usize) -> bool {
     let mut left = len;
     for (i, &room) in rooms.iter().enumerate() {
         let part = room.min(max_part);
         if part == 0 || left == 0 {
-            return None;
+            return false;
         }
-        left = left.saturating_sub(part);
-        if left == 0 {
-            return (i + 1 == rooms.len()).then_some(rooms.len());
+        if part >= left {
+            return staged == 0 && i + 1 == rooms.len();
         }
+        left -= part;
     }
-    None
+    staged > 0 && left == staged
 }
 
 impl RxMessage<'_> {
@@ -463,6 +487,27 @@ impl RxMessage<'_> {
     /// The most payload one packet (one rx buffer) carries.
     pub fn max_part(&self) -> usize {
         self.max_part
+    }
+
+    /// When the guest has posted too few rx buffers for the whole message, memory of the
+    /// engine's for its last `n` bytes, to read them into (as the last piece of the same
+    /// `recvmsg`); the engine then delivers them as buffers come, the last part with `EOM`.
+    /// The rooms passed to [`complete`](Self::complete) must then take exactly the rest.
+    /// `None` if `n` is 0 or more than the connection buffer (`Config::buffer_size`): the
+    /// message must wait for buffers.
+    pub fn stage(&mut self, n: usize) -> Option<&mut [u8]> {
+        if n == 0 || n > self.engine.config.buffer_size as usize || n >= self.len {
+            return None;
+        }
+        let engine = &mut *self.engine;
+        let c = &mut engine.conns[self.idx];
+        if c.stage.is_none() {
+            c.stage = Some(engine.pool.take());
+        }
+        self.staged = n;
+        let stage = c.stage.as_mut().expect("just provided");
+        // An empty ring starts at its beginning: its free space is one slice.
+        Some(&mut stage.free_slices_mut().0[..n])
     }
 
     /// How many of the buffers with payload room `rooms`, in order, the message takes
@@ -502,18 +547,41 @@ impl RxMessage<'_> {
         let idx = self.idx;
         let now = engine.now;
         let len = self.len;
+        let staged = self.staged;
+        let fits = rooms_fit(rooms, len, staged, self.max_part);
+        let whole = fits && read == Io::Done(len);
+        if whole && staged > 0 {
+            engine.conns[idx]
+                .stage
+                .as_mut()
+                .expect("staged by stage()")
+                .commit(staged);
+        }
+        let stage_bytes = match &engine.conns[idx].stage {
+            Some(stage) if whole && staged > 0 => stage.as_slices().0,
+            _ => &[],
+        };
         engine
             .sink
-            .rx_message(&engine.conns, now, self.conn, read, rooms);
+            .rx_message(&engine.conns, now, self.conn, read, rooms, stage_bytes);
+        if !whole {
+            // Nothing was kept: a stage drawn for it goes back.
+            let c = &mut engine.conns[idx];
+            if c.stage.as_ref().is_some_and(|s| s.len() == 0) {
+                let ring = c.stage.take().expect("checked");
+                engine.pool.give(ring);
+            }
+        }
         match read {
-            Io::Done(n) if n == len && parts_needed(rooms, len, self.max_part).is_some() => {
+            Io::Done(n) if n == len && fits => {
                 let c = &mut engine.conns[idx];
                 c.rx_msg = None;
                 let headers = MessageHeaders {
                     template: engine.header(idx, Op::Rw, 0, 0),
                     rooms: rooms.iter(),
-                    left: len,
+                    left: len - staged,
                     max_part: self.max_part,
+                    eom: staged == 0,
                 };
                 engine.rx_queue.rotate_left(1);
                 let mut offset = 0;
@@ -527,7 +595,9 @@ impl RxMessage<'_> {
                     engine.delivered(idx, &header);
                     offset += part;
                 }
-                engine.stats.messages_to_guest += 1;
+                if staged == 0 {
+                    engine.stats.messages_to_guest += 1;
+                }
                 Ok(Some(headers))
             }
             Io::Done(_) => {
@@ -575,6 +645,8 @@ pub struct MessageHeaders<'r> {
     rooms: std::slice::Iter<'r, usize>,
     left: usize,
     max_part: usize,
+    /// Whether the last of these packets ends the message (none is staged).
+    eom: bool,
 }
 
 impl Iterator for MessageHeaders<'_> {
@@ -589,7 +661,7 @@ impl Iterator for MessageHeaders<'_> {
         self.left -= part;
         let mut header = self.template;
         header.len = (part as u32).into();
-        if self.left == 0 {
+        if self.left == 0 && self.eom {
             header.flags = SEQ_EOM.into();
         }
         Some(header)

@@ -157,7 +157,8 @@ impl Engine {
     ///
     /// - per connection (`max_connections` of them): a connection buffer of `buffer_size`
     ///   bytes and, for a seqpacket connection, its bitmap of message ends (an eighth of
-    ///   that; buffers pooled for reuse count among these: a buffer is only allocated when
+    ///   that) and a second such buffer, the stage of a host message the guest's rx buffers
+    ///   could not take at once (buffers pooled for reuse count among these: a buffer is only allocated when
     ///   the pool has none, so those in use and those pooled never outnumber the connections
     ///   the table has held), its slot in the table, two entries in the key map (whose
     ///   buckets are a power of two at most twice the capacity), two in each of the rx and
@@ -175,9 +176,10 @@ impl Engine {
             + 2 * n(size_of::<(Key, u32)>() + 1)
             + 2 * 2 * n(size_of::<(u32, u32)>())
             + 6 * n(size_of::<Reverse<(Instant, u32, u32)>>());
-        // A connection buffer, and its bitmap of message ends (seqpacket).
+        // A connection buffer and its bitmap of message ends (seqpacket), and a stage of the
+        // same kind for the tail of a host message (seqpacket).
         let ring = u64::from(config.buffer_size);
-        let per_conn = per_conn.saturating_add(ring + ring.div_ceil(64) * 8);
+        let per_conn = per_conn.saturating_add(2 * (ring + ring.div_ceil(64) * 8));
         max.saturating_mul(per_conn)
             .saturating_add(n(config.max_pending_resets).saturating_mul(n(size_of::<OrphanRst>())))
             .saturating_add(
@@ -240,7 +242,7 @@ impl Engine {
         self.conns.len()
     }
 
-    /// Bytes held in connection buffers, in use or pooled.
+    /// Bytes held in connection buffers (and seqpacket stages), in use or pooled.
     pub fn buffer_memory(&self) -> usize {
         (self.pool.outstanding + self.pool.idle()) * self.config.buffer_size as usize
     }

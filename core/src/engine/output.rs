@@ -141,6 +141,7 @@ impl Engine {
                     conn,
                     len,
                     max_part,
+                    staged: 0,
                 })
             }
         })

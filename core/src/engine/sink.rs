@@ -139,8 +139,9 @@ impl Sink {
         conn: ConnId,
         io: Io,
         rooms: &[usize],
+        staged: &[u8],
     ) {
-        self.event(conns, now, &Event::RxMessage(conn, io, rooms));
+        self.event(conns, now, &Event::RxMessage(conn, io, rooms, staged));
     }
 
     pub(super) fn connect_line(

@@ -51,6 +51,9 @@ impl Engine {
         if let Some(ring) = c.ring {
             self.pool.give(ring);
         }
+        if let Some(ring) = c.stage {
+            self.pool.give(ring);
+        }
         self.stats.closed += 1;
         trace!(conn = %ConnId::new(idx as u32, c.generation), "connection removed");
     }
@@ -84,6 +87,9 @@ impl Engine {
         c.open_msg = 0;
         c.rx_msg = None;
         if let Some(ring) = c.ring.take() {
+            self.pool.give(ring);
+        }
+        if let Some(ring) = c.stage.take() {
             self.pool.give(ring);
         }
         c.ok = None;
@@ -153,6 +159,11 @@ impl Engine {
                 }
                 if c.ring.as_ref().is_some_and(|r| r.len() == 0) {
                     let ring = c.ring.take().expect("checked above");
+                    self.pool.give(ring);
+                }
+                // A stage goes back once drained, or once the guest wants no more.
+                if c.stage.is_some() && (c.staged() == 0 || !c.to_guest_open()) {
+                    let ring = c.stage.take().expect("checked above");
                     self.pool.give(ring);
                 }
                 // A broken socket gets no end of file: the host must not take a stream that

@@ -858,3 +858,45 @@ fn an_empty_message_flood_lets_other_connections_go_first() {
     // b's turn, though a is still readable.
     assert_eq!(expect_probe(&mut e, ms(1), b, Probe::Size(2)), None);
 }
+
+#[test]
+fn a_message_beyond_the_buffers_at_hand_is_staged_and_ends_later() {
+    let mut e = seq_engine();
+    let conn = seq_connected(&mut e, ms(0), 1000, 80);
+    assert_eq!(
+        e.handle_host_event(ms(1), conn, HostEvent::Readable),
+        Ok(())
+    );
+    actions(&mut e);
+    expect_probe(&mut e, ms(1), conn, Probe::Size(10_000));
+    let msg = pattern(4, 10_000);
+    match e.poll_rx(ms(1), LINUX_ROOM) {
+        Some(RxGrant::Message(mut m)) => {
+            // One buffer posted: the rest is read into the engine's stage.
+            assert!(m.stage(0).is_none() && m.stage(10_000).is_none());
+            m.stage(10_000 - LINUX_ROOM)
+                .expect("a stage")
+                .copy_from_slice(&msg[LINUX_ROOM..]);
+            let h: Vec<Header> = m
+                .complete(Io::Done(10_000), &[LINUX_ROOM], &mut &msg[..LINUX_ROOM])
+                .unwrap()
+                .unwrap()
+                .collect();
+            assert_eq!(h, [host_seq_pkt(Op::Rw, 80, 1000, 3732, 0, BUF, 0)]);
+        }
+        _ => panic!("expected a message grant"),
+    }
+    // The rest follows from the stage, in buffers as they come; the last ends the message.
+    let (h, p) = expect_rx_payload(&mut e, ms(2), Op::Rw);
+    assert_eq!((h.len.get(), h.flags.get()), (ROOM as u32, 0));
+    assert!(p == msg[3732..3732 + ROOM]);
+    let (h, p) = expect_rx_payload(&mut e, ms(2), Op::Rw);
+    assert_eq!(
+        (h.len.get(), h.flags.get()),
+        ((10_000 - 3732 - ROOM) as u32, SEQ_EOM)
+    );
+    assert!(p == msg[3732 + ROOM..]);
+    assert_eq!(e.stats().messages_to_guest, 1);
+    // Only then the next probe.
+    expect_probe(&mut e, ms(2), conn, Probe::WouldBlock);
+}

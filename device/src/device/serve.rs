@@ -583,7 +583,7 @@ impl MsgScratch<'_> {
         host: &mut H,
         head: u16,
         room: usize,
-        message: vsock_core::RxMessage<'_>,
+        mut message: vsock_core::RxMessage<'_>,
     ) -> Result<MsgOutcome, DeviceError> {
         self.msg_segs.clear();
         self.chains.clear();
@@ -599,15 +599,33 @@ impl MsgScratch<'_> {
         let give_back = |queue: &mut Queue, n: usize| {
             queue.set_next_avail(queue.next_avail().wrapping_sub(n as u16));
         };
+        let (len, max_part) = (message.len(), message.max_part());
+        // The part of the message the engine takes into its stage when the buffers at hand
+        // cannot hold it all: a Linux guest posts more only once fewer than half its ring is
+        // left, so waiting for a whole message's worth could wait for ever.
+        let mut staged = 0;
         while message.buffers_for(self.rooms.iter().copied()).is_none() {
             let extra = self.chains.len() - 1;
-            if self.chains.len() >= usize::from(queue.size()) || self.chains.len() >= cap {
-                // Every buffer the ring can hold is taken and still the message does not fit.
-                self.stats.rx_message_unplaceable += 1;
-                give_back(queue, extra);
-                return Ok(MsgOutcome::Unplaceable);
-            }
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let covered: usize = self.rooms.iter().map(|&r| r.min(max_part)).sum();
+            let exhausted =
+                self.chains.len() >= usize::from(queue.size()) || self.chains.len() >= cap;
+            let chain = if exhausted {
+                None
+            } else {
+                queue.pop_descriptor_chain(mem)
+            };
+            let Some(chain) = chain else {
+                if message.stage(len - covered).is_some() {
+                    staged = len - covered;
+                    break;
+                }
+                if exhausted {
+                    // Every buffer the ring can hold is taken, the message does not fit, and
+                    // the rest is more than the stage takes.
+                    self.stats.rx_message_unplaceable += 1;
+                    give_back(queue, extra);
+                    return Ok(MsgOutcome::Unplaceable);
+                }
                 return Ok(MsgOutcome::Wait(self.chains.len()));
             };
             let head = chain.head_index();
@@ -636,10 +654,9 @@ impl MsgScratch<'_> {
                 room,
             });
         }
-        let (len, max_part) = (message.len(), message.max_part());
         let parts = Parts {
             chains: self.chains,
-            left: len,
+            left: len - staged,
             max_part,
         };
         let conn = message.conn();
@@ -648,7 +665,15 @@ impl MsgScratch<'_> {
                 let spans = parts.iter().map(|(c, part)| {
                     Span::new(&self.msg_segs[c.segs.0..c.segs.1], HEADER_LEN, part)
                 });
-                match crate::memory::read_message_from_fd(mem, spans, fd) {
+                let tail = if staged > 0 {
+                    message.stage(staged)
+                } else {
+                    None
+                };
+                if staged > 0 {
+                    self.stats.rx_message_staged += 1;
+                }
+                match crate::memory::read_message_from_fd(mem, spans, tail, fd) {
                     Ok(r) => Io::from_result(&r),
                     Err(MemoryFault) => {
                         // More pieces than one read takes, or memory that went away.
