@@ -18,5 +18,6 @@ $h bounds 6005
 $h trunc 6006
 $h timeout 6007
 $h badbuf 6008
+$h big 6010 20
 wait $serve
 echo SEQ-DONE

@@ -1122,6 +1122,18 @@ fn seqpacket_checks(runtime: &str) {
         seq_recv(&mut s)
     });
 
+    let l = seq_listen(&daemon.port_path(6010));
+    let big = peer(&stop, move |stop| {
+        let s = guest::accept(&l, stop)?;
+        seq_room(&s);
+        for i in 0..20u64 {
+            // As tests/guest-seq's big_size: 62 buffers' worth, then more than 66.
+            let n = if i % 2 == 0 { 62 * 3732 } else { 250_000 };
+            seq_send(&s, &seq_pattern(1000 + i, n))?;
+        }
+        Some(())
+    });
+
     let vm = Vm::boot_with(
         &image,
         &daemon.socket,
@@ -1184,9 +1196,20 @@ fn seqpacket_checks(runtime: &str) {
         "{serial}"
     );
     let _ = badbuf.join();
+    // Twenty big messages, every other one needing more rx buffers than the guest keeps
+    // posted then: the device stages their tails.
+    assert_eq!(out.line("SEQ big "), Some("ok=20"), "{serial}");
+    assert_eq!(big.join().unwrap(), Some(()));
 
     let (status, log) = daemon.terminate();
     assert!(status.success(), "daemon exit {status}:\n{log}");
+    if let Some(staged) = log
+        .split("rx_message_staged: ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+    {
+        eprintln!("messages staged: {staged}");
+    }
 }
 
 /// `--seqpacket off`: the guest is not offered the bit, and its seqpacket connect fails at
