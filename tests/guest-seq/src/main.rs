@@ -122,7 +122,7 @@ fn echo(port: u32, count: u64) -> io::Result<String> {
 /// The size of big message `i`: 62 rx buffers' worth, then more than the 66 left posted (a
 /// Linux guest refills its ring only below half of it), in turn.
 fn big_size(i: u64) -> usize {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         62 * 3732
     } else {
         250_000
