@@ -200,3 +200,40 @@ fn a_guest_message_in_one_descriptor_goes_direct() {
     let s = bed.device.engine().stats();
     assert_eq!((s.tx_direct_bytes, s.tx_buffered_bytes), (60_000, 0));
 }
+
+#[test]
+fn a_guest_message_reaches_the_socket_whole_in_every_layout() {
+    for layout in [
+        Layout::Single,
+        Layout::HeaderThenData,
+        Layout::Cuts(vec![20, 44, 50, 90]),
+        Layout::Bytewise,
+        Layout::Indirect(Box::new(Layout::Cuts(vec![44, 60]))),
+        Layout::Indirect(Box::new(Layout::Bytewise)),
+    ] {
+        let mut bed = Bed::new();
+        bed.post_rx(8, &Layout::Single);
+        let conn = seq_connect(&mut bed, 1000);
+        // One message in one packet, and one over two packets, in this layout.
+        let one = pattern(7, 100);
+        let two = pattern(8, 150);
+        // (Served after each: a bytewise packet takes over half the queue's descriptors.)
+        bed.send(seq(Op::Rw, 1000, 1234, 100, SEQ_EOM, 0), &one, &layout);
+        bed.run();
+        bed.send(seq(Op::Rw, 1000, 1234, 60, 0, 0), &two[..60], &layout);
+        bed.run();
+        bed.send(seq(Op::Rw, 1000, 1234, 90, SEQ_EOM, 0), &two[60..], &layout);
+        bed.run();
+        let app = bed.host.app(conn);
+        let mut buf = [0u8; 1000];
+        let n = app.read(&mut buf).unwrap();
+        assert!(buf[..n] == one[..], "{layout:?}: first message whole");
+        let n = app.read(&mut buf).unwrap();
+        assert!(buf[..n] == two[..], "{layout:?}: second message whole");
+        assert_eq!(
+            bed.device.engine().stats().messages_to_host,
+            2,
+            "{layout:?}"
+        );
+    }
+}
