@@ -162,6 +162,10 @@ impl LinuxGuest {
 
     /// `connect()` to host port `port`; returns the socket's key.
     pub fn connect(&mut self, port: u32) -> GuestKey {
+        self.open(port, false)
+    }
+
+    fn open(&mut self, port: u32, seqpacket: bool) -> GuestKey {
         let local = self.next_port;
         self.next_port += 1;
         let key = (local, port);
@@ -172,6 +176,7 @@ impl LinuxGuest {
                 peer_port: port,
                 connecting: true,
                 auto_read: self.auto_read,
+                seqpacket,
                 ..Default::default()
             },
         );
@@ -186,22 +191,7 @@ impl LinuxGuest {
 
     /// `connect()` of a `SOCK_SEQPACKET` socket to host port `port`; returns its key.
     pub fn connect_seqpacket(&mut self, port: u32) -> GuestKey {
-        let local = self.next_port;
-        self.next_port += 1;
-        let key = (local, port);
-        self.conns.insert(
-            key,
-            GuestConn {
-                local_port: local,
-                peer_port: port,
-                connecting: true,
-                auto_read: self.auto_read,
-                seqpacket: true,
-                ..Default::default()
-            },
-        );
-        self.send_ctl(key, Op::Request, 0);
-        key
+        self.open(port, true)
     }
 
     /// `listen()` of a `SOCK_SEQPACKET` socket on `port`.

@@ -428,8 +428,9 @@ impl RxProbe<'_> {
 /// (`MSG_TRUNC`, to learn its real length) scattered over those buffers' payload areas.
 /// Then [`complete`](Self::complete) with the result and the room of each buffer, and
 /// write each returned header at the start of its buffer. If not enough buffers are
-/// posted, give them back and drop this: nothing changes, and the same grant comes once
-/// the guest posts more.
+/// posted, read the rest into the engine's [`stage`](Self::stage) with the same `recvmsg`:
+/// it follows as packet grants. (Dropping this instead changes nothing: the same grant
+/// comes again.)
 #[must_use]
 pub struct RxMessage<'a> {
     pub(super) engine: &'a mut Engine,
@@ -450,22 +451,36 @@ impl fmt::Debug for RxMessage<'_> {
     }
 }
 
-/// Whether a message of `len` bytes, `staged` of them read into the stage, fills `rooms`
-/// exactly: every buffer needed (each holding up to `max_part`), and the stage taking exactly
-/// what they leave.
-fn rooms_fit(rooms: &[usize], len: usize, staged: usize, max_part: usize) -> bool {
+/// How many of the buffers with payload room `rooms`, in order, each holding up to
+/// `max_part`, a message of `len` bytes takes (`None` if they are not enough, or one has no
+/// room before it is covered).
+fn buffers_needed(
+    rooms: impl IntoIterator<Item = usize>,
+    len: usize,
+    max_part: usize,
+) -> Option<usize> {
     let mut left = len;
-    for (i, &room) in rooms.iter().enumerate() {
+    for (i, room) in rooms.into_iter().enumerate() {
         let part = room.min(max_part);
-        if part == 0 || left == 0 {
-            return false;
+        if part == 0 {
+            return None;
         }
-        if part >= left {
-            return staged == 0 && i + 1 == rooms.len();
+        left = left.saturating_sub(part);
+        if left == 0 {
+            return Some(i + 1);
         }
-        left -= part;
     }
-    staged > 0 && left == staged
+    None
+}
+
+/// Whether a message of `len` bytes, `staged` of them read into the stage, fills `rooms`
+/// exactly: every buffer needed, and the stage taking exactly what they leave.
+fn rooms_fit(rooms: &[usize], len: usize, staged: usize, max_part: usize) -> bool {
+    if staged == 0 {
+        return buffers_needed(rooms.iter().copied(), len, max_part) == Some(rooms.len());
+    }
+    let parts = rooms.iter().map(|&room| room.min(max_part));
+    parts.clone().all(|part| part > 0) && parts.sum::<usize>() + staged == len
 }
 
 impl RxMessage<'_> {
@@ -513,18 +528,7 @@ impl RxMessage<'_> {
     /// How many of the buffers with payload room `rooms`, in order, the message takes
     /// (`None` if they are not enough).
     pub fn buffers_for(&self, rooms: impl IntoIterator<Item = usize>) -> Option<usize> {
-        let mut left = self.len;
-        for (i, room) in rooms.into_iter().enumerate() {
-            let part = room.min(self.max_part);
-            if part == 0 {
-                return None;
-            }
-            left = left.saturating_sub(part);
-            if left == 0 {
-                return Some(i + 1);
-            }
-        }
-        None
+        buffers_needed(rooms, self.len, self.max_part)
     }
 
     /// Reports the read: `read` is the `recvmsg` result (with `MSG_TRUNC`, the message's
@@ -638,7 +642,8 @@ fn seqpacket_error(engine: &mut Engine, idx: usize, conn: ConnId, e: SocketError
 }
 
 /// The headers of a message read into several rx buffers, one per buffer, in order: RW
-/// packets of the connection, each as long as its buffer's part, the last with `EOM`.
+/// packets of the connection, each as long as its buffer's part, the last with `EOM` unless
+/// the message's tail went into the stage.
 #[derive(Clone, Debug)]
 pub struct MessageHeaders<'r> {
     template: Header,
