@@ -373,35 +373,26 @@ pub(crate) fn read_message_from_fd<'s, M: GuestMemory>(
     })
 }
 
-/// Peeks at the size of the next message on the seqpacket socket `fd`, never blocking. A
-/// zero-length result is an empty message, which is consumed, unless the peer shut down its
-/// sending side (`POLLRDHUP`): then it is end of file.
+/// Peeks at the size of the next message on the seqpacket socket `fd`, never blocking.
+///
+/// A peek of 0 bytes is an empty message or end of file, and Linux cannot be asked which
+/// directly. Worse, a non-blocking receive looks at the queue and at the peer's shutdown one
+/// after the other, unlocked: a peer that sends a message and shuts down between the two
+/// makes it report end of file with the message queued. So a 0 is resolved in this order:
+/// - `poll(POLLRDHUP)` shows no shutdown: there was none at the peek either (a shutdown is
+///   never undone), so the 0 came from a message, an empty one, which is consumed (`Empty`);
+/// - the peer shut down: everything it sent is queued by now, and a second peek with
+///   `SO_TIMESTAMP` on tells a message (even an empty one carries a timestamp) from end of
+///   file (no message, no control data).
 pub(crate) fn probe_message(fd: BorrowedFd<'_>) -> vsock_core::Probe {
     use vsock_core::{Probe, SocketError};
-    let peek = |flags: libc::c_int| {
-        // SAFETY: a zero-length receive into a null buffer writes nothing; `fd` is a valid
-        // borrowed descriptor and MSG_DONTWAIT keeps the call from blocking.
-        let r = unsafe {
-            libc::recv(
-                fd.as_raw_fd(),
-                std::ptr::null_mut(),
-                0,
-                flags | libc::MSG_DONTWAIT,
-            )
-        };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(r as usize)
-        }
-    };
     let error = |e: io::Error| match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Probe::WouldBlock,
         _ => Probe::Error(SocketError::from(&e)),
     };
-    match peek(libc::MSG_PEEK | libc::MSG_TRUNC) {
-        Ok(0) => {}
-        Ok(n) => return Probe::Size(n),
+    match peek_size(fd, false) {
+        Ok((0, _)) => {}
+        Ok((n, _)) => return Probe::Size(n),
         Err(e) => return error(e),
     }
     let mut pfd = libc::pollfd {
@@ -413,11 +404,77 @@ pub(crate) fn probe_message(fd: BorrowedFd<'_>) -> vsock_core::Probe {
     // blocks.
     let polled = unsafe { libc::poll(&raw mut pfd, 1, 0) };
     if polled > 0 && pfd.revents & libc::POLLRDHUP != 0 {
-        return Probe::Eof;
+        if let Err(e) = set_timestamps(fd, true) {
+            return error(e);
+        }
+        let peeked = peek_size(fd, true);
+        // Left on, every later receive would carry control data nobody reads.
+        let _ = set_timestamps(fd, false);
+        match peeked {
+            Ok((0, false)) => return Probe::Eof,
+            Ok((0, true)) => {}
+            Ok((n, _)) => return Probe::Size(n),
+            Err(e) => return error(e),
+        }
     }
-    match peek(0) {
-        Ok(_) => Probe::Empty,
-        Err(e) => error(e),
+    // An empty message: take it off the queue.
+    // SAFETY: a zero-length receive into a null buffer writes nothing; `fd` is a valid
+    // borrowed descriptor and MSG_DONTWAIT keeps the call from blocking.
+    let r = unsafe { libc::recv(fd.as_raw_fd(), std::ptr::null_mut(), 0, libc::MSG_DONTWAIT) };
+    if r < 0 {
+        error(io::Error::last_os_error())
+    } else {
+        Probe::Empty
+    }
+}
+
+/// `MSG_PEEK|MSG_TRUNC` with no buffer: the next message's length, consuming nothing, and,
+/// when `control` is asked for, whether the kernel returned control data (with `SO_TIMESTAMP`
+/// on, it does for every message and never at end of file).
+fn peek_size(fd: BorrowedFd<'_>, control: bool) -> io::Result<(usize, bool)> {
+    // Room for one `SCM_TIMESTAMP` (a `timeval`), aligned for `cmsghdr`.
+    let mut room = [0u64; 8];
+    // SAFETY: `msghdr` is a plain C struct for which all-zero bytes are a valid value (null
+    // name, iovec and control pointers with zero lengths).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    if control {
+        msg.msg_control = room.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&room) as _;
+    }
+    // SAFETY: `msg` describes no buffer to fill and, if asked, `room`, which outlives the
+    // call, for control data of at most its length. `fd` is a valid borrowed descriptor and
+    // MSG_DONTWAIT keeps the call from blocking.
+    let r = unsafe {
+        libc::recvmsg(
+            fd.as_raw_fd(),
+            &raw mut msg,
+            libc::MSG_PEEK | libc::MSG_TRUNC | libc::MSG_DONTWAIT,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((r as usize, control && msg.msg_controllen > 0))
+}
+
+/// Turns `SO_TIMESTAMP` on or off.
+fn set_timestamps(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    let value = libc::c_int::from(on);
+    // SAFETY: the option value is a valid `c_int` of the length given, read during the call
+    // only; `fd` is a valid borrowed descriptor.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMP,
+            (&raw const value).cast(),
+            std::mem::size_of_val(&value) as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 

@@ -144,6 +144,38 @@ fn a_message_neither_ring_nor_stage_can_hold_resets_the_connection() {
     assert_eq!(bed.driver.in_flight(0), 4);
 }
 
+/// An empty host message is dropped and counted, and a message behind it still arrives,
+/// with the peer's shutdown both before and after the device looks: a 0-byte peek after the
+/// shutdown is told apart from end of file.
+#[test]
+fn an_empty_host_message_is_dropped_and_what_follows_arrives() {
+    for shut_first in [false, true] {
+        let mut bed = Bed::new();
+        bed.post_rx(8, &Layout::Single);
+        let conn = seq_connect(&mut bed, 1000);
+        let app = bed.host.app(conn);
+        assert_eq!(app.write(&[]).unwrap(), 0, "an empty message");
+        app.write_all(b"after").unwrap();
+        if shut_first {
+            app.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        let mut got = bed.run();
+        if !shut_first {
+            bed.host
+                .app(conn)
+                .shutdown(std::net::Shutdown::Write)
+                .unwrap();
+            got.extend(bed.run());
+        }
+        assert_eq!(one_message(&got), b"after", "shut first: {shut_first}");
+        let last = got.last().unwrap();
+        assert_eq!(op_of(&last.0), Op::Shutdown, "then end of file: {got:?}");
+        let s = bed.device.engine().stats();
+        assert_eq!(s.seqpacket_empty_from_host, 1);
+        assert_eq!(s.messages_to_guest, 1);
+    }
+}
+
 #[test]
 fn a_guest_message_in_many_pieces_reaches_the_socket_whole() {
     let mut bed = Bed::new();

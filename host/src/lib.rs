@@ -607,16 +607,23 @@ impl<R: Reactor> Host<R> {
         let mut buf = [0u8; CONNECT_LINE_MAX + 1];
         // A seqpacket client's line is one message, read whole: one byte more than the line
         // may hold shows a message too long (the kernel drops what a read does not take).
-        let max = if engine.conn_socket_type(conn) == Some(SocketType::SeqPacket) {
-            max + 1
-        } else {
-            max
-        }
-        .min(buf.len());
+        let seqpacket = engine.conn_socket_type(conn) == Some(SocketType::SeqPacket);
+        let max = if seqpacket { max + 1 } else { max }.min(buf.len());
         let Some(mut stream) = self.stream(conn) else {
             return;
         };
-        let result = stream.read(&mut buf[..max]);
+        let mut result = stream.read(&mut buf[..max]);
+        if seqpacket && matches!(result, Ok(0)) {
+            // A 0 is an empty message or end of file, and a non-blocking seqpacket read can
+            // report end of file while the line sent just before the shutdown is queued (the
+            // kernel looks at the queue, then at the shutdown). Read once more: a shutdown
+            // seen means all sent before it is queued. An empty message in place of the line,
+            // with nothing behind it yet, is taken as the client giving up.
+            result = match stream.read(&mut buf[..max]) {
+                Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(0),
+                other => other,
+            };
+        }
         let read = match &result {
             Ok(0) => LineRead::Eof,
             Ok(n) => LineRead::Data(&buf[..*n]),

@@ -994,7 +994,7 @@ fn seq_send(mut s: &UnixStream, msg: &[u8]) -> Option<()> {
 /// One message (empty at end of file).
 fn seq_recv(s: &mut UnixStream) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; 400_000];
-    let n = s.read(&mut buf).ok()?;
+    let n = vsock_tests::read_seqpacket(s, &mut buf).ok()?;
     Some(buf[..n].to_vec())
 }
 

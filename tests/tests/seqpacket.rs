@@ -10,7 +10,7 @@ use std::time::Duration;
 use vsock_core::testing::pattern;
 use vsock_core::wire::{SocketType, SHUTDOWN_SEND};
 use vsock_core::Config;
-use vsock_tests::{Rig, Runtime};
+use vsock_tests::{read_seqpacket, Rig, Runtime};
 
 const LONG: Duration = Duration::from_secs(30);
 /// The message sizes every direction is tried with: one byte, a Linux rx buffer's payload
@@ -37,7 +37,7 @@ fn room_for_big_messages(s: &UnixStream) {
 /// One message from a host seqpacket socket (`None` at end of file).
 fn recv_message(s: &mut UnixStream) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; 400_000];
-    let n = s.read(&mut buf).unwrap();
+    let n = read_seqpacket(s, &mut buf).unwrap();
     (n > 0).then(|| buf[..n].to_vec())
 }
 
@@ -334,7 +334,7 @@ fn connect_close_cycles_leak_no_descriptor(rt: Runtime) {
         s.set_nonblocking(true).unwrap();
         let mut buf = [0u8; 256];
         let n = loop {
-            match s.read(&mut buf) {
+            match read_seqpacket(&mut s, &mut buf) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => rig.step(),
                 Err(e) => panic!("{e}"),
@@ -349,7 +349,7 @@ fn connect_close_cycles_leak_no_descriptor(rt: Runtime) {
         c.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
         send_message(&mut c, b"CONNECT 91\n");
         let ok = loop {
-            match c.read(&mut buf) {
+            match read_seqpacket(&mut c, &mut buf) {
                 Ok(n) => break n,
                 Err(_) => rig.step(),
             }
@@ -440,6 +440,47 @@ fn a_long_connect_message_is_refused(rt: Runtime) {
     assert_eq!(s.connect_line_too_long + s.connect_line_garbage, 1);
 }
 
+/// Host clients that send their line and a message and shut down at once, before the device
+/// looked: each still gets its OK, and the guest the message, then end of file. (A
+/// non-blocking seqpacket read can report end of file with the line or message queued, when
+/// the shutdown lands between the kernel's two looks; the device reads again.)
+fn a_client_that_sends_and_shuts_down_at_once_is_heard(rt: Runtime) {
+    let mut rig = Rig::start(rt, config());
+    rig.guest.stack.listen_seqpacket(5000);
+    let mut path = rig.listener().into_os_string();
+    path.push("_seqpacket");
+    let path = std::path::PathBuf::from(path);
+    for i in 0..20u64 {
+        let mut c = vsock_host::connect_unix(&path, SocketType::SeqPacket).unwrap();
+        c.set_nonblocking(false).unwrap();
+        send_message(&mut c, b"CONNECT 5000\n");
+        send_message(&mut c, &pattern(i, 50));
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        rig.until("the message and the end", LONG, |g| {
+            g.stack
+                .conns
+                .values()
+                .any(|c| !c.closed && c.peer_shut & SHUTDOWN_SEND != 0)
+        });
+        let key = *rig
+            .guest
+            .stack
+            .conns
+            .iter()
+            .find(|(_, c)| !c.closed)
+            .unwrap()
+            .0;
+        let conn = rig.guest.stack.conn(key);
+        assert_eq!(conn.messages_read, [(pattern(i, 50), false)], "client {i}");
+        rig.guest.stack.close(key);
+        rig.until("closed", LONG, |g| g.stack.conn(key).closed);
+        c.set_read_timeout(Some(LONG)).unwrap();
+        let ok = recv_message(&mut c).unwrap();
+        assert!(ok.starts_with(b"OK "), "client {i}: {ok:?}");
+        assert_eq!(recv_message(&mut c), None, "client {i}: then end of file");
+    }
+}
+
 macro_rules! seqpacket {
     ($($scenario:ident),* $(,)?) => {
         mod mio {
@@ -464,4 +505,5 @@ seqpacket!(
     connect_close_cycles_leak_no_descriptor,
     a_reply_then_close_with_messages_unread_reaches_the_guest,
     a_long_connect_message_is_refused,
+    a_client_that_sends_and_shuts_down_at_once_is_heard,
 );

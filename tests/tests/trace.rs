@@ -219,7 +219,7 @@ fn record_seqpacket_session(rt: Runtime) -> Vec<u8> {
         let (mut s, _) = listener.accept().unwrap();
         let mut buf = vec![0u8; 100_000];
         loop {
-            let n = s.read(&mut buf).unwrap();
+            let n = vsock_tests::read_seqpacket(&mut s, &mut buf).unwrap();
             if n == 0 {
                 break;
             }
@@ -249,10 +249,10 @@ fn record_seqpacket_session(rt: Runtime) -> Vec<u8> {
         c.write_all(b"CONNECT 5000\n").unwrap();
         c.write_all(b"ping").unwrap();
         let mut buf = [0u8; 64];
-        let n = c.read(&mut buf).unwrap();
+        let n = vsock_tests::read_seqpacket(&mut c, &mut buf).unwrap();
         assert!(buf[..n].starts_with(b"OK "));
         c.shutdown(std::net::Shutdown::Write).unwrap();
-        let n = c.read(&mut buf).unwrap();
+        let n = vsock_tests::read_seqpacket(&mut c, &mut buf).unwrap();
         buf[..n].to_vec()
     });
     rig.until("ping", LONG, |g| {
