@@ -12,6 +12,7 @@
 
 mod backend;
 mod runtime;
+pub mod vms;
 
 pub use backend::{Memory, MemoryAtomic, Shared, VhostTransport, VsockBackend};
 pub use runtime::{start, Report, Running, RuntimeKind};

@@ -3,7 +3,7 @@
 use std::error::Error;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::thread;
@@ -16,7 +16,8 @@ use vhost_user_backend::VhostUserDaemon;
 use vsock_core::Instant;
 use vsock_device::VsockDevice;
 use vsock_host::DriverConfig;
-use vsock_vhost_user::{Report, RuntimeKind, Shared, VhostTransport};
+use vsock_vhost_user::vms::{self, VmConfig};
+use vsock_vhost_user::{Report, Running, RuntimeKind, Shared, VhostTransport};
 
 /// Serves a virtio-vsock device to a vhost-user frontend (QEMU's vhost-user-vsock-pci), and
 /// relays the guest's stream and seqpacket connections to host Unix sockets.
@@ -27,16 +28,20 @@ use vsock_vhost_user::{Report, RuntimeKind, Shared, VhostTransport};
 /// that port. For a seqpacket connection it connects a seqpacket socket to
 /// `<uds-path>_seqpacket` and the line and the reply are one message each.
 ///
-/// The daemon serves one VM at a time and waits for the next when it disconnects. SIGINT or
-/// SIGTERM resets the guest's connections, removes its socket paths, prints the counters
-/// and exits. Logs go to stderr; RUST_LOG sets the level (default `info`).
+/// One VM is given by --socket, --uds-path and the flags after them; several by repeating
+/// --vm, or by a --config file (the YAML format of rust-vmm's vhost-device-vsock). Each VM has
+/// its own vhost-user socket, host sockets, device and event loop: one VM's frontend coming,
+/// going or misbehaving never touches another's. Each vhost-user socket serves one frontend
+/// at a time and waits for the next when it disconnects. SIGINT or SIGTERM resets the guests'
+/// connections, removes the socket paths, prints each VM's counters and exits. Logs go to
+/// stderr; RUST_LOG sets the level (default `info`).
 #[derive(Debug, Parser)]
 #[command(name = "vhost-user-vsock", version, verbatim_doc_comment)]
 struct Args {
     /// The vhost-user socket the daemon listens on; QEMU connects to it
     /// (`-chardev socket,path=PATH`).
-    #[arg(long, value_name = "PATH")]
-    socket: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["vm", "config"])]
+    socket: Option<PathBuf>,
 
     /// The guest's context ID (3 to 4294967294). QEMU reads it from the device's config
     /// space.
@@ -46,8 +51,8 @@ struct Args {
 
     /// The base path of the host sockets: host programs connect to PATH, guest connections to
     /// port P go to PATH_P.
-    #[arg(long, value_name = "PATH")]
-    uds_path: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["vm", "config"])]
+    uds_path: Option<PathBuf>,
 
     /// Bytes of guest data each connection may have in flight towards its host socket: the
     /// receive buffer the device advertises to the guest (1 to 1073741824). The guest hears of
@@ -68,6 +73,29 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 1024)]
     queue_size: u16,
 
+    /// The sibling groups of the VM, joined by '+': VMs of one daemon that share a group may
+    /// connect to each other by CID.
+    #[arg(long, value_name = "NAMES", default_value = "default")]
+    groups: String,
+
+    /// One VM of several, as comma-separated KEY=VALUE pairs (repeat for each VM):
+    /// guest-cid=N, socket=PATH and uds-path=PATH, then optionally tx-buffer-size=BYTES,
+    /// queue-size=N, groups=A+B and record=FILE. Keys may be spelt with '_' too. Takes the
+    /// place of --socket, --uds-path, --guest-cid, --tx-buffer-size, --queue-size, --groups
+    /// and --record.
+    #[arg(long, value_name = "KEY=VALUE,...", conflicts_with_all = [
+        "socket", "uds_path", "guest_cid", "tx_buffer_size", "queue_size", "groups", "record",
+        "config",
+    ])]
+    vm: Vec<String>,
+
+    /// Read the VMs from FILE: YAML with a `vms:` list, each VM a mapping of the keys --vm
+    /// takes (vhost-device-vsock's format). Takes the place of the single-VM flags and --vm.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "socket", "uds_path", "guest_cid", "tx_buffer_size", "queue_size", "groups", "record",
+    ])]
+    config: Option<PathBuf>,
+
     /// The event loop that serves the device.
     #[arg(long, value_enum, default_value_t = RuntimeKind::Mio)]
     runtime: RuntimeKind,
@@ -78,9 +106,9 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     record: Option<PathBuf>,
 
-    /// Keep at most BYTES of each packet's payload in the recording (lengths are always
+    /// Keep at most BYTES of each packet's payload in the recordings (lengths are always
     /// kept, and replay still checks them).
-    #[arg(long, value_name = "BYTES", requires = "record")]
+    #[arg(long, value_name = "BYTES")]
     record_snaplen: Option<usize>,
 }
 
@@ -113,19 +141,108 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args) -> Result<(), Box<dyn Error>> {
-    if !args.queue_size.is_power_of_two() || args.queue_size > 32768 {
-        return Err(format!(
-            "--queue-size {} is not a power of two up to 32768",
-            args.queue_size
-        )
-        .into());
+/// The VMs the flags describe, checked.
+fn vms(args: &Args) -> Result<Vec<VmConfig>, Box<dyn Error>> {
+    let vms = if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--config {}: {e}", path.display()))?;
+        vms::parse_yaml(&text).map_err(|e| format!("--config {}: {e}", path.display()))?
+    } else if !args.vm.is_empty() {
+        let mut vms = Vec::with_capacity(args.vm.len());
+        for (i, s) in args.vm.iter().enumerate() {
+            vms.push(vms::parse_vm_option(s, i + 1)?);
+        }
+        vms
+    } else {
+        let (Some(socket), Some(uds_path)) = (&args.socket, &args.uds_path) else {
+            return Err("--socket and --uds-path are required (or --vm, or --config)".into());
+        };
+        if !args.queue_size.is_power_of_two() || args.queue_size > 32768 {
+            return Err(format!(
+                "--queue-size {} is not a power of two up to 32768",
+                args.queue_size
+            )
+            .into());
+        }
+        let groups = vms::parse_groups(&args.groups).map_err(|e| format!("--groups: {e}"))?;
+        vec![VmConfig {
+            guest_cid: args.guest_cid,
+            socket: socket.clone(),
+            uds_path: uds_path.clone(),
+            tx_buffer_size: args.tx_buffer_size,
+            queue_size: args.queue_size,
+            groups,
+            record: args.record.clone(),
+        }]
+    };
+    vms::validate(&vms)?;
+    if args.record_snaplen.is_some() && vms.iter().all(|vm| vm.record.is_none()) {
+        return Err("--record-snaplen needs a recording (--record, or record= for a VM)".into());
     }
-    check_socket_path("--socket", &args.socket)?;
+    Ok(vms)
+}
 
+fn run(args: Args) -> Result<(), Box<dyn Error>> {
+    let vms = vms(&args)?;
+    // Registered before any thread starts, so every thread leaves the signals to this one.
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    let several = vms.len() > 1;
+    let mut running = Vec::with_capacity(vms.len());
+    for vm in vms {
+        // A VM that cannot start stops the daemon before it serves any.
+        let name = if several {
+            format!("VM {}: ", vm.guest_cid)
+        } else {
+            String::new()
+        };
+        match serve_vm(&args, &vm) {
+            Ok(served) => running.push(served),
+            Err(e) => {
+                // The VMs started are stopped, which unlinks their paths.
+                for vm in running {
+                    let _ = vm.running.stop();
+                }
+                return Err(format!("{name}{e}").into());
+            }
+        }
+    }
+    info!(vms = running.len(), runtime = ?args.runtime, "serving");
+
+    if let Some(signal) = signals.forever().next() {
+        info!(signal, "shutting down");
+    }
+    let mut failed = None;
+    for vm in running {
+        let cid = vm.guest_cid;
+        // Stopping drops the driver, which unlinks `<uds_path>`; dropping `vm` unlinks the
+        // vhost-user socket.
+        match vm.running.stop() {
+            Ok(report) => print_stats(several.then_some(cid), &report),
+            Err(e) => {
+                error!(guest_cid = cid, error = %e, "the VM's loop failed");
+                failed = Some(e);
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+/// One VM being served: its event loop, and its vhost-user socket's path, removed on drop.
+struct ServedVm {
+    guest_cid: u64,
+    running: Running,
+    _socket: RemoveOnDrop,
+}
+
+/// Builds one VM's device, binds its sockets and starts its event loop and its frontend
+/// thread.
+fn serve_vm(args: &Args, vm: &VmConfig) -> Result<ServedVm, Box<dyn Error>> {
     // The credit update threshold follows the buffer size, so every size the engine takes
     // (1 byte to 1 GiB) works.
-    let engine = vsock_core::Config::new(args.guest_cid).with_buffer_size(args.tx_buffer_size);
+    let engine = vsock_core::Config::new(vm.guest_cid).with_buffer_size(vm.tx_buffer_size);
     // Refuses a configuration the engine cannot run, before anything is bound.
     let mut device = VsockDevice::new(engine.clone(), Instant::ZERO)
         .map_err(|e| format!("bad configuration: {e}"))?;
@@ -138,11 +255,12 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
             let limit = vsock_host::seqpacket_message_limit(buffer)?;
             if limit < buffer {
                 warn!(
+                    guest_cid = vm.guest_cid,
                     buffer,
                     limit,
                     "seqpacket sockets are off: this kernel's socket send buffers take \
-                     messages of at most {limit} bytes, not the {buffer} of --tx-buffer-size \
-                     (raise net.core.wmem_max to at least {})",
+                     messages of at most {limit} bytes, not the {buffer} of the tx buffer \
+                     size (raise net.core.wmem_max to at least {})",
                     vsock_host::seqpacket_send_buffer(buffer)
                 );
             }
@@ -152,29 +270,26 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     device.set_seqpacket(seqpacket);
     let device_features = device.features();
 
-    // Registered before any thread starts, so every thread leaves the signals to this one.
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
-
-    let listener = vsock_host::bind_unix_listener(&args.socket)
+    let listener = vsock_host::bind_unix_listener(&vm.socket)
         .map_err(|e| format!("vhost-user socket: {e}"))?;
-    let _socket = RemoveOnDrop(args.socket.clone());
+    let socket = RemoveOnDrop(vm.socket.clone());
 
     let (wake, kick) = UnixStream::pair()?;
     kick.set_nonblocking(true)?;
-    let shared = Shared::new(args.guest_cid, device_features, wake)?;
+    let shared = Shared::new(vm.guest_cid, device_features, wake)?;
     let config = DriverConfig {
         engine,
-        uds_path: args.uds_path.clone(),
+        uds_path: vm.uds_path.clone(),
         seqpacket,
     };
-    let recorder = match &args.record {
+    let recorder = match &vm.record {
         Some(path) => {
             let wall_clock = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
             let snap = args.record_snaplen.unwrap_or(usize::MAX);
             let writer = vsock_trace::TraceWriter::create(path, snap, wall_clock)
-                .map_err(|e| format!("--record: {e}"))?;
+                .map_err(|e| format!("record {}: {e}", path.display()))?;
             Some(Box::new(writer) as Box<dyn vsock_core::record::Recorder>)
         }
         None => None,
@@ -186,33 +301,32 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         OwnedFd::from(kick),
         recorder,
     )
-    .map_err(|e| format!("host socket {}: {e}", args.uds_path.display()))?;
+    .map_err(|e| format!("host socket {}: {e}", vm.uds_path.display()))?;
     info!(
-        socket = %args.socket.display(),
-        uds_path = %args.uds_path.display(),
-        guest_cid = args.guest_cid,
-        runtime = ?args.runtime,
-        record = ?args.record,
-        "serving"
+        socket = %vm.socket.display(),
+        uds_path = %vm.uds_path.display(),
+        guest_cid = vm.guest_cid,
+        groups = %vm.groups.join("+"),
+        record = ?vm.record,
+        "VM ready for its frontend"
     );
 
-    let queue_size = usize::from(args.queue_size);
+    let queue_size = usize::from(vm.queue_size);
+    let cid = vm.guest_cid;
     thread::Builder::new()
-        .name("vhost-user-accept".into())
-        .spawn(move || serve_frontends(listener, shared, queue_size))?;
-
-    if let Some(signal) = signals.forever().next() {
-        info!(signal, "shutting down");
-    }
-    // Stopping drops the driver, which unlinks `<uds_path>`; `_socket` unlinks the vhost-user
-    // socket.
-    let report = running.stop()?;
-    print_stats(&report);
-    Ok(())
+        .name(format!("vhost-user-{cid}"))
+        .spawn(move || serve_frontends(listener, shared, queue_size, cid))?;
+    Ok(ServedVm {
+        guest_cid: cid,
+        running,
+        _socket: socket,
+    })
 }
 
 /// Serves one frontend after another, for as long as the daemon runs.
-fn serve_frontends(listener: UnixListener, shared: Arc<Shared>, queue_size: usize) {
+fn serve_frontends(listener: UnixListener, shared: Arc<Shared>, queue_size: usize, cid: u64) {
+    // Everything logged here names its VM.
+    let _span = tracing::info_span!("vm", guest_cid = cid).entered();
     let mut listener = vhost::vhost_user::Listener::from(listener);
     loop {
         let (backend, mem) = shared.connection(queue_size);
@@ -246,30 +360,16 @@ fn serve_frontends(listener: UnixListener, shared: Arc<Shared>, queue_size: usiz
     }
 }
 
-/// Unix socket paths are limited to 107 bytes.
-fn check_socket_path(flag: &str, path: &Path) -> Result<(), String> {
-    let len = path.as_os_str().len();
-    if len == 0 {
-        return Err(format!("{flag}: the path is empty"));
-    }
-    if len > vsock_host::MAX_SOCKET_PATH {
-        return Err(format!(
-            "{flag} {}: {len} bytes, longer than the {} a Unix socket path may have",
-            path.display(),
-            vsock_host::MAX_SOCKET_PATH
-        ));
-    }
-    Ok(())
-}
-
-fn print_stats(report: &Report) {
+/// Prints one VM's counters; `cid` names it when the daemon served several.
+fn print_stats(cid: Option<u64>, report: &Report) {
+    let vm = cid.map_or(String::new(), |cid| format!("VM {cid}: "));
     let engine = &report.engine;
     eprintln!(
-        "vhost-user-vsock: guest->host {} bytes in {} packets, host->guest {} bytes in {} packets",
+        "vhost-user-vsock: {vm}guest->host {} bytes in {} packets, host->guest {} bytes in {} packets",
         engine.tx_bytes, engine.tx_packets, engine.rx_bytes, engine.rx_packets
     );
     eprintln!(
-        "vhost-user-vsock: connections: {} from the guest, {} from host clients, {} established, \
+        "vhost-user-vsock: {vm}connections: {} from the guest, {} from host clients, {} established, \
          {} closed; resets: {} sent, {} received",
         engine.guest_connects,
         engine.host_accepts,
@@ -278,9 +378,9 @@ fn print_stats(report: &Report) {
         engine.rst_sent,
         engine.rst_received
     );
-    eprintln!("vhost-user-vsock: engine {engine:?}");
-    eprintln!("vhost-user-vsock: device {:?}", report.device);
-    eprintln!("vhost-user-vsock: host {:?}", report.host);
+    eprintln!("vhost-user-vsock: {vm}engine {engine:?}");
+    eprintln!("vhost-user-vsock: {vm}device {:?}", report.device);
+    eprintln!("vhost-user-vsock: {vm}host {:?}", report.host);
 }
 
 /// Removes a path when dropped.

@@ -309,3 +309,235 @@ fn every_runtime_starts_and_stops() {
         vsock_trace::replay(&bytes).unwrap_or_else(|e| panic!("{runtime}: {e}"));
     }
 }
+
+/// Starts the daemon with `flags` and waits until every host listener in `uds` answers.
+fn start_fleet(flags: &[String], uds: &[PathBuf]) -> Child {
+    let child = Command::new(DAEMON)
+        .args(flags)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the daemon");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !uds.iter().all(|u| UnixStream::connect(u).is_ok()) {
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not bind every VM's sockets"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
+/// Checks that each VM's host listener is its own: a client of one VM's listener is
+/// answered by that VM alone (no guest: closed after its CONNECT times out, no `OK`), and
+/// after SIGTERM every path of every VM is gone and each VM's counters are printed under its
+/// CID.
+fn serve_and_stop(child: Child, cids: &[u64], paths: &[PathBuf], uds: &[PathBuf]) {
+    let clients: Vec<UnixStream> = uds
+        .iter()
+        .map(|u| {
+            let mut c = UnixStream::connect(u).unwrap();
+            std::io::Write::write_all(&mut c, b"CONNECT 1234\n").unwrap();
+            c
+        })
+        .collect();
+    // No guest answers: each VM refuses its client once the connect timeout passes (2 s).
+    for mut c in clients {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 16];
+        let n = std::io::Read::read(&mut c, &mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "closed without an OK");
+    }
+    signal(&child, "-TERM");
+    let out = child.wait_with_output().unwrap();
+    let log = stderr(&out);
+    assert!(out.status.success(), "{log}");
+    for cid in cids {
+        assert!(
+            log.contains(&format!(
+                "vhost-user-vsock: VM {cid}: connections: 0 from the guest"
+            )),
+            "VM {cid}'s own counters: {log}"
+        );
+    }
+    for p in paths {
+        assert!(!p.exists(), "{} left behind", p.display());
+    }
+}
+
+#[test]
+fn several_vms_are_served_from_repeated_vm_options() {
+    let dir = scratch("fleet-flags");
+    let cids = [3u64, 4, 5];
+    let mut flags = Vec::new();
+    let (mut paths, mut uds) = (Vec::new(), Vec::new());
+    for cid in cids {
+        let (s, u) = (
+            dir.join(format!("v{cid}.sock")),
+            dir.join(format!("vm{cid}")),
+        );
+        // Both spellings of the keys, as vhost-device-vsock documents them.
+        let key = if cid == 4 { "guest_cid" } else { "guest-cid" };
+        flags.push("--vm".to_string());
+        flags.push(format!(
+            "{key}={cid},socket={},uds-path={},tx-buffer-size=65536,queue-size=256,groups=g{cid}",
+            s.display(),
+            u.display()
+        ));
+        paths.push(s);
+        paths.push(u.clone());
+        uds.push(u);
+    }
+    flags.extend(["--runtime".to_string(), "smol".to_string()]);
+    let child = start_fleet(&flags, &uds);
+    for p in &paths {
+        assert!(p.exists(), "{} bound", p.display());
+    }
+    serve_and_stop(child, &cids, &paths, &uds);
+}
+
+#[test]
+fn several_vms_are_served_from_a_vhost_device_vsock_config_file() {
+    let dir = scratch("fleet-yaml");
+    let mut yaml = String::from("vms:\n");
+    let (mut paths, mut uds) = (Vec::new(), Vec::new());
+    for cid in [7u64, 8] {
+        let (s, u) = (
+            dir.join(format!("vhost{cid}.socket")),
+            dir.join(format!("vm{cid}.vsock")),
+        );
+        yaml.push_str(&format!(
+            "    - guest_cid: {cid}\n      socket: {}\n      uds_path: {}\n      \
+             tx_buffer_size: 65536\n      queue_size: 1024\n      groups: group1+groupA\n",
+            s.display(),
+            u.display()
+        ));
+        paths.push(s);
+        paths.push(u.clone());
+        uds.push(u);
+    }
+    let file = dir.join("vms.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let child = start_fleet(&["--config".into(), file.display().to_string()], &uds);
+    serve_and_stop(child, &[7, 8], &paths, &uds);
+}
+
+#[test]
+fn bad_fleets_are_refused_before_anything_is_bound() {
+    let dir = scratch("fleet-bad");
+    let vm = |cid: u64, name: &str| {
+        format!(
+            "guest-cid={cid},socket={},uds-path={}",
+            dir.join(format!("{name}.sock")).display(),
+            dir.join(name).display()
+        )
+    };
+    let yaml = dir.join("bad.yaml");
+    std::fs::write(
+        &yaml,
+        "vms:\n  - guest_cid: 3\n    socket: /x\n    forward-cid: 1\n",
+    )
+    .unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["--vm".into(), vm(3, "a"), "--vm".into(), vm(3, "b")],
+            "both have guest CID 3",
+        ),
+        (
+            vec!["--vm".into(), vm(3, "a"), "--vm".into(), vm(4, "a")],
+            "same path",
+        ),
+        (
+            vec!["--vm".into(), vm(3, "a"), "--vm".into(), vm(4, "a_80")],
+            "socket for port 80",
+        ),
+        (
+            vec!["--vm".into(), "guest-cid=3".into()],
+            "`socket` is required",
+        ),
+        (
+            vec!["--vm".into(), vm(3, "a"), "--guest-cid".into(), "4".into()],
+            "cannot be used with",
+        ),
+        (
+            vec![
+                "--vm".into(),
+                vm(3, "a"),
+                "--config".into(),
+                yaml.display().to_string(),
+            ],
+            "cannot be used with",
+        ),
+        (
+            vec!["--config".into(), yaml.display().to_string()],
+            "not supported",
+        ),
+        (
+            vec![
+                "--config".into(),
+                dir.join("missing.yaml").display().to_string(),
+            ],
+            "missing.yaml",
+        ),
+        (
+            vec![
+                "--socket".into(),
+                dir.join("s").display().to_string(),
+                "--uds-path".into(),
+                dir.join("u").display().to_string(),
+                "--groups".into(),
+                "a++b".into(),
+            ],
+            "--groups",
+        ),
+    ];
+    for (args, needle) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run(&args);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{args:?} was taken");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != "bad.yaml")
+        .collect();
+    assert!(left.is_empty(), "paths bound by a refused set-up: {left:?}");
+}
+
+/// A second VM whose host path cannot be bound stops the daemon, and the first VM's paths,
+/// bound already, are removed.
+#[test]
+fn a_vm_that_cannot_start_stops_the_daemon_and_leaves_nothing() {
+    let dir = scratch("fleet-busy");
+    let busy = dir.join("busy");
+    let _holder = UnixListener::bind(&busy).unwrap();
+    let out = run(&[
+        "--vm",
+        &format!(
+            "guest-cid=3,socket={},uds-path={}",
+            dir.join("a.sock").display(),
+            dir.join("a").display()
+        ),
+        "--vm",
+        &format!(
+            "guest-cid=4,socket={},uds-path={}",
+            dir.join("b.sock").display(),
+            busy.display()
+        ),
+    ]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("VM 4: "), "{err}");
+    assert!(
+        !dir.join("a.sock").exists() && !dir.join("a").exists(),
+        "VM 3's paths left"
+    );
+    assert!(
+        !dir.join("b.sock").exists(),
+        "VM 4's vhost-user socket left"
+    );
+}
