@@ -208,6 +208,7 @@ impl Device {
             engine: config,
             uds_path: dir.path().join("vsock"),
             seqpacket: true,
+            siblings: None,
         };
         let mut queues = guest.device_queues();
         let activate = |device: &mut VsockDevice, queues: &mut [Queue; 3]| {

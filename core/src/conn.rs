@@ -80,6 +80,8 @@ impl fmt::Display for ConnId {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Key {
     pub(crate) socket_type: SocketType,
+    /// The CID at the far end: the host (2), or a sibling VM's guest.
+    pub(crate) peer_cid: u32,
     pub(crate) guest_port: u32,
     pub(crate) host_port: u32,
 }
@@ -101,6 +103,9 @@ pub(crate) enum Phase {
     HostConnecting,
     /// The host socket connect is under way.
     GuestConnecting,
+    /// Guest-initiated, to a sibling VM: the socket to it is connected, and the sibling's
+    /// answer (`OK <port>\n` once its guest accepted, end of file if it refused) is awaited.
+    SiblingReply,
     /// Data flows; see the shutdown flags for each direction.
     Established,
     /// RST owed to the guest; the socket is closed or about to be.
@@ -409,6 +414,10 @@ impl Conn {
                 readable: false,
                 writable: true,
             },
+            Phase::SiblingReply => Interest {
+                readable: !self.readable,
+                writable: false,
+            },
             Phase::Established => Interest {
                 readable: !self.readable
                     && self.to_guest_open()
@@ -427,7 +436,7 @@ impl Conn {
         match self.phase {
             Phase::ConnectLine => ConnState::ReadingConnectLine,
             Phase::HostConnecting => ConnState::HostConnecting,
-            Phase::GuestConnecting => ConnState::GuestConnecting,
+            Phase::GuestConnecting | Phase::SiblingReply => ConnState::GuestConnecting,
             Phase::Resetting => ConnState::Resetting,
             Phase::Closed => ConnState::Closed,
             Phase::Established => {

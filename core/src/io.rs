@@ -160,9 +160,17 @@ pub enum Action {
     /// `conn` and connect it to `<uds_path>_<port>`, then report [`HostEvent::Connected`] or
     /// [`HostEvent::ConnectFailed`] (a listener of the other type refuses with `EPROTOTYPE`:
     /// a failed connect, like a missing listener).
+    ///
+    /// When `cid` is not the host's (2), the guest connected to a sibling VM: the caller
+    /// connects `conn` to that VM's device (a socket pair of `socket_type`, the other end
+    /// handed to that device's [`Engine::handle_sibling_accept`](crate::Engine::handle_sibling_accept)),
+    /// or reports `ConnectFailed` at once when no such sibling is reachable. After
+    /// `Connected`, the engine reads the sibling's `OK` reply before it tells its guest.
     Connect {
         /// The connection the new socket belongs to.
         conn: ConnId,
+        /// The CID the guest connected to: the host's, or a sibling VM's.
+        cid: u64,
         /// The vsock port the guest connected to.
         port: u32,
         /// The guest socket's type, and so the host socket's.

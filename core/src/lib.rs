@@ -214,7 +214,7 @@ pub use conn::{ConnId, ConnState, Origin};
 pub use engine::{
     Engine, MessageHeaders, RxGrant, RxMessage, RxPacket, RxProbe, RxRead, Tx, TxData,
 };
-pub use error::{ConnError, TableFull};
+pub use error::{ConnError, SiblingRefusal, TableFull};
 pub use io::{
     Action, Direction, GuestBytes, HostEvent, Interest, Io, LineRead, MemoryFault, Probe,
     SocketError, SocketTypes,

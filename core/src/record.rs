@@ -31,7 +31,7 @@
 //! [`Engine::set_recorder`](crate::Engine::set_recorder) refuses with an [`AttachError`].
 
 use crate::conn::ConnId;
-use crate::error::TableFull;
+use crate::error::{SiblingRefusal, TableFull};
 use crate::io::{Action, GuestBytes, HostEvent, Io, LineRead, Probe, SocketTypes};
 use crate::time::Instant;
 use crate::wire::{Header, SocketType};
@@ -105,6 +105,22 @@ pub enum Event<'a> {
     Accept(SocketType, Result<ConnId, TableFull>),
     /// [`Engine::set_socket_types`](crate::Engine::set_socket_types).
     SocketTypes(SocketTypes),
+    /// [`Engine::handle_sibling_accept`](crate::Engine::handle_sibling_accept), and its
+    /// result.
+    SiblingAccept {
+        /// The sibling guest's CID.
+        peer_cid: u64,
+        /// The sibling guest's port.
+        peer_port: u32,
+        /// This guest's port it connects to.
+        port: u32,
+        /// The socket type.
+        socket_type: SocketType,
+        /// The connection, or why none.
+        result: Result<ConnId, SiblingRefusal>,
+    },
+    /// [`Engine::reset_peer`](crate::Engine::reset_peer).
+    ResetPeer(u64),
     /// [`Engine::handle_connect_line`](crate::Engine::handle_connect_line).
     ConnectLine(ConnId, LineRead<'a>),
     /// [`Engine::handle_host_event`](crate::Engine::handle_host_event).
@@ -150,6 +166,9 @@ impl Event<'_> {
     pub fn conn(&self) -> Option<ConnId> {
         match *self {
             Event::Accept(_, Ok(conn))
+            | Event::SiblingAccept {
+                result: Ok(conn), ..
+            }
             | Event::ConnectLine(conn, _)
             | Event::Probe(conn, _)
             | Event::RxMessage(conn, ..)

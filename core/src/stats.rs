@@ -128,6 +128,19 @@ pub struct Stats {
     pub stream_clients_refused: u64,
     /// Reset at the caller's request ([`Engine::reset_connection`](crate::Engine::reset_connection)).
     pub resets_by_caller: u64,
+
+    /// Connections the guest opened to a sibling VM (counted in `guest_connects` too).
+    pub sibling_connects: u64,
+    /// Connections a sibling VM's guest opened to this guest.
+    pub sibling_accepts: u64,
+    /// Refused by [`Engine::handle_sibling_accept`](crate::Engine::handle_sibling_accept).
+    pub sibling_accepts_refused: u64,
+    /// Reset: a sibling refused the guest's connection (its socket ended before the `OK`
+    /// reply, or sent something else).
+    pub sibling_refused: u64,
+    /// Reset: the sibling VM at the other end went away
+    /// ([`Engine::reset_peer`](crate::Engine::reset_peer)).
+    pub sibling_resets: u64,
 }
 
 /// Counters of one connection.

@@ -78,7 +78,7 @@ fn counters(s: &Stats) -> Vec<(&'static str, u64, bool)> {
     list!(
         traffic: tx_packets, tx_bytes, tx_direct_bytes, tx_buffered_bytes, rx_packets, rx_bytes,
             guest_connects, host_accepts, established, closed, rst_sent, rst_received,
-            credit_updates_sent, credit_requests_sent;
+            credit_updates_sent, credit_requests_sent, sibling_connects, sibling_accepts;
         faults: wrong_cid, reserved_cid_bits, unknown_type, unknown_op, oversize_len,
             control_payload, credit_violation, unknown_connection, request_for_existing,
             unexpected_response, data_after_shutdown, rst_for_unknown, connection_limit,
@@ -86,6 +86,7 @@ fn counters(s: &Stats) -> Vec<(&'static str, u64, bool)> {
             connect_line_too_long, connect_line_bad_port, connect_line_eof,
             connect_line_timeout, connect_timeout, connect_failed, connect_refused_by_guest,
             close_timeout, rst_undelivered, host_errors, stale_events,
+            sibling_accepts_refused, sibling_refused, sibling_resets,
     )
 }
 
@@ -231,6 +232,13 @@ enum Reaction {
         dst_port: u32,
         type_: u16,
     },
+    /// As `Rst`, from another CID than the host's: a packet to that CID, which has no
+    /// connection there.
+    RstFrom {
+        cid: u64,
+        src_port: u32,
+        dst_port: u32,
+    },
     /// The setup's connection is reset: one RST with its ports, and its socket closed.
     Reset,
     /// The setup's socket is closed; the guest is told nothing.
@@ -375,11 +383,22 @@ fn rows() -> Vec<Row> {
             "wrong_cid",
         ),
         row(
-            "wrong dst CID",
+            "dst CID the guest's own",
             Established,
-            Packet(cids(hdr(op(Op::Rw), GP, HP, 0), GUEST_CID, 5)),
+            Packet(cids(hdr(op(Op::Rw), GP, HP, 0), GUEST_CID, GUEST_CID)),
             Drop,
             "wrong_cid",
+        ),
+        row(
+            "data to another CID, where the connection is not",
+            Established,
+            Packet(cids(hdr(op(Op::Rw), GP, HP, 0), GUEST_CID, 5)),
+            Reaction::RstFrom {
+                cid: 5,
+                src_port: HP,
+                dst_port: GP,
+            },
+            "unknown_connection",
         ),
         row(
             "reserved src CID bits",
@@ -575,6 +594,16 @@ fn check(row: &Row) -> Result<(), String> {
             type_,
         } => {
             want_rx = vec![rst(src_port, dst_port, type_, 0)];
+            want_acts = vec![];
+        }
+        Reaction::RstFrom {
+            cid,
+            src_port,
+            dst_port,
+        } => {
+            let mut h = rst(src_port, dst_port, STREAM, 0);
+            h.src_cid = cid.into();
+            want_rx = vec![h];
             want_acts = vec![];
         }
         Reaction::Reset => {

@@ -541,10 +541,25 @@ impl Harness {
 
     fn on_action(&mut self, action: Action) {
         let id = action.conn();
+        if let Action::Connect { conn, cid, .. } = action {
+            if cid != HOST_CID {
+                // A connect to another VM: this harness serves a VM without siblings, which
+                // refuses it at once (the guest gets an RST from that CID).
+                assert_ne!(cid, GUEST_CID, "a connect to the guest itself");
+                let r = self.engine.handle_host_event(
+                    self.now,
+                    conn,
+                    HostEvent::ConnectFailed(SocketError(113)),
+                );
+                assert_eq!(r, Ok(()), "a sibling connect refused");
+                return;
+            }
+        }
         if let Action::Connect {
             conn,
             port,
             socket_type,
+            ..
         } = action
         {
             assert!(self.rec_index(conn).is_none(), "Connect for a known handle");
@@ -619,8 +634,15 @@ impl Harness {
 
     /// A packet the guest received.
     fn guest_receive(&mut self, header: &Header, payload: &[u8], from_read: Option<ConnId>) {
-        assert_eq!(header.src_cid.get(), HOST_CID);
         assert_eq!(header.dst_cid.get(), GUEST_CID);
+        if header.src_cid.get() != HOST_CID {
+            // Only refusals come from other CIDs here: the RST of a sibling connect, or of a
+            // packet to a CID with no connection.
+            assert_eq!(header.op.get(), Op::Rst.to_u16(), "{header:?} from a sibling");
+            assert_ne!(header.src_cid.get(), GUEST_CID, "an RST from the guest itself");
+            assert!(from_read.is_none(), "a read grant for a sibling");
+            return;
+        }
         let op = header.op.get();
         let len = header.len.get() as usize;
         assert_eq!(len, payload.len(), "header len and payload differ");

@@ -12,7 +12,7 @@ use vsock_core::{Config, HostEvent, Instant, SocketError};
 use vsock_device::vm_memory::GuestMemory;
 use vsock_device::{DeviceError, Queues, Served, Transport, VsockDevice};
 
-use crate::{Host, Listener, Reactor, UdsPath};
+use crate::{Delivery, Host, Listener, Reactor, SiblingLink, UdsPath};
 
 /// What every runtime is configured with: the engine's configuration and the base path.
 #[derive(Clone, Debug)]
@@ -25,6 +25,13 @@ pub struct DriverConfig {
     /// Offer seqpacket sockets (`VIRTIO_VSOCK_F_SEQPACKET`), with host clients of seqpacket
     /// connections at `<uds_path>_seqpacket`. On by default.
     pub seqpacket: bool,
+    /// The VM's place among sibling VMs served by the same process (see [`Siblings`]), if
+    /// its guest may reach theirs; without it, a guest's connect to any CID but the host's
+    /// gets an RST at once. The loop watches [`Driver::sibling_wake`] as it watches the
+    /// listeners.
+    ///
+    /// [`Siblings`]: crate::Siblings
+    pub siblings: Option<SiblingLink>,
 }
 
 impl DriverConfig {
@@ -34,6 +41,7 @@ impl DriverConfig {
             engine: Config::new(guest_cid),
             uds_path: uds_path.into(),
             seqpacket: true,
+            siblings: None,
         }
     }
 }
@@ -71,6 +79,11 @@ pub struct Driver<R: Reactor> {
     accept_retry: Option<Instant>,
     /// A round of accepts stopped at [`ACCEPT_BATCH`] with clients possibly still waiting.
     accept_more: bool,
+    /// The VM's siblings, if any.
+    siblings: Option<SiblingLink>,
+    /// The device was activated at the end of the last serve: when it no longer is (a reset,
+    /// a stop), the siblings are told the guest forgot its connections.
+    was_activated: bool,
 }
 
 impl<R: Reactor> std::fmt::Debug for Driver<R> {
@@ -132,6 +145,10 @@ where
         if config.seqpacket {
             host.set_seqpacket_send_buffer(crate::seqpacket_send_buffer(buffer));
         }
+        host.set_siblings(config.siblings.clone());
+        if let Some(link) = &config.siblings {
+            link.open();
+        }
         Ok(Driver {
             device,
             host,
@@ -140,6 +157,8 @@ where
             epoch: std::time::Instant::now(),
             accept_retry: None,
             accept_more: false,
+            siblings: config.siblings,
+            was_activated: false,
         })
     }
 
@@ -158,6 +177,13 @@ where
     /// watches [`listener`](Self::listener), and calls [`accept`](Self::accept) for either.
     pub fn seqpacket_listener(&self) -> Option<&Listener> {
         self.seqpacket_listener.as_ref()
+    }
+
+    /// The descriptor of the sibling inbox, if the VM has siblings: a runtime watches it for
+    /// readability as it watches [`listener`](Self::listener), and calls
+    /// [`accept`](Self::accept) for it too.
+    pub fn sibling_wake(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        self.siblings.as_ref().map(SiblingLink::wake_fd)
     }
 
     /// The device (features, config space, activation, reset, save/restore, stats).
@@ -196,7 +222,67 @@ where
         let more = self.accept_from(now, false, batch);
         let more_seqpacket =
             self.seqpacket_listener.is_some() && self.accept_from(now, true, batch);
-        self.accept_more = more || more_seqpacket;
+        let more_siblings = self.take_deliveries(now, batch);
+        self.accept_more = more || more_seqpacket || more_siblings;
+    }
+
+    /// Takes up to `batch` deliveries from the sibling inbox. Returns whether more may wait.
+    fn take_deliveries(&mut self, now: Instant, batch: usize) -> bool {
+        let Some(link) = self.siblings.clone() else {
+            return false;
+        };
+        for _ in 0..batch {
+            let Some(delivery) = link.next() else {
+                return false;
+            };
+            let active = self.device.is_activated();
+            let engine = self.device.engine_mut();
+            match delivery {
+                Delivery::Connect {
+                    socket,
+                    peer_cid,
+                    peer_port,
+                    port,
+                    socket_type,
+                } => {
+                    // A guest not running yet cannot accept: the sibling's guest hears so at
+                    // once, rather than after its connect timeout.
+                    if !active {
+                        debug!(
+                            peer_cid,
+                            port, "sibling connect while the device is inactive"
+                        );
+                        continue;
+                    }
+                    match engine.handle_sibling_accept(now, peer_cid, peer_port, port, socket_type)
+                    {
+                        Ok(conn) => {
+                            if self.host.adopt_sibling(now, engine, conn, socket) {
+                                let _ = engine.handle_host_event(now, conn, HostEvent::Readable);
+                            }
+                        }
+                        // Dropping the socket tells the sibling.
+                        Err(e) => debug!(peer_cid, port, error = %e, "sibling connect refused"),
+                    }
+                }
+                Delivery::PeerGone(cid) => engine.reset_peer(now, cid),
+            }
+            self.device.perform_actions(now, &mut self.host);
+        }
+        link.pending()
+    }
+
+    /// Tells the siblings when the guest forgot its connections (the device was reset or
+    /// stopped since the last serve).
+    fn watch_lifecycle(&mut self) {
+        let activated = self.device.is_activated();
+        if self.was_activated && !activated {
+            if let Some(link) = &self.siblings {
+                debug!("device deactivated; telling the siblings");
+                link.gone();
+            }
+        }
+        self.was_activated = activated;
     }
 
     /// Accepts up to `batch` clients of one listener. Returns whether more may wait.
@@ -285,7 +371,9 @@ where
     ) -> Result<Served, DeviceError> {
         let now = self.now();
         self.retry_accept(now);
-        self.device.serve(now, mem, queues, &mut self.host)
+        let served = self.device.serve(now, mem, queues, &mut self.host);
+        self.watch_lifecycle();
+        served
     }
 
     /// One wake-up through a [`Transport`] (see [`VsockDevice::serve_transport`]), the
@@ -307,7 +395,9 @@ where
         }
         let now = self.now();
         self.retry_accept(now);
-        self.device.serve_transport(now, transport, &mut self.host)
+        let more = self.device.serve_transport(now, transport, &mut self.host);
+        self.watch_lifecycle();
+        more
     }
 
     /// The host-side work that needs no guest (see [`VsockDevice::serve_host`]), the retry of
@@ -316,6 +406,7 @@ where
         let now = self.now();
         self.retry_accept(now);
         self.device.serve_host(now, &mut self.host);
+        self.watch_lifecycle();
     }
 
     fn retry_accept(&mut self, now: Instant) {
@@ -345,5 +436,15 @@ where
             (a, b) => a.or(b),
         };
         next.map(|t| t.saturating_duration_since(now))
+    }
+}
+
+impl<R: Reactor> Drop for Driver<R> {
+    fn drop(&mut self) {
+        // Siblings' connects waiting for this VM are refused, and their connections with it
+        // reset.
+        if let Some(link) = &self.siblings {
+            link.close();
+        }
     }
 }

@@ -47,16 +47,18 @@ use std::path::{Path, PathBuf};
 
 use socket2::{Domain, SockAddr, Socket, Type};
 use tracing::{debug, warn};
-use vsock_core::wire::{SocketType, CONNECT_LINE_MAX};
+use vsock_core::wire::{SocketType, CONNECT_LINE_MAX, HOST_CID};
 use vsock_core::{
     Action, ConnId, Direction, Engine, HostEvent, Instant, Interest, LineRead, SocketError,
 };
 use vsock_device::HostSockets;
 
 mod driver;
+mod sibling;
 mod thread;
 
 pub use driver::{Driver, DriverConfig, Readiness};
+pub use sibling::{Delivery, SiblingLink, Siblings, INBOX_CONNECTS};
 pub use thread::DriverThread;
 
 /// The longest path a Unix socket address holds (`sun_path`, less its terminating zero).
@@ -406,6 +408,8 @@ pub struct Host<R: Reactor> {
     stats: HostStats,
     /// The send buffer size each seqpacket socket is given; 0 for the kernel's default.
     seqpacket_send_buffer: usize,
+    /// Where connects to other CIDs go, if the VM has siblings.
+    siblings: Option<SiblingLink>,
 }
 
 impl<R: Reactor> fmt::Debug for Host<R> {
@@ -427,6 +431,45 @@ impl<R: Reactor> Host<R> {
             reactor,
             stats: HostStats::default(),
             seqpacket_send_buffer: 0,
+            siblings: None,
+        }
+    }
+
+    /// Routes the guest's connects to other CIDs through `link` (`None`: every such connect
+    /// fails at once, and the guest gets an RST).
+    pub fn set_siblings(&mut self, link: Option<SiblingLink>) {
+        self.siblings = link;
+    }
+
+    /// Takes the socket of a connection a sibling's guest opened, which
+    /// [`Engine::handle_sibling_accept`] made `conn`: it is watched from now on. Returns
+    /// whether it could be; if not, the connection is reset.
+    pub fn adopt_sibling(
+        &mut self,
+        now: Instant,
+        engine: &mut Engine,
+        conn: ConnId,
+        socket: UnixStream,
+    ) -> bool {
+        if engine.conn_socket_type(conn) == Some(SocketType::SeqPacket) {
+            self.size_send_buffer(&socket);
+        }
+        let interest = Interest {
+            readable: true,
+            writable: false,
+        };
+        match self.reactor.register(conn, socket, interest) {
+            Ok(socket) => {
+                self.sockets.insert(conn, socket);
+                true
+            }
+            Err(e) => {
+                warn!(%conn, error = %e, "cannot watch a sibling's socket");
+                self.stats.register_failures += 1;
+                let _ =
+                    engine.handle_host_event(now, conn, HostEvent::Error(SocketError::from(&e)));
+                false
+            }
         }
     }
 
@@ -550,14 +593,56 @@ impl<R: Reactor> Host<R> {
         self.seqpacket_send_buffer = bytes;
     }
 
+    /// A connect to a sibling VM: a socket pair whose other end waits in its inbox, or an
+    /// immediate failure.
+    fn connect_sibling(
+        &mut self,
+        now: Instant,
+        engine: &mut Engine,
+        conn: ConnId,
+        cid: u64,
+        port: u32,
+        ty: SocketType,
+    ) {
+        let from_port = engine
+            .conn_ports(conn)
+            .map_or(0, |(guest_port, _)| guest_port);
+        let connected = match &self.siblings {
+            Some(link) => link.connect(cid, from_port, port, ty),
+            None => Err(io::Error::from_raw_os_error(113)),
+        };
+        let event = match connected {
+            Ok(stream) => {
+                if ty == SocketType::SeqPacket {
+                    self.size_send_buffer(&stream);
+                }
+                let interest = Interest {
+                    readable: true,
+                    writable: true,
+                };
+                self.register_connected(conn, stream, interest)
+            }
+            Err(e) => {
+                debug!(%conn, cid, port, error = %e, "sibling connect failed");
+                self.stats.connect_failures += 1;
+                HostEvent::ConnectFailed(SocketError::from(&e))
+            }
+        };
+        let _ = engine.handle_host_event(now, conn, event);
+    }
+
     fn connect(
         &mut self,
         now: Instant,
         engine: &mut Engine,
         conn: ConnId,
+        cid: u64,
         port: u32,
         ty: SocketType,
     ) {
+        if cid != HOST_CID {
+            return self.connect_sibling(now, engine, conn, cid, port, ty);
+        }
         let path = self.path.port(port);
         // The connect is non-blocking: a Unix socket connects at once or fails at once (a
         // full backlog is would-block, which the guest sees as a refusal; a service of the
@@ -650,9 +735,10 @@ where
         match action {
             Action::Connect {
                 conn,
+                cid,
                 port,
                 socket_type,
-            } => self.connect(now, engine, conn, port, socket_type),
+            } => self.connect(now, engine, conn, cid, port, socket_type),
             Action::ReadConnectLine { conn, max } => self.read_line(now, engine, conn, max),
             // The device writes to sockets itself (`VsockDevice::serve`).
             Action::Flush { .. } => {}

@@ -41,6 +41,7 @@
 //!         engine: vsock_core::Config::new(3),
 //!         uds_path: "/run/vm0/vsock".into(),
 //!         seqpacket: true,
+//!         siblings: None,
 //!         // The VMM's own sources use tokens below 100.
 //!         tokens: Tokens { listener: Token(100), first_conn: 101, kicks: None },
 //!     },
@@ -117,6 +118,9 @@ pub struct MioConfig {
     pub uds_path: PathBuf,
     /// Offer seqpacket sockets (see [`DriverConfig::seqpacket`]).
     pub seqpacket: bool,
+    /// The VM's sibling link (see [`DriverConfig::siblings`]); its inbox is watched under
+    /// the listener's token.
+    pub siblings: Option<vsock_host::SiblingLink>,
     /// The tokens to use.
     pub tokens: Tokens,
 }
@@ -130,6 +134,7 @@ impl MioConfig {
             engine: config.engine,
             uds_path: config.uds_path,
             seqpacket: config.seqpacket,
+            siblings: config.siblings,
             tokens: Tokens {
                 listener: Token(0),
                 kicks: Some(1),
@@ -286,6 +291,7 @@ impl VsockMio {
                 engine: config.engine,
                 uds_path: config.uds_path,
                 seqpacket: config.seqpacket,
+                siblings: config.siblings,
             },
             reactor,
         )?;
@@ -299,6 +305,14 @@ impl VsockMio {
         if let Some(listener) = driver.seqpacket_listener() {
             registry.register(
                 &mut SourceFd(&listener_fd(listener)),
+                config.tokens.listener,
+                MioInterest::READABLE,
+            )?;
+        }
+        // Siblings' connects arrive like clients: the same round takes them.
+        if let Some(wake) = driver.sibling_wake() {
+            registry.register(
+                &mut SourceFd(&wake.as_raw_fd()),
                 config.tokens.listener,
                 MioInterest::READABLE,
             )?;

@@ -164,13 +164,29 @@ impl Rig {
         config: Config,
         recorder: Option<Box<dyn vsock_core::record::Recorder>>,
     ) -> Rig {
-        Rig::start_inner(runtime, config, recorder, true)
+        Rig::start_inner(runtime, config, recorder, true, None)
+    }
+
+    /// Starts a device with `config` (its guest CID among `siblings`) on `runtime`, linked
+    /// to its sibling VMs; its guest model's sockets all talk to `peer_cid`.
+    pub fn start_sibling(
+        runtime: Runtime,
+        config: Config,
+        siblings: &vsock_host::Siblings,
+        peer_cid: u64,
+    ) -> Rig {
+        let link = siblings
+            .link(config.guest_cid)
+            .expect("the CID is among the siblings");
+        let mut rig = Rig::start_inner(runtime, config, None, true, Some(link));
+        rig.guest.stack.peer_cid = peer_cid;
+        rig
     }
 
     /// Starts a device with `config` on `runtime` with no guest attached: the transport has no
     /// queues until [`attach`](Self::attach), as a daemon started before its VM.
     pub fn start_detached(runtime: Runtime, config: Config) -> Rig {
-        Rig::start_inner(runtime, config, None, false)
+        Rig::start_inner(runtime, config, None, false, None)
     }
 
     fn start_inner(
@@ -178,14 +194,17 @@ impl Rig {
         config: Config,
         recorder: Option<Box<dyn vsock_core::record::Recorder>>,
         attached: bool,
+        siblings: Option<vsock_host::SiblingLink>,
     ) -> Rig {
         let dir = temp_dir();
+        let cid = config.guest_cid;
         let driver_config = DriverConfig {
             engine: config,
             uds_path: dir.join("vsock"),
             seqpacket: true,
+            siblings,
         };
-        let mut guest = Guest::new(GUEST_CID);
+        let mut guest = Guest::new(cid);
         guest.tx_layouts = vec![
             Layout::Single,
             Layout::HeaderThenData,
@@ -307,8 +326,9 @@ impl Rig {
             .requests
             .push_back(DeviceRequest::Reset);
         let _ = self.kick.write(b"r");
-        let mut guest = Guest::new(GUEST_CID);
+        let mut guest = Guest::new(self.guest.stack.cid);
         guest.tx_layouts = self.guest.tx_layouts.clone();
+        guest.stack.peer_cid = self.guest.stack.peer_cid;
         let queues = guest.driver.device_queues(false);
         {
             let mut shared = self.shared.lock().unwrap();

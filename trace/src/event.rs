@@ -7,10 +7,10 @@ use std::fmt;
 use std::time::Duration;
 
 use vsock_core::record::{Event, Grant, Snapshot, TxOutcome};
-use vsock_core::wire::SocketType;
+use vsock_core::wire::{SocketType, HOST_CID};
 use vsock_core::{
-    Action, Config, ConnId, Direction, HostEvent, Interest, Io, LineRead, Probe, SocketError,
-    SocketTypes, TableFull,
+    Action, Config, ConnId, Direction, HostEvent, Interest, Io, LineRead, Probe, SiblingRefusal,
+    SocketError, SocketTypes, TableFull,
 };
 
 /// `LINKTYPE_USER0`.
@@ -18,9 +18,11 @@ pub const LINKTYPE_EVENTS: u16 = 147;
 /// The encoding's version, in every record's first byte. Version 2 added the engine's
 /// [`Snapshot`] to `START`; version 3 added seqpacket sockets (the kinds `SOCKET_TYPES`,
 /// `PROBE` and `RX_MESSAGE`, the socket type in `ACCEPT`, `ACTION` code 7 and `POLL_RX`
-/// codes 3 and 4). A reader reads versions 1 and 2 too (their `START` is a fresh engine's
-/// in version 1, and they hold streams only).
-pub const VERSION: u8 = 3;
+/// codes 3 and 4); version 4 added sibling VMs (the kinds `SIBLING_ACCEPT` and
+/// `RESET_PEER`, and the CID of an `ACTION` connect in the upper half of its value; before,
+/// every connect was to the host). A reader reads versions 1 to 3 too (their `START` is a fresh engine's in version
+/// 1, versions 1 and 2 hold streams only, and none has siblings).
+pub const VERSION: u8 = 4;
 /// The oldest version this reader reads.
 pub const OLDEST_VERSION: u8 = 1;
 /// The length of the record header.
@@ -75,10 +77,16 @@ pub mod kind {
     /// The result of reading a seqpacket message into guest buffers; the data holds each
     /// buffer's payload room, as u32.
     pub const RX_MESSAGE: u8 = 17;
+    /// A sibling VM's guest connects (code 0: accepted, 1 to 4: refused, as
+    /// `SiblingRefusal`'s variants in order; value: the sibling's CID, and the socket type
+    /// in bits 32 to 47; data: this guest's port and the sibling's, as u32).
+    pub const SIBLING_ACCEPT: u8 = 18;
+    /// The sibling VM with the CID in the value went away.
+    pub const RESET_PEER: u8 = 19;
 }
 
 /// Whether `description`, an interface's `if_description`, names this encoding in a version
-/// this reader reads (`vsock host events, encoding v1` to `v3`).
+/// this reader reads (`vsock host events, encoding v1` to `v4`).
 pub fn is_events_description(description: &str) -> bool {
     description
         .strip_prefix("vsock host events, encoding v")
@@ -168,6 +176,23 @@ pub fn encode(out: &mut Vec<u8>, ports: Option<(u32, u32)>, event: &Event<'_>) {
             let (c, v) = io_code(io);
             (kind::TX_WRITTEN, UNREADABLE + c, v)
         }
+        Event::SiblingAccept {
+            peer_cid,
+            socket_type,
+            result,
+            ..
+        } => (
+            kind::SIBLING_ACCEPT,
+            match result {
+                Ok(_) => 0,
+                Err(SiblingRefusal::TableFull) => 1,
+                Err(SiblingRefusal::SocketType) => 2,
+                Err(SiblingRefusal::Address) => 3,
+                Err(SiblingRefusal::InUse) => 4,
+            },
+            peer_cid | u64::from(socket_type.to_u16()) << 32,
+        ),
+        Event::ResetPeer(cid) => (kind::RESET_PEER, 0, cid),
         Event::Accept(ty, Ok(_)) => (kind::ACCEPT, 0, u64::from(ty.to_u16())),
         Event::Accept(ty, Err(TableFull)) => (kind::ACCEPT, 1, u64::from(ty.to_u16())),
         Event::SocketTypes(t) => (
@@ -225,15 +250,18 @@ pub fn encode(out: &mut Vec<u8>, ports: Option<(u32, u32)>, event: &Event<'_>) {
         Event::Action(action) => match action {
             None => (kind::ACTION, 0, 0),
             Some(Action::Connect {
+                cid,
                 port,
-                socket_type: SocketType::Stream,
+                socket_type,
                 ..
-            }) => (kind::ACTION, 1, u64::from(port)),
-            Some(Action::Connect {
-                port,
-                socket_type: SocketType::SeqPacket,
-                ..
-            }) => (kind::ACTION, 7, u64::from(port)),
+            }) => (
+                kind::ACTION,
+                match socket_type {
+                    SocketType::Stream => 1,
+                    SocketType::SeqPacket => 7,
+                },
+                u64::from(port) | (cid & 0xffff_ffff) << 32,
+            ),
             Some(Action::ReadConnectLine { max, .. }) => (kind::ACTION, 2, max as u64),
             Some(Action::Flush { .. }) => (kind::ACTION, 3, 0),
             Some(Action::Shutdown { direction, .. }) => (
@@ -274,6 +302,12 @@ pub fn encode(out: &mut Vec<u8>, ports: Option<(u32, u32)>, event: &Event<'_>) {
         }
         Event::ConnectLine(_, LineRead::Data(bytes)) => {
             out.extend_from_slice(bytes);
+        }
+        Event::SiblingAccept {
+            peer_port, port, ..
+        } => {
+            out.extend_from_slice(&port.to_le_bytes());
+            out.extend_from_slice(&peer_port.to_le_bytes());
         }
         Event::RxMessage(_, _, rooms, staged) => {
             out.extend_from_slice(&(rooms.len() as u32).to_le_bytes());
@@ -354,7 +388,7 @@ pub struct Fields {
 /// fields' value: a handle can be any 64-bit value, all-ones included.
 pub fn names_conn(kind: u8, code: u32) -> bool {
     match kind {
-        kind::ACCEPT => code == 0,
+        kind::ACCEPT | kind::SIBLING_ACCEPT => code == 0,
         kind::CONNECT_LINE
         | kind::HOST
         | kind::HOST_WRITE
@@ -441,6 +475,29 @@ pub fn decode(record: &[u8]) -> Result<Decoded<'_>, EventError> {
             }
             c => TxOutcome::Written(io_from(f.kind, c, f.value)?),
         }),
+        kind::SIBLING_ACCEPT => {
+            let ports = data.get(..8).ok_or(EventError::Short)?;
+            let u32_at = |at: usize| u32::from_le_bytes(ports[at..at + 4].try_into().expect("4"));
+            let socket_type = u16::try_from(f.value >> 32)
+                .ok()
+                .and_then(SocketType::from_u16)
+                .ok_or_else(unknown)?;
+            Event::SiblingAccept {
+                peer_cid: f.value & 0xffff_ffff,
+                peer_port: u32_at(4),
+                port: u32_at(0),
+                socket_type,
+                result: match f.code {
+                    0 => Ok(conn()?),
+                    1 => Err(SiblingRefusal::TableFull),
+                    2 => Err(SiblingRefusal::SocketType),
+                    3 => Err(SiblingRefusal::Address),
+                    4 => Err(SiblingRefusal::InUse),
+                    _ => return Err(unknown()),
+                },
+            }
+        }
+        kind::RESET_PEER => Event::ResetPeer(f.value),
         kind::ACCEPT => {
             // Versions 1 and 2 wrote 0: stream listeners were all there was.
             let ty = match f.value {
@@ -533,6 +590,11 @@ pub fn decode(record: &[u8]) -> Result<Decoded<'_>, EventError> {
             0 => None,
             1 | 7 => Some(Action::Connect {
                 conn: conn()?,
+                cid: if record[0] < 4 {
+                    HOST_CID
+                } else {
+                    f.value >> 32
+                },
                 port: f.value as u32,
                 socket_type: if f.code == 7 {
                     SocketType::SeqPacket
@@ -684,14 +746,50 @@ mod tests {
             Event::Action(None),
             Event::Action(Some(Action::Connect {
                 conn: c,
+                cid: HOST_CID,
                 port: 80,
                 socket_type: SocketType::Stream,
             })),
             Event::Action(Some(Action::Connect {
                 conn: c,
+                cid: HOST_CID,
                 port: 81,
                 socket_type: SocketType::SeqPacket,
             })),
+            Event::Action(Some(Action::Connect {
+                conn: c,
+                cid: 0,
+                port: u32::MAX - 1,
+                socket_type: SocketType::Stream,
+            })),
+            Event::Action(Some(Action::Connect {
+                conn: c,
+                cid: u64::from(u32::MAX),
+                port: 5,
+                socket_type: SocketType::SeqPacket,
+            })),
+            Event::SiblingAccept {
+                peer_cid: 4,
+                peer_port: 49_152,
+                port: 1234,
+                socket_type: SocketType::SeqPacket,
+                result: Ok(c),
+            },
+            Event::SiblingAccept {
+                peer_cid: 7,
+                peer_port: 1,
+                port: u32::MAX,
+                socket_type: SocketType::Stream,
+                result: Err(SiblingRefusal::Address),
+            },
+            Event::SiblingAccept {
+                peer_cid: 7,
+                peer_port: 1,
+                port: 2,
+                socket_type: SocketType::Stream,
+                result: Err(SiblingRefusal::InUse),
+            },
+            Event::ResetPeer(9),
             Event::Action(Some(Action::ReadConnectLine { conn: c, max: 64 })),
             Event::Action(Some(Action::Flush { conn: c })),
             Event::Action(Some(Action::Shutdown {
@@ -740,8 +838,8 @@ mod tests {
         assert_eq!(decode(&[1; 10]), Err(EventError::Short));
         let mut buf = Vec::new();
         encode(&mut buf, None, &Event::Timeout);
-        buf[0] = 4;
-        assert_eq!(decode(&buf), Err(EventError::Version(4)));
+        buf[0] = VERSION + 1;
+        assert_eq!(decode(&buf), Err(EventError::Version(VERSION + 1)));
         buf[0] = 0;
         assert_eq!(decode(&buf), Err(EventError::Version(0)));
         buf[0] = 1;

@@ -475,6 +475,19 @@ fn replay_event(
             }
         }
         Event::SocketTypes(types) => engine.set_socket_types(now, types),
+        Event::SiblingAccept {
+            peer_cid,
+            peer_port,
+            port,
+            socket_type,
+            result: want,
+        } => {
+            let got = engine.handle_sibling_accept(now, peer_cid, peer_port, port, socket_type);
+            if got != want {
+                return Err(diverge(entry, format!("SiblingAccept({got:?})")));
+            }
+        }
+        Event::ResetPeer(cid) => engine.reset_peer(now, cid),
         Event::Probe(..) => return Err(diverge(entry, "no probe was granted here")),
         Event::RxMessage(..) => unreachable!("read as Item::RxMessage"),
         Event::ConnectLine(conn, read) => {

@@ -19,7 +19,7 @@ pub const EVENTS: u32 = 1;
 /// `if_description` of the event interface: names the encoding and its version
 /// ([`event::VERSION`]). Readers also take the older versions' (see
 /// [`event::is_events_description`]).
-pub const EVENTS_DESCRIPTION: &str = "vsock host events, encoding v3";
+pub const EVENTS_DESCRIPTION: &str = "vsock host events, encoding v4";
 /// The rx and tx queues' numbers, for `epb_queue`.
 const RX_QUEUE: u32 = 0;
 const TX_QUEUE: u32 = 1;

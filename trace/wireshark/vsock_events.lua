@@ -1,5 +1,5 @@
 -- Wireshark dissector for interface 1 of a vsock trace: the host side's events and the
--- engine's socket actions, encodings v1 to v3 (docs/trace-format.md), on link type USER0 (147).
+-- engine's socket actions, encodings v1 to v4 (docs/trace-format.md), on link type USER0 (147).
 -- It also names what Wireshark's vsock dissector leaves raw on interface 0: socket type 2
 -- (seqpacket) and its EOM and EOR flags (fields vsockseq.type, vsockseq.eom, vsockseq.eor).
 --
@@ -14,7 +14,8 @@ local kinds = {
     [1] = "START", [2] = "TX_WRITTEN", [3] = "ACCEPT", [4] = "CONNECT_LINE", [5] = "HOST",
     [6] = "HOST_WRITE", [7] = "TIMEOUT", [8] = "RESET_CONNECTION", [9] = "ABORT_ALL",
     [10] = "RESET", [11] = "POLL_RX", [12] = "RX_READ", [13] = "ACTION", [14] = "STOP",
-    [15] = "SOCKET_TYPES", [16] = "PROBE", [17] = "RX_MESSAGE",
+    [15] = "SOCKET_TYPES", [16] = "PROBE", [17] = "RX_MESSAGE", [18] = "SIBLING_ACCEPT",
+    [19] = "RESET_PEER",
 }
 
 -- What the code means, per kind; the value's meaning follows in brackets.
@@ -35,6 +36,9 @@ local codes = {
              [3] = "flush", [4] = "shutdown [0 read, 1 write]",
              [5] = "interest [1 readable, 2 writable]", [6] = "close",
              [7] = "connect seqpacket [port]" },
+    [18] = { [0] = "accepted [cid]", [1] = "table full [cid]", [2] = "socket type [cid]",
+             [3] = "address [cid]", [4] = "in use [cid]" },
+    [19] = { [0] = "sibling gone [cid]" },
     [15] = { [0] = "negotiated [1 stream, 2 seqpacket]" },
     [16] = { [0] = "message size [bytes]", [1] = "empty message", [2] = "end of file",
              [3] = "would block", [4] = "error [errno]" },
@@ -65,7 +69,7 @@ p.experts = { e_short, e_version }
 -- Whether an event names a connection: its kind and code say it (a handle may be any value,
 -- all-ones included; events that name none carry all-ones).
 local function names_conn(kind, code)
-    if kind == 3 then return code == 0 end                  -- ACCEPT: accepted
+    if kind == 3 or kind == 18 then return code == 0 end    -- ACCEPT, SIBLING_ACCEPT
     if kind == 4 or kind == 5 or kind == 6 or kind == 8 or kind == 12 then return true end
     if kind == 16 or kind == 17 then return true end       -- PROBE, RX_MESSAGE
     if kind == 11 then return code >= 2 and code <= 4 end   -- POLL_RX: a read or probe grant
@@ -81,10 +85,10 @@ function p.dissector(tvb, pinfo, tree)
         return
     end
     t:add_le(f.version, tvb(0, 1))
-    -- Version 2 added the engine's state to START's data, version 3 seqpacket sockets; the
-    -- header is the same.
+    -- Version 2 added the engine's state to START's data, version 3 seqpacket sockets,
+    -- version 4 sibling VMs; the header is the same.
     local version = tvb(0, 1):uint()
-    if version < 1 or version > 3 then
+    if version < 1 or version > 4 then
         t:add_proto_expert_info(e_version)
         return
     end
@@ -115,7 +119,16 @@ function p.dissector(tvb, pinfo, tree)
     if conn ~= "" then info = info .. " " .. conn end
     if meaning ~= "" then info = info .. " " .. meaning:gsub(" %[.*%]", "") end
     local value = tvb(16, 8):le_uint64()
-    if meaning:find("%[") then info = info .. " " .. tostring(value) end
+    if kind == 13 and (code == 1 or code == 7) then
+        -- A connect's value: the port, and from version 4 the CID in the upper half.
+        local cid = tvb(20, 4):le_uint()
+        info = info .. " " .. tostring(tvb(16, 4):le_uint())
+        if version >= 4 and cid ~= 2 then info = info .. " of CID " .. tostring(cid) end
+    elseif kind == 18 then
+        info = info .. " from CID " .. tostring(tvb(16, 4):le_uint())
+    elseif meaning:find("%[") then
+        info = info .. " " .. tostring(value)
+    end
     local gp, hp = tvb(24, 4):le_uint(), tvb(28, 4):le_uint()
     if gp ~= 0 or hp ~= 0 then info = info .. string.format(" (guest %d, host %d)", gp, hp) end
     pinfo.cols.info = info

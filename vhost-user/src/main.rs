@@ -187,6 +187,9 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     // Registered before any thread starts, so every thread leaves the signals to this one.
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
     let several = vms.len() > 1;
+    // Every VM's place among its siblings: VMs sharing a group reach each other by CID.
+    let siblings =
+        vsock_host::Siblings::new(vms.iter().map(|vm| (vm.guest_cid, vm.groups.clone())))?;
     let mut running = Vec::with_capacity(vms.len());
     for vm in vms {
         // A VM that cannot start stops the daemon before it serves any.
@@ -195,7 +198,7 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         } else {
             String::new()
         };
-        match serve_vm(&args, &vm) {
+        match serve_vm(&args, &vm, &siblings) {
             Ok(served) => running.push(served),
             Err(e) => {
                 // The VMs started are stopped, which unlinks their paths.
@@ -239,7 +242,11 @@ struct ServedVm {
 
 /// Builds one VM's device, binds its sockets and starts its event loop and its frontend
 /// thread.
-fn serve_vm(args: &Args, vm: &VmConfig) -> Result<ServedVm, Box<dyn Error>> {
+fn serve_vm(
+    args: &Args,
+    vm: &VmConfig,
+    siblings: &vsock_host::Siblings,
+) -> Result<ServedVm, Box<dyn Error>> {
     // The credit update threshold follows the buffer size, so every size the engine takes
     // (1 byte to 1 GiB) works.
     let engine = vsock_core::Config::new(vm.guest_cid).with_buffer_size(vm.tx_buffer_size);
@@ -281,6 +288,7 @@ fn serve_vm(args: &Args, vm: &VmConfig) -> Result<ServedVm, Box<dyn Error>> {
         engine,
         uds_path: vm.uds_path.clone(),
         seqpacket,
+        siblings: siblings.link(vm.guest_cid),
     };
     let recorder = match &vm.record {
         Some(path) => {

@@ -33,7 +33,7 @@ impl Engine {
                 self.stats.connect_line_timeout += 1;
                 self.close_host_client(idx);
             }
-            Phase::HostConnecting | Phase::GuestConnecting => {
+            Phase::HostConnecting | Phase::GuestConnecting | Phase::SiblingReply => {
                 self.stats.connect_timeout += 1;
                 self.reset_conn(idx);
             }
@@ -142,6 +142,7 @@ impl Engine {
                 continue;
             }
             self.resets.push_back(OrphanRst {
+                peer_cid: c.key.peer_cid,
                 guest_port: c.key.guest_port,
                 host_port: c.key.host_port,
                 raw_type: c.key.socket_type.to_u16(),

@@ -55,7 +55,10 @@ impl Engine {
             );
             return None;
         }
-        if src_cid != self.config.guest_cid || dst_cid != HOST_CID {
+        // The destination is the host (2) or a sibling VM's guest, which the host side
+        // routes (or refuses): anything but the guest's own CID, which its driver never sends
+        // through the device.
+        if src_cid != self.config.guest_cid || dst_cid == self.config.guest_cid {
             self.stats.wrong_cid += 1;
             debug!(
                 src = src_cid,
@@ -64,6 +67,7 @@ impl Engine {
             );
             return None;
         }
+        let peer_cid = dst_cid as u32;
         // No credit we ever advertise lets a packet carry more than our buffer.
         let pkt = match Packet::parse(header, self.config.buffer_size) {
             Ok(p) => p,
@@ -82,6 +86,7 @@ impl Engine {
         }
         let key = Key {
             socket_type: pkt.socket_type,
+            peer_cid,
             guest_port: pkt.src_port,
             host_port: pkt.dst_port,
         };
@@ -112,6 +117,8 @@ impl Engine {
         let existing = SocketType::from_u16(header.type_.get()).and_then(|socket_type| {
             let key = Key {
                 socket_type,
+                // Checked before parsing: no reserved bits.
+                peer_cid: header.dst_cid.get() as u32,
                 guest_port: header.src_port.get(),
                 host_port: header.dst_port.get(),
             };
@@ -131,6 +138,7 @@ impl Engine {
             return;
         }
         self.resets.push_back(OrphanRst {
+            peer_cid: header.dst_cid.get() as u32,
             guest_port: header.src_port.get(),
             host_port: header.dst_port.get(),
             raw_type: header.type_.get(),
@@ -158,9 +166,12 @@ impl Engine {
         c.owed_act |= owed_act::CONNECT;
         self.bind_key(idx);
         self.stats.guest_connects += 1;
+        if u64::from(key.peer_cid) != HOST_CID {
+            self.stats.sibling_connects += 1;
+        }
         let deadline = self.now + self.config.connect_timeout;
         self.set_deadline(idx, deadline);
-        debug!(conn = %self.id(idx), port = key.host_port, guest_port = key.guest_port, "guest connects");
+        debug!(conn = %self.id(idx), cid = key.peer_cid, port = key.host_port, guest_port = key.guest_port, "guest connects");
         self.reconcile(idx);
     }
 

@@ -40,6 +40,7 @@ impl Engine {
         }
         let key = Key {
             socket_type: ty,
+            peer_cid: HOST_CID as u32,
             guest_port: 0,
             host_port: 0,
         };
@@ -72,6 +73,10 @@ impl Engine {
         self.advance(now);
         let idx = self.lookup(conn)?;
         let c = &mut self.conns[idx];
+        if c.phase == Phase::SiblingReply {
+            self.sibling_reply(idx, read);
+            return Ok(());
+        }
         if c.phase != Phase::ConnectLine {
             return Err(ConnError::WrongState);
         }
@@ -166,6 +171,7 @@ impl Engine {
         let c = &mut self.conns[idx];
         c.key = Key {
             socket_type,
+            peer_cid: HOST_CID as u32,
             guest_port,
             host_port,
         };
@@ -193,6 +199,7 @@ impl Engine {
             };
             let key = Key {
                 socket_type,
+                peer_cid: HOST_CID as u32,
                 guest_port,
                 host_port: port,
             };
@@ -227,12 +234,19 @@ impl Engine {
                 if c.phase != Phase::GuestConnecting {
                     return Err(ConnError::WrongState);
                 }
-                c.phase = Phase::Established;
                 c.writable = true;
-                c.deadline = None;
-                c.owed_rx |= owed_rx::RESPONSE;
-                self.stats.established += 1;
-                debug!(%conn, "guest connection established");
+                if u64::from(c.key.peer_cid) != HOST_CID {
+                    // Connected to the sibling's device; its guest has yet to accept.
+                    c.phase = Phase::SiblingReply;
+                    c.line = ConnectParser::reply();
+                    debug!(%conn, "connected to a sibling; awaiting its reply");
+                } else {
+                    c.phase = Phase::Established;
+                    c.deadline = None;
+                    c.owed_rx |= owed_rx::RESPONSE;
+                    self.stats.established += 1;
+                    debug!(%conn, "guest connection established");
+                }
             }
             HostEvent::ConnectFailed(e) => {
                 if c.phase != Phase::GuestConnecting {

@@ -22,6 +22,7 @@ mod grant;
 mod guest;
 mod host;
 mod output;
+mod sibling;
 mod sink;
 mod upkeep;
 
@@ -33,7 +34,7 @@ use sink::Sink;
 use crate::buf::Pool;
 use crate::config::{Config, ConfigError};
 use crate::conn::{owed_act, owed_rx, Conn, ConnId, ConnState, Key, Origin, Phase};
-use crate::error::{ConnError, TableFull};
+use crate::error::{ConnError, SiblingRefusal, TableFull};
 use crate::io::{
     Action, Direction, GuestBytes, HostEvent, Io, LineRead, MemoryFault, Probe, SocketTypes,
 };
@@ -41,8 +42,9 @@ use crate::record::{AttachError, Event, Grant, Recorder, ResumeError, Snapshot, 
 use crate::stats::{ConnStats, Stats};
 use crate::time::Instant;
 use crate::wire::{
-    ConnectError, ConnectStatus, Header, HeaderError, OkLine, Op, Packet, SocketType,
-    CID_RESERVED_MASK, HOST_CID, SEQ_EOM, SEQ_EOR, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND,
+    ConnectError, ConnectParser, ConnectStatus, Header, HeaderError, OkLine, Op, Packet,
+    SocketType, CID_RESERVED_MASK, HOST_CID, SEQ_EOM, SEQ_EOR, SHUTDOWN_BOTH, SHUTDOWN_RCV,
+    SHUTDOWN_SEND,
 };
 
 /// The hybrid-vsock protocol engine.
@@ -97,6 +99,8 @@ pub struct Engine {
 
 #[derive(Clone, Copy, Debug)]
 struct OrphanRst {
+    /// The CID the packet was sent to, and the RST comes from.
+    peer_cid: u32,
     guest_port: u32,
     host_port: u32,
     raw_type: u16,

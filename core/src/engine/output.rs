@@ -48,11 +48,13 @@ impl Engine {
             let action = match bit {
                 owed_act::CONNECT => Some(Action::Connect {
                     conn,
+                    cid: u64::from(c.key.peer_cid),
                     port: c.key.host_port,
                     socket_type: c.key.socket_type,
                 }),
                 owed_act::READ_LINE => {
-                    (c.phase == Phase::ConnectLine && c.readable).then(|| Action::ReadConnectLine {
+                    let reading = matches!(c.phase, Phase::ConnectLine | Phase::SiblingReply);
+                    (reading && c.readable).then(|| Action::ReadConnectLine {
                         conn,
                         max: c.line.room(),
                     })
@@ -151,7 +153,7 @@ impl Engine {
         self.advance(now);
         if let Some(r) = self.resets.front() {
             let header = Packet {
-                src_cid: HOST_CID,
+                src_cid: u64::from(r.peer_cid),
                 dst_cid: self.config.guest_cid,
                 src_port: r.host_port,
                 dst_port: r.guest_port,
@@ -223,7 +225,7 @@ impl Engine {
     pub(super) fn header(&self, idx: usize, op: Op, flags: u32, len: u32) -> Header {
         let c = &self.conns[idx];
         Packet {
-            src_cid: HOST_CID,
+            src_cid: u64::from(c.key.peer_cid),
             dst_cid: self.config.guest_cid,
             src_port: c.key.host_port,
             dst_port: c.key.guest_port,

@@ -18,7 +18,9 @@ pub(super) fn ports(conns: &Slab<Conn>, conn: ConnId) -> Option<(u32, u32)> {
         .get(conn.index() as usize)
         .filter(|c| c.generation == conn.generation())
         .filter(|c| {
-            c.origin == Origin::Guest || matches!(c.line.status(), ConnectStatus::Complete(_))
+            c.origin == Origin::Guest
+                || u64::from(c.key.peer_cid) != HOST_CID
+                || matches!(c.line.status(), ConnectStatus::Complete(_))
         })
         .map(|c| (c.key.guest_port, c.key.host_port))
 }
@@ -122,6 +124,14 @@ impl Sink {
         accepted: Result<ConnId, TableFull>,
     ) {
         self.event(conns, now, &Event::Accept(ty, accepted));
+    }
+
+    pub(super) fn sibling_accept(&mut self, conns: &Slab<Conn>, now: Instant, event: Event<'_>) {
+        self.event(conns, now, &event);
+    }
+
+    pub(super) fn reset_peer(&mut self, conns: &Slab<Conn>, now: Instant, cid: u64) {
+        self.event(conns, now, &Event::ResetPeer(cid));
     }
 
     pub(super) fn socket_types(&mut self, conns: &Slab<Conn>, now: Instant, types: SocketTypes) {

@@ -146,7 +146,7 @@ impl Engine {
         let c = &mut self.conns[idx];
         match c.phase {
             Phase::Closed | Phase::Resetting => {}
-            Phase::ConnectLine => {
+            Phase::ConnectLine | Phase::SiblingReply => {
                 if c.readable && c.line.room() > 0 {
                     c.owed_act |= owed_act::READ_LINE;
                 }

@@ -15,6 +15,7 @@ use std::fmt;
 pub const CONNECT_LINE_MAX: usize = 64;
 
 const PREFIX: &[u8] = b"CONNECT ";
+const REPLY_PREFIX: &[u8] = b"OK ";
 
 /// Why a `CONNECT` line was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -61,6 +62,8 @@ pub struct ConnectParser {
     line_end: u8,
     /// Offset of the first leftover byte not yet taken by [`ConnectParser::consume_leftover`].
     taken: u8,
+    /// Parses the `OK <port>\n` reply instead of the `CONNECT` line.
+    reply: bool,
     status: ConnectStatus,
 }
 
@@ -88,7 +91,24 @@ impl ConnectParser {
             scanned: 0,
             line_end: 0,
             taken: 0,
+            reply: false,
             status: ConnectStatus::Incomplete,
+        }
+    }
+
+    /// An empty parser of the `OK <port>\n` reply, with the same rules as the `CONNECT`
+    /// line's (the port a sibling device answers with; what follows it belongs to the stream).
+    pub const fn reply() -> Self {
+        let mut p = Self::new();
+        p.reply = true;
+        p
+    }
+
+    fn prefix(&self) -> &'static [u8] {
+        if self.reply {
+            REPLY_PREFIX
+        } else {
+            PREFIX
         }
     }
 
@@ -130,10 +150,11 @@ impl ConnectParser {
     fn scan(&mut self) -> ConnectStatus {
         let len = self.len as usize;
         let mut i = self.scanned as usize;
+        let prefix = self.prefix();
         while i < len {
             let b = self.buf[i];
-            if i < PREFIX.len() {
-                if b != PREFIX[i] {
+            if i < prefix.len() {
+                if b != prefix[i] {
                     return ConnectStatus::Invalid(ConnectError::Garbage);
                 }
             } else if b == b'\n' {
@@ -143,7 +164,7 @@ impl ConnectParser {
                 return self.finish_line(i);
             } else if !(b.is_ascii_digit() || b == b'\r') {
                 return ConnectStatus::Invalid(ConnectError::Garbage);
-            } else if i > PREFIX.len() && self.buf[i - 1] == b'\r' {
+            } else if i > prefix.len() && self.buf[i - 1] == b'\r' {
                 // Only a newline may follow a carriage return.
                 return ConnectStatus::Invalid(ConnectError::Garbage);
             }
@@ -159,7 +180,7 @@ impl ConnectParser {
 
     /// Parses the port of the line whose newline sits at `newline`.
     fn finish_line(&self, newline: usize) -> ConnectStatus {
-        let mut digits = &self.buf[PREFIX.len()..newline];
+        let mut digits = &self.buf[self.prefix().len()..newline];
         if let [rest @ .., b'\r'] = digits {
             digits = rest;
         }

@@ -6,12 +6,12 @@ use crate::helpers::*;
 fn wrong_cid_is_dropped_and_counted() {
     let mut e = engine();
     let conn = guest_connected(&mut e, ms(0), 1000, 80, GUEST_BUF);
-    // Another guest's RST and REQUEST, and packets not addressed to the host.
+    // Another guest's RST and REQUEST, and packets the guest addressed to itself.
     for (src, dst, op) in [
         (4, HOST_CID, Op::Rst),
         (4, HOST_CID, Op::Request),
         (GUEST_CID, GUEST_CID, Op::Request),
-        (GUEST_CID, 1, Op::CreditRequest),
+        (GUEST_CID, GUEST_CID, Op::CreditRequest),
     ] {
         let mut h = guest_pkt(op, 1000, 80, 0, 0, GUEST_BUF, 0);
         h.src_cid = src.into();

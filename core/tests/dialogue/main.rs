@@ -18,4 +18,5 @@ mod order;
 mod review;
 mod seqpacket;
 mod shutdown;
+mod sibling;
 mod timers;

@@ -34,6 +34,7 @@ fn seq_connected(e: &mut Engine, now: Instant, gp: u32, hp: u32) -> ConnId {
             conn,
             port,
             socket_type: SocketType::SeqPacket,
+            ..
         }) if port == hp => conn,
         other => panic!("expected a seqpacket Connect, got {other:?}"),
     };

@@ -127,6 +127,7 @@ impl HostSockets for TestHost {
                 conn,
                 port,
                 socket_type,
+                ..
             } => {
                 if self.listening.contains(&port) {
                     let (ours, app) = match socket_type {
