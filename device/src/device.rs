@@ -213,6 +213,8 @@ pub struct VsockDevice {
     activated: bool,
     /// A TRANSPORT_RESET event is owed to the guest.
     event_owed: bool,
+    /// How many times every connection was dropped (reset, stop, restore).
+    epoch: u64,
     stats: DeviceStats,
     /// Scratch space for flattening a chain, reserved once.
     segs: Vec<Seg>,
@@ -253,6 +255,7 @@ impl VsockDevice {
             acked_features: 0,
             activated: false,
             event_owed: false,
+            epoch: 0,
             stats: DeviceStats::default(),
             segs: Vec::with_capacity(Self::MAX_CHAIN),
             msg_segs: Vec::with_capacity(crate::memory::MAX_MSG_IOV),
@@ -374,6 +377,13 @@ impl VsockDevice {
         self.activated
     }
 
+    /// How many times the device dropped every connection: each [`reset`](Self::reset),
+    /// [`stop`](Self::stop) and [`restore`](Self::restore) counts one. A host side with
+    /// peers that share connections with this guest (sibling VMs) tells them when it moves.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// Resets the device: every connection is dropped on the host side (the guest driver has
     /// forgotten them too), features are cleared. The device holds no descriptor between
     /// `serve` calls, so nothing else is owed to the guest.
@@ -385,6 +395,7 @@ impl VsockDevice {
         self.acked_features = 0;
         self.activated = false;
         self.event_owed = false;
+        self.epoch += 1;
         debug!("device reset");
     }
 
@@ -397,6 +408,7 @@ impl VsockDevice {
         self.engine.stop(now);
         self.activated = false;
         self.event_owed = false;
+        self.epoch += 1;
         debug!("device stopped");
     }
 
@@ -437,6 +449,7 @@ impl VsockDevice {
             });
         }
         self.engine.reset(now);
+        self.epoch += 1;
         self.acked_features = state.acked_features;
         self.activated = state.activated;
         self.event_owed = state.activated;

@@ -81,9 +81,9 @@ pub struct Driver<R: Reactor> {
     accept_more: bool,
     /// The VM's siblings, if any.
     siblings: Option<SiblingLink>,
-    /// The device was activated at the end of the last serve: when it no longer is (a reset,
-    /// a stop), the siblings are told the guest forgot its connections.
-    was_activated: bool,
+    /// The device's epoch at the end of the last serve: when it moves (a reset, a stop, a
+    /// restore), the siblings are told the guest forgot its connections.
+    device_epoch: u64,
 }
 
 impl<R: Reactor> std::fmt::Debug for Driver<R> {
@@ -158,7 +158,7 @@ where
             accept_retry: None,
             accept_more: false,
             siblings: config.siblings,
-            was_activated: false,
+            device_epoch: 0,
         })
     }
 
@@ -272,17 +272,20 @@ where
         link.pending()
     }
 
-    /// Tells the siblings when the guest forgot its connections (the device was reset or
-    /// stopped since the last serve).
+    /// Tells the siblings when the guest forgot its connections (the device was reset,
+    /// stopped or restored since the last serve).
     fn watch_lifecycle(&mut self) {
-        let activated = self.device.is_activated();
-        if self.was_activated && !activated {
+        let epoch = self.device.epoch();
+        if epoch != self.device_epoch {
+            self.device_epoch = epoch;
             if let Some(link) = &self.siblings {
-                debug!("device deactivated; telling the siblings");
+                debug!(
+                    epoch,
+                    "the device dropped its connections; telling the siblings"
+                );
                 link.gone();
             }
         }
-        self.was_activated = activated;
     }
 
     /// Accepts up to `batch` clients of one listener. Returns whether more may wait.
