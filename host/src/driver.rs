@@ -224,6 +224,7 @@ where
             self.seqpacket_listener.is_some() && self.accept_from(now, true, batch);
         let more_siblings = self.take_deliveries(now, batch);
         self.accept_more = more || more_seqpacket || more_siblings;
+        self.watch_lifecycle();
     }
 
     /// Takes up to `batch` deliveries from the sibling inbox. Returns whether more may wait.
@@ -257,7 +258,7 @@ where
                     match engine.handle_sibling_accept(now, peer_cid, peer_port, port, socket_type)
                     {
                         Ok(conn) => {
-                            if self.host.adopt_sibling(now, engine, conn, socket) {
+                            if self.host.adopt_sibling(now, engine, conn, peer_cid, socket) {
                                 let _ = engine.handle_host_event(now, conn, HostEvent::Readable);
                             }
                         }
@@ -265,7 +266,15 @@ where
                         Err(e) => debug!(peer_cid, port, error = %e, "sibling connect refused"),
                     }
                 }
-                Delivery::PeerGone(cid) => engine.reset_peer(now, cid),
+                Delivery::PeerGone { cid, sockets } => {
+                    engine.reset_peer(now, cid);
+                    // The resets reach the guest before the sibling's ends close (a serve
+                    // comes next, and any end of file read after it meets a reset
+                    // connection).
+                    self.device.perform_actions(now, &mut self.host);
+                    drop(sockets);
+                    continue;
+                }
             }
             self.device.perform_actions(now, &mut self.host);
         }
@@ -273,8 +282,12 @@ where
     }
 
     /// Tells the siblings when the guest forgot its connections (the device was reset,
-    /// stopped or restored since the last serve).
+    /// stopped or restored since the last look), handing them this side's ends of those
+    /// connections to close once they have reset them: closed here first, they would show
+    /// the sibling guests an end of file before the reset. Sibling sockets closed for any
+    /// other reason (one connection's end) are closed now.
     fn watch_lifecycle(&mut self) {
+        let parked = self.host.take_parked();
         let epoch = self.device.epoch();
         if epoch != self.device_epoch {
             self.device_epoch = epoch;
@@ -283,7 +296,7 @@ where
                     epoch,
                     "the device dropped its connections; telling the siblings"
                 );
-                link.gone();
+                link.gone_with(parked);
             }
         }
     }
@@ -447,7 +460,8 @@ impl<R: Reactor> Drop for Driver<R> {
         // Siblings' connects waiting for this VM are refused, and their connections with it
         // reset.
         if let Some(link) = &self.siblings {
-            link.close();
+            self.host.park_siblings();
+            link.close_with(self.host.take_parked());
         }
     }
 }

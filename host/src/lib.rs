@@ -410,6 +410,10 @@ pub struct Host<R: Reactor> {
     seqpacket_send_buffer: usize,
     /// Where connects to other CIDs go, if the VM has siblings.
     siblings: Option<SiblingLink>,
+    /// Sibling sockets closed since the driver last looked, with the sibling's CID: kept
+    /// open until it knows whether the device dropped every connection (see
+    /// [`take_parked`](Self::take_parked)).
+    parked: Vec<(u64, UnixStream)>,
 }
 
 impl<R: Reactor> fmt::Debug for Host<R> {
@@ -432,6 +436,36 @@ impl<R: Reactor> Host<R> {
             stats: HostStats::default(),
             seqpacket_send_buffer: 0,
             siblings: None,
+            parked: Vec::new(),
+        }
+    }
+
+    /// The sibling sockets closed since the last call, with each one's sibling CID. Their
+    /// connections are gone; the sockets are still open (they were duplicated before the
+    /// reactor dropped them) so that the caller decides when the siblings see them close:
+    /// at once for one connection's end, or after the siblings were told the device dropped
+    /// every connection, so that their guests see a reset rather than an end of file.
+    pub fn take_parked(&mut self) -> Vec<(u64, UnixStream)> {
+        std::mem::take(&mut self.parked)
+    }
+
+    /// Parks every sibling socket still open, as if each connection had closed: for a
+    /// driver about to go away, which hands them to the siblings with its departure notice.
+    pub fn park_siblings(&mut self) {
+        for slot in 0..self.sockets.slots.len() {
+            let Some((conn, _, peer_cid)) = &self.sockets.slots[slot] else {
+                continue;
+            };
+            if *peer_cid == HOST_CID {
+                continue;
+            }
+            let conn = *conn;
+            if let Some((socket, peer_cid)) = self.sockets.remove(conn) {
+                if let Ok(dup) = self.reactor.stream(&socket).try_clone() {
+                    self.parked.push((peer_cid, dup));
+                }
+                self.reactor.deregister(conn, socket);
+            }
         }
     }
 
@@ -449,6 +483,7 @@ impl<R: Reactor> Host<R> {
         now: Instant,
         engine: &mut Engine,
         conn: ConnId,
+        peer_cid: u64,
         socket: UnixStream,
     ) -> bool {
         if engine.conn_socket_type(conn) == Some(SocketType::SeqPacket) {
@@ -460,7 +495,7 @@ impl<R: Reactor> Host<R> {
         };
         match self.reactor.register(conn, socket, interest) {
             Ok(socket) => {
-                self.sockets.insert(conn, socket);
+                self.sockets.insert(conn, socket, peer_cid);
                 true
             }
             Err(e) => {
@@ -560,7 +595,7 @@ impl<R: Reactor> Host<R> {
         };
         match self.reactor.register(conn, stream, interest) {
             Ok(socket) => {
-                self.sockets.insert(conn, socket);
+                self.sockets.insert(conn, socket, HOST_CID);
                 Some(conn)
             }
             Err(e) => {
@@ -620,7 +655,7 @@ impl<R: Reactor> Host<R> {
                     readable: true,
                     writable: true,
                 };
-                self.register_connected(conn, stream, interest)
+                self.register_connected(conn, stream, interest, cid)
             }
             Err(e) => {
                 debug!(%conn, cid, port, error = %e, "sibling connect failed");
@@ -657,7 +692,7 @@ impl<R: Reactor> Host<R> {
                     readable: true,
                     writable: true,
                 };
-                self.register_connected(conn, stream, interest)
+                self.register_connected(conn, stream, interest, HOST_CID)
             }
             Err(e) => {
                 debug!(%conn, path = %path.display(), error = %e, "connect failed");
@@ -673,10 +708,11 @@ impl<R: Reactor> Host<R> {
         conn: ConnId,
         stream: UnixStream,
         interest: Interest,
+        peer_cid: u64,
     ) -> HostEvent {
         match self.reactor.register(conn, stream, interest) {
             Ok(socket) => {
-                self.sockets.insert(conn, socket);
+                self.sockets.insert(conn, socket, peer_cid);
                 self.stats.connects += 1;
                 HostEvent::Connected
             }
@@ -767,7 +803,14 @@ where
                 }
             }
             Action::Close { conn } => {
-                if let Some(socket) = self.sockets.remove(conn) {
+                if let Some((socket, peer_cid)) = self.sockets.remove(conn) {
+                    if peer_cid != HOST_CID {
+                        // Kept open a moment longer: see `take_parked`.
+                        match self.reactor.stream(&socket).try_clone() {
+                            Ok(dup) => self.parked.push((peer_cid, dup)),
+                            Err(e) => debug!(%conn, error = %e, "closing a sibling socket at once"),
+                        }
+                    }
                     self.reactor.deregister(conn, socket);
                     self.stats.closes += 1;
                 }
@@ -779,7 +822,9 @@ where
 /// Sockets by connection slot. A slot holds the generation's handle too, so a stale handle
 /// never reaches a newer connection's socket.
 struct Sockets<S> {
-    slots: Vec<Option<(ConnId, S)>>,
+    /// Each socket with its connection and the CID at its far end (the host's, or a
+    /// sibling's).
+    slots: Vec<Option<(ConnId, S, u64)>>,
     live: usize,
 }
 
@@ -795,21 +840,21 @@ impl<S> Default for Sockets<S> {
 impl<S> Sockets<S> {
     fn get(&self, conn: ConnId) -> Option<&S> {
         match self.slots.get(conn.index() as usize) {
-            Some(Some((c, s))) if *c == conn => Some(s),
+            Some(Some((c, s, _))) if *c == conn => Some(s),
             _ => None,
         }
     }
 
     fn get_mut(&mut self, conn: ConnId) -> Option<&mut S> {
         match self.slots.get_mut(conn.index() as usize) {
-            Some(Some((c, s))) if *c == conn => Some(s),
+            Some(Some((c, s, _))) if *c == conn => Some(s),
             _ => None,
         }
     }
 
     fn conn_at(&self, slot: u32) -> Option<ConnId> {
         match self.slots.get(slot as usize) {
-            Some(Some((c, _))) => Some(*c),
+            Some(Some((c, _, _))) => Some(*c),
             _ => None,
         }
     }
@@ -817,22 +862,22 @@ impl<S> Sockets<S> {
     /// Stores `conn`'s socket. The engine reuses a slot only once its connection's socket was
     /// closed, so the slot is free; a socket still there (a caller that skipped a close) is
     /// dropped, which closes it.
-    fn insert(&mut self, conn: ConnId, socket: S) {
+    fn insert(&mut self, conn: ConnId, socket: S, peer_cid: u64) {
         let i = conn.index() as usize;
         if i >= self.slots.len() {
             self.slots.resize_with(i + 1, || None);
         }
-        if self.slots[i].replace((conn, socket)).is_none() {
+        if self.slots[i].replace((conn, socket, peer_cid)).is_none() {
             self.live += 1;
         }
     }
 
-    fn remove(&mut self, conn: ConnId) -> Option<S> {
+    fn remove(&mut self, conn: ConnId) -> Option<(S, u64)> {
         let slot = self.slots.get_mut(conn.index() as usize)?;
-        if !matches!(slot, Some((c, _)) if *c == conn) {
+        if !matches!(slot, Some((c, _, _)) if *c == conn) {
             return None;
         }
         self.live -= 1;
-        slot.take().map(|(_, s)| s)
+        slot.take().map(|(_, s, cid)| (s, cid))
     }
 }

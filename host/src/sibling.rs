@@ -131,8 +131,15 @@ pub enum Delivery {
         /// The socket type.
         socket_type: SocketType,
     },
-    /// The sibling with this CID went away: reset every connection with it.
-    PeerGone(u64),
+    /// The sibling with this CID went away: reset every connection with it, then drop
+    /// `sockets`, its ends of those connections, which it kept open until now so that the
+    /// guest sees the reset rather than an end of file first.
+    PeerGone {
+        /// The sibling's CID.
+        cid: u64,
+        /// The sibling's ends of the connections it had with this VM.
+        sockets: Vec<UnixStream>,
+    },
 }
 
 impl SiblingLink {
@@ -159,6 +166,12 @@ impl SiblingLink {
     /// The loop stopped serving: connects waiting are dropped (each sibling's guest gets an
     /// RST) and the siblings are told the VM went away.
     pub fn close(&self) {
+        self.close_with(Vec::new());
+    }
+
+    /// As [`close`](Self::close), handing the siblings this VM's ends of their connections
+    /// with it, as [`gone_with`](Self::gone_with) does.
+    pub fn close_with(&self, sockets: Vec<(u64, UnixStream)>) {
         let dropped = {
             let mut inbox = self.me().inbox.lock();
             inbox.open = false;
@@ -166,16 +179,25 @@ impl SiblingLink {
             std::mem::take(&mut inbox.items)
         };
         drop(dropped);
-        self.gone();
+        self.gone_with(sockets);
     }
 
     /// The VM's guest forgot its connections (its device reset or stopped): every sibling
     /// resets its connections with it.
     pub fn gone(&self) {
+        self.gone_with(Vec::new());
+    }
+
+    /// As [`gone`](Self::gone), handing each sibling this VM's ends of its connections with
+    /// it (`(sibling CID, socket)`), to close once it has reset them.
+    pub fn gone_with(&self, mut sockets: Vec<(u64, UnixStream)>) {
         let me = self.me();
         for vm in self.siblings.vms.iter() {
             if vm.cid != me.cid && Siblings::shares_group(me, vm) {
-                vm.inbox.post_gone(me.cid);
+                let (theirs, rest) = sockets.into_iter().partition(|(cid, _)| *cid == vm.cid);
+                sockets = rest;
+                vm.inbox
+                    .post_gone(me.cid, theirs.into_iter().map(|(_, s)| s).collect());
             }
         }
     }
@@ -293,24 +315,28 @@ impl Inbox {
         Ok(())
     }
 
-    fn post_gone(&self, cid: u64) {
+    fn post_gone(&self, cid: u64, mut sockets: Vec<UnixStream>) {
         let was_empty = {
             let mut state = self.lock();
             if !state.open {
                 return;
             }
-            // One notice per departure is enough: skip it when the last thing queued about
-            // that sibling is already its departure. (So the notices stay bounded by the
-            // connects between them, plus one per sibling.)
-            let last = state.items.iter().rev().find(|d| match d {
+            // One notice per departure is enough: when the last thing queued about that
+            // sibling is already its departure, its sockets join that one. (So the notices
+            // stay bounded by the connects between them, plus one per sibling.)
+            let last = state.items.iter_mut().rev().find(|d| match d {
                 Delivery::Connect { peer_cid, .. } => *peer_cid == cid,
-                Delivery::PeerGone(c) => *c == cid,
+                Delivery::PeerGone { cid: c, .. } => *c == cid,
             });
-            if matches!(last, Some(Delivery::PeerGone(_))) {
+            if let Some(Delivery::PeerGone {
+                sockets: queued, ..
+            }) = last
+            {
+                queued.append(&mut sockets);
                 return;
             }
             let was_empty = state.items.is_empty();
-            state.items.push_back(Delivery::PeerGone(cid));
+            state.items.push_back(Delivery::PeerGone { cid, sockets });
             was_empty
         };
         if was_empty {

@@ -59,8 +59,11 @@ echo "$release" > "$out/kernel-release"
 # --- initramfs ------------------------------------------------------------------------------
 stage=$work/stage
 mkdir -p "$stage"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,run,etc,guest,lib/modules}
-# Debian builds virtio, virtio-pci and vsock as modules; listed in dependency order.
+# Debian builds virtio, virtio-pci and vsock as modules; listed in dependency order. The
+# network driver is for the kernel's vsock_test between two guests (its control channel is
+# TCP, over a QEMU link between them); without a network device it stays idle.
 modules="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
+failover net_failover virtio_net
 vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport"
 moddir=$work/kernel/lib/modules/$release
 for m in $modules; do

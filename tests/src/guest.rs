@@ -196,9 +196,53 @@ impl Daemon {
         Daemon::spawn(Command::new(binary), Scratch::new("d"))
     }
 
-    fn spawn(mut command: Command, dir: Scratch) -> Daemon {
+    /// Starts the daemon on `runtime` serving one VM per `(cid, groups)` with `--vm`, and
+    /// waits for every vhost-user socket. [`socket`](Self::socket) and [`uds`](Self::uds)
+    /// are the first VM's.
+    pub fn start_fleet(
+        image: &Image,
+        runtime: &str,
+        vms: &[(u64, &str)],
+    ) -> (Daemon, Vec<FleetVm>) {
+        let dir = Scratch::new("d");
+        let fleet: Vec<FleetVm> = vms
+            .iter()
+            .map(|&(cid, _)| FleetVm {
+                cid,
+                socket: dir.0.join(format!("vhost-{cid}.sock")),
+                uds: dir.0.join(format!("vm-{cid}.vsock")),
+            })
+            .collect();
+        let mut command = Command::new(&image.daemon);
+        command.arg("--runtime").arg(runtime);
+        for (vm, &(_, groups)) in fleet.iter().zip(vms) {
+            command.arg("--vm").arg(format!(
+                "guest-cid={},socket={},uds-path={},groups={groups}",
+                vm.cid,
+                vm.socket.display(),
+                vm.uds.display()
+            ));
+        }
+        let sockets = fleet.iter().map(|vm| vm.socket.clone()).collect();
+        let (first_socket, first_uds) = (fleet[0].socket.clone(), fleet[0].uds.clone());
+        let daemon = Daemon::spawn_with(command, dir, first_socket, first_uds, sockets, false);
+        (daemon, fleet)
+    }
+
+    fn spawn(command: Command, dir: Scratch) -> Daemon {
         let socket = dir.0.join("vhost.sock");
         let uds = dir.0.join("vm.vsock");
+        Daemon::spawn_with(command, dir, socket.clone(), uds, vec![socket], true)
+    }
+
+    fn spawn_with(
+        mut command: Command,
+        dir: Scratch,
+        socket: PathBuf,
+        uds: PathBuf,
+        sockets: Vec<PathBuf>,
+        single: bool,
+    ) -> Daemon {
         let log = dir.0.join("daemon.log");
         // A filter the caller set (`start_logged`) stands; otherwise VSOCK_DAEMON_LOG, or info.
         if !command.get_envs().any(|(k, _)| k == "RUST_LOG") {
@@ -207,13 +251,16 @@ impl Daemon {
                 std::env::var("VSOCK_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
             );
         }
+        if single {
+            command
+                .arg("--socket")
+                .arg(&socket)
+                .arg("--uds-path")
+                .arg(&uds)
+                .arg("--guest-cid")
+                .arg(GUEST_CID.to_string());
+        }
         let child = command
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--uds-path")
-            .arg(&uds)
-            .arg("--guest-cid")
-            .arg(GUEST_CID.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).expect("daemon log"))
@@ -227,7 +274,7 @@ impl Daemon {
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !daemon.socket.exists() {
+        while !sockets.iter().all(|s| s.exists()) {
             assert!(
                 daemon.running(),
                 "the daemon exited at start:\n{}",
@@ -307,6 +354,26 @@ impl Daemon {
     }
 }
 
+/// One VM of a daemon serving several ([`Daemon::start_fleet`]).
+#[derive(Clone, Debug)]
+pub struct FleetVm {
+    /// Its guest's CID.
+    pub cid: u64,
+    /// The vhost-user socket its QEMU connects to.
+    pub socket: PathBuf,
+    /// Its host socket base path `<uds_path>`.
+    pub uds: PathBuf,
+}
+
+impl FleetVm {
+    /// `<uds_path>_<port>`.
+    pub fn port_path(&self, port: u32) -> PathBuf {
+        let mut path = self.uds.clone().into_os_string();
+        path.push(format!("_{port}"));
+        path.into()
+    }
+}
+
 /// How the daemon ended.
 #[derive(Debug)]
 pub struct Exit {
@@ -383,6 +450,18 @@ impl Vm {
         script: &str,
         files: &[(&str, &[u8])],
     ) -> Vm {
+        Self::boot_qemu(image, vhost_socket, script, files, &[])
+    }
+
+    /// As [`boot_with`](Self::boot_with), with more QEMU arguments (a network device for a
+    /// link between two guests, say).
+    pub fn boot_qemu(
+        image: &Image,
+        vhost_socket: &Path,
+        script: &str,
+        files: &[(&str, &[u8])],
+        qemu_args: &[String],
+    ) -> Vm {
         let dir = Scratch::new("vm");
         let serial = dir.0.join("serial.log");
         let monitor = dir.0.join("monitor.sock");
@@ -424,6 +503,7 @@ impl Vm {
             .args(["-device", "vhost-user-vsock-pci,chardev=vsock0"])
             .arg("-monitor")
             .arg(format!("unix:{},server=on,wait=off", monitor.display()))
+            .args(qemu_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(dir.0.join("qemu.log")).expect("qemu log"))

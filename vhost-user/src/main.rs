@@ -386,6 +386,16 @@ fn print_stats(cid: Option<u64>, report: &Report) {
         engine.rst_sent,
         engine.rst_received
     );
+    if engine.sibling_connects + engine.sibling_accepts > 0 {
+        eprintln!(
+            "vhost-user-vsock: {vm}siblings: {} connects, {} accepted, {} refused by them, \
+             {} reset as they went away",
+            engine.sibling_connects,
+            engine.sibling_accepts,
+            engine.sibling_refused,
+            engine.sibling_resets
+        );
+    }
     eprintln!("vhost-user-vsock: {vm}engine {engine:?}");
     eprintln!("vhost-user-vsock: {vm}device {:?}", report.device);
     eprintln!("vhost-user-vsock: {vm}host {:?}", report.host);
