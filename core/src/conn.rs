@@ -179,6 +179,9 @@ pub(crate) struct Conn {
     /// The socket failed (an error event, or a write error): it takes no more guest bytes;
     /// what it holds for the guest is still read, then the connection is reset.
     pub(crate) host_broken: bool,
+    /// The socket's peer hung up: it takes no more guest bytes (the guest was told with
+    /// SHUTDOWN RCV), and what it holds for the guest is still read.
+    pub(crate) host_hung_up: bool,
 
     pub(crate) readable: bool,
     pub(crate) writable: bool,
@@ -242,6 +245,7 @@ impl Conn {
             host_rd_shut: false,
             socket_open: true,
             host_broken: false,
+            host_hung_up: false,
             readable: false,
             writable: false,
             flush_outstanding: false,

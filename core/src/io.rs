@@ -132,6 +132,12 @@ pub enum HostEvent {
     Writable,
     /// The socket reported an error (`EPOLLERR`, `SO_ERROR`).
     Error(SocketError),
+    /// The socket's peer will read no more: it closed, or shut down both directions
+    /// (`EPOLLHUP`). What it sent before is still read. The guest is told at once with
+    /// `SHUTDOWN` for its sending side, as a Linux peer's close would tell it; guest bytes
+    /// still held for the socket are lost, and the guest gets an RST once what the socket
+    /// holds for it is delivered.
+    HangUp,
 }
 
 /// A direction of a host socket, for [`Action::Shutdown`].

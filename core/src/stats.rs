@@ -100,6 +100,10 @@ pub struct Stats {
     pub host_errors: u64,
     /// Guest bytes a broken host socket could not take: dropped, and the connection reset.
     pub guest_bytes_lost: u64,
+    /// A host socket's peer hung up (closed, or shut down both directions): the guest was
+    /// told it can send no more; guest bytes held for it, if any, were lost
+    /// (`guest_bytes_lost`), and the connection is then reset.
+    pub host_hangups: u64,
     /// Ignored: an event for a connection handle that is no longer live.
     pub stale_events: u64,
     /// Seqpacket, dropped: the guest marked a message as the end of a record (`EOR`), which a

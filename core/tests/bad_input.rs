@@ -85,7 +85,7 @@ fn counters(s: &Stats) -> Vec<(&'static str, u64, bool)> {
             accept_limit, rst_queue_full, payload_faults, connect_line_garbage,
             connect_line_too_long, connect_line_bad_port, connect_line_eof,
             connect_line_timeout, connect_timeout, connect_failed, connect_refused_by_guest,
-            close_timeout, rst_undelivered, host_errors, stale_events,
+            close_timeout, rst_undelivered, host_errors, stale_events, host_hangups,
             sibling_accepts_refused, sibling_refused, sibling_resets,
     )
 }

@@ -277,6 +277,7 @@ enum HostChoice {
     Readable,
     Writable,
     Error,
+    HangUp,
 }
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
@@ -546,6 +547,10 @@ impl Harness {
                 // A connect to another VM: this harness serves a VM without siblings, which
                 // refuses it at once (the guest gets an RST from that CID).
                 assert_ne!(cid, GUEST_CID, "a connect to the guest itself");
+                assert!(self.rec_index(conn).is_none(), "Connect for a known handle");
+                // Known by its handle only (its ports are another CID's), for the Close that
+                // follows.
+                self.recs.push(Rec::new(conn, false));
                 let r = self.engine.handle_host_event(
                     self.now,
                     conn,
@@ -1306,6 +1311,11 @@ impl Harness {
                     HostChoice::ConnectFailed => HostEvent::ConnectFailed(SocketError(111)),
                     HostChoice::Readable => HostEvent::Readable,
                     HostChoice::Writable => HostEvent::Writable,
+                    HostChoice::HangUp => {
+                        // The peer closed: from here on its reads find end of file.
+                        self.recs[i].host_failed = true;
+                        HostEvent::HangUp
+                    }
                     HostChoice::Error => {
                         self.recs[i].host_failed = true;
                         HostEvent::Error(SocketError(104))
@@ -1420,11 +1430,14 @@ impl Harness {
                     progress += 1;
                 }
                 if self.recs[i].line_read_pending {
-                    // The client sends nothing more.
+                    // The client sends nothing more (a client that hung up: end of file).
                     self.recs[i].line_read_pending = false;
-                    let _ = self
-                        .engine
-                        .handle_connect_line(now, id, LineRead::WouldBlock);
+                    let read = if self.recs[i].host_failed {
+                        LineRead::Eof
+                    } else {
+                        LineRead::WouldBlock
+                    };
+                    let _ = self.engine.handle_connect_line(now, id, read);
                     progress += 1;
                 }
                 let _ = self.engine.handle_host_event(now, id, HostEvent::Writable);

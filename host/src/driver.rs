@@ -55,6 +55,8 @@ pub struct Readiness {
     pub writable: bool,
     /// The socket reported an error.
     pub error: bool,
+    /// The socket's peer hung up (`EPOLLHUP`: it closed, or shut down both directions).
+    pub hang_up: bool,
 }
 
 /// How long after a failed accept (`EMFILE` and friends) the listener is tried again. Runtimes
@@ -84,6 +86,9 @@ pub struct Driver<R: Reactor> {
     /// The device's epoch at the end of the last serve: when it moves (a reset, a stop, a
     /// restore), the siblings are told the guest forgot its connections.
     device_epoch: u64,
+    /// Every connection was aborted for a shutdown: sibling sockets closed from now on go to
+    /// the siblings with a departure notice.
+    departing: bool,
 }
 
 impl<R: Reactor> std::fmt::Debug for Driver<R> {
@@ -159,6 +164,7 @@ where
             accept_more: false,
             siblings: config.siblings,
             device_epoch: 0,
+            departing: false,
         })
     }
 
@@ -289,7 +295,7 @@ where
     fn watch_lifecycle(&mut self) {
         let parked = self.host.take_parked();
         let epoch = self.device.epoch();
-        if epoch != self.device_epoch {
+        if epoch != self.device_epoch || (self.departing && !parked.is_empty()) {
             self.device_epoch = epoch;
             if let Some(link) = &self.siblings {
                 debug!(
@@ -372,6 +378,9 @@ where
         if readiness.writable {
             let _ = engine.handle_host_event(now, conn, HostEvent::Writable);
         }
+        if readiness.hang_up {
+            let _ = engine.handle_host_event(now, conn, HostEvent::HangUp);
+        }
     }
 
     /// Fires due deadlines (the engine's, and the retry of accepts) and serves the queues
@@ -436,6 +445,8 @@ where
     pub fn abort_all(&mut self) {
         let now = self.now();
         self.device.engine_mut().abort_all(now);
+        // The VM is going away: the siblings hear of it with the sockets, as for a reset.
+        self.departing = true;
     }
 
     /// How long the runtime may sleep before it must serve again for a deadline (the

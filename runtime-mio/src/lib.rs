@@ -393,6 +393,9 @@ impl VsockMio {
                 readable: event.is_readable() || event.is_read_closed(),
                 writable: event.is_writable() || event.is_write_closed(),
                 error: event.is_error(),
+                // EPOLLHUP: both directions are shut (the peer closed, or it and we each
+                // shut one); the engine tells the guest if that leaves it unable to send.
+                hang_up: event.is_write_closed(),
             },
         );
         true

@@ -298,10 +298,25 @@ fn host_peer_closing_with_unread_data_resets_the_guest(rt: Runtime) {
     rig.until("connected", LONG, |g| g.stack.conn(key).established);
     let (app, _) = listener.accept().unwrap();
     drop(app);
-    // The guest keeps sending into a socket nobody reads: the write fails, the guest is reset.
+    // The guest hears at once that the peer is gone (as from a Linux peer's close), and its
+    // connection ends; bytes it sent before hearing it are lost, which a reset tells it.
     rig.guest.stack.write(key, &pattern(3, 1 << 20));
-    rig.until("reset", LONG, |g| g.stack.conn(key).rst_received);
-    rig.stop();
+    rig.until("closed", LONG, |g| g.stack.conn(key).closed);
+    let (peer_shut, reset) = {
+        let c = rig.guest.stack.conn(key);
+        (c.peer_shut, c.rst_received)
+    };
+    // Told first that the peer takes no more (then either the end of its stream, or, had
+    // the guest sent anything before hearing it, a reset for the loss).
+    assert_ne!(peer_shut & vsock_core::wire::SHUTDOWN_RCV, 0);
+    let vsock = rig.stop();
+    let stats = vsock.device().engine().stats();
+    assert_eq!(stats.host_hangups, 1);
+    assert!(
+        stats.guest_bytes_lost == 0 || reset,
+        "{} guest bytes lost without a reset",
+        stats.guest_bytes_lost
+    );
 }
 
 /// A host peer writes its reply and closes without reading what the guest sent. Linux then

@@ -217,6 +217,29 @@ fn a_sibling_that_stops_resets_the_other_guest_at_once(rt: Runtime) {
     drop(a.stop());
 }
 
+fn a_guest_that_closes_tells_its_sibling_it_takes_no_more(rt: Runtime) {
+    // vsock_test's "client close": once the closing side's end shows, the other's sends must
+    // fail at once, as with a Linux peer, whose close shuts both directions in one packet.
+    let (mut a, mut b) = pair(rt);
+    b.guest.stack.listen(5000);
+    let key = a.guest.stack.connect(5000);
+    until(&mut a, &mut b, "connected", LONG, |ga, gb| {
+        ga.stack.conn(key).established && !gb.stack.conns.is_empty()
+    });
+    let bkey = *b.guest.stack.conns.keys().next().unwrap();
+    b.guest.stack.write(bkey, b"x");
+    b.guest.stack.close(bkey);
+    until(&mut a, &mut b, "A saw the end", LONG, |ga, _| {
+        ga.stack.conn(key).peer_shut & SHUTDOWN_SEND != 0
+    });
+    let c = a.guest.stack.conn(key);
+    assert_ne!(c.peer_shut & vsock_core::wire::SHUTDOWN_RCV, 0, "{c:?}");
+    assert_eq!(c.read, b"x");
+    let (va, vb) = (a.stop(), b.stop());
+    assert_eq!(va.device().engine().stats().guest_bytes_lost, 0);
+    assert_eq!(vb.device().engine().stats().guest_bytes_lost, 0);
+}
+
 fn seqpacket_messages_between_two_guests_keep_their_boundaries(rt: Runtime) {
     let (mut a, mut b) = pair(rt);
     b.guest.stack.listen_seqpacket(5000);
@@ -270,5 +293,6 @@ conformance!(
     a_receiver_without_rx_buffers_holds_the_sender_back_and_loses_nothing,
     a_sibling_reset_resets_the_other_guest_at_once,
     a_sibling_that_stops_resets_the_other_guest_at_once,
+    a_guest_that_closes_tells_its_sibling_it_takes_no_more,
     seqpacket_messages_between_two_guests_keep_their_boundaries,
 );

@@ -19,7 +19,7 @@ pub const LINKTYPE_EVENTS: u16 = 147;
 /// [`Snapshot`] to `START`; version 3 added seqpacket sockets (the kinds `SOCKET_TYPES`,
 /// `PROBE` and `RX_MESSAGE`, the socket type in `ACCEPT`, `ACTION` code 7 and `POLL_RX`
 /// codes 3 and 4); version 4 added sibling VMs (the kinds `SIBLING_ACCEPT` and
-/// `RESET_PEER`, and the CID of an `ACTION` connect in the upper half of its value; before,
+/// `RESET_PEER`, `HOST` code 5 for a hang-up, and the CID of an `ACTION` connect in the upper half of its value; before,
 /// every connect was to the host). A reader reads versions 1 to 3 too (their `START` is a fresh engine's in version
 /// 1, versions 1 and 2 hold streams only, and none has siblings).
 pub const VERSION: u8 = 4;
@@ -223,6 +223,7 @@ pub fn encode(out: &mut Vec<u8>, ports: Option<(u32, u32)>, event: &Event<'_>) {
             HostEvent::Readable => (kind::HOST, 2, 0),
             HostEvent::Writable => (kind::HOST, 3, 0),
             HostEvent::Error(e) => (kind::HOST, 4, e.0 as u32 as u64),
+            HostEvent::HangUp => (kind::HOST, 5, 0),
         },
         Event::HostWrite(_, io) => {
             let (c, v) = io_code(io);
@@ -565,6 +566,7 @@ pub fn decode(record: &[u8]) -> Result<Decoded<'_>, EventError> {
                 2 => HostEvent::Readable,
                 3 => HostEvent::Writable,
                 4 => HostEvent::Error(errno),
+                5 => HostEvent::HangUp,
                 _ => return Err(unknown()),
             },
         ),
@@ -724,6 +726,7 @@ mod tests {
             Event::Host(c, HostEvent::Readable),
             Event::Host(c, HostEvent::Writable),
             Event::Host(c, HostEvent::Error(e)),
+            Event::Host(c, HostEvent::HangUp),
             Event::HostWrite(c, Io::Done(1 << 20)),
             Event::Timeout,
             Event::ResetConnection(c),

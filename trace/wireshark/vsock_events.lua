@@ -27,7 +27,7 @@ local codes = {
     [3] = { [0] = "accepted [1 stream, 2 seqpacket]", [1] = "table full [1 stream, 2 seqpacket]" },
     [4] = { [0] = "bytes [count]", [1] = "end of file", [2] = "would block", [3] = "error [errno]" },
     [5] = { [0] = "connected", [1] = "connect failed [errno]", [2] = "readable", [3] = "writable",
-            [4] = "error [errno]" },
+            [4] = "error [errno]", [5] = "hang-up" },
     [6] = io_codes,
     [11] = { [0] = "nothing [room]", [1] = "packet [room]", [2] = "read [room]",
              [3] = "probe message [room]", [4] = "read message [room]" },

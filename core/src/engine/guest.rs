@@ -259,6 +259,13 @@ impl Engine {
                     self.stats.credit_violation += 1;
                     debug!(conn = %self.id(idx), len = pkt.len, "guest exceeded its credit");
                     self.reset_conn(idx);
+                } else if c.host_hung_up && pkt.len > 0 {
+                    // Sent before the guest heard of the hang-up: lost, which only a reset
+                    // can tell it.
+                    self.host_broken(idx);
+                    let c = &mut self.conns[idx];
+                    c.rx_cnt = c.rx_cnt.wrapping_add(pkt.len);
+                    self.stats.guest_bytes_lost += u64::from(pkt.len);
                 } else if c.host_broken {
                     // Nowhere to go: the guest hears of the loss by an RST once the socket's
                     // bytes for it are delivered, and was told with SHUTDOWN RCV to stop.

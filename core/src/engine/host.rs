@@ -258,6 +258,7 @@ impl Engine {
             }
             HostEvent::Readable => c.readable = true,
             HostEvent::Writable => c.writable = true,
+            HostEvent::HangUp => self.host_hung_up(idx),
             HostEvent::Error(e) => {
                 debug!(%conn, error = %e, "host socket error");
                 if c.phase == Phase::ConnectLine {
@@ -388,6 +389,32 @@ impl Engine {
     /// for the guest (a peer that wrote a reply and closed without reading keeps its bytes in
     /// our socket) is read and delivered, and then the guest gets an RST: only a reset tells it
     /// that bytes it sent were lost. With nothing left to deliver, the reset is at once.
+    /// The peer of connection `idx`'s socket hung up. With nothing of the guest's held for
+    /// it, a clean end: the guest is told with SHUTDOWN RCV that its sends will fail, what the
+    /// socket holds is read and delivered, and the connection ends as usual. With guest bytes
+    /// held, those are lost: a broken socket ([`host_broken`](Self::host_broken)).
+    pub(super) fn host_hung_up(&mut self, idx: usize) {
+        let c = &mut self.conns[idx];
+        match c.phase {
+            Phase::Established if c.host_pending() > 0 || c.open_msg > 0 => {
+                self.stats.host_hangups += 1;
+                self.host_broken(idx);
+            }
+            Phase::Established if !c.host_hung_up && !c.host_broken => {
+                self.stats.host_hangups += 1;
+                c.host_hung_up = true;
+                c.readable = true;
+                c.writable = false;
+                if c.guest_shut & SHUTDOWN_SEND == 0 {
+                    c.owed_rx |= owed_rx::SHUTDOWN_RCV;
+                }
+            }
+            // A client gone before its line was read may still have sent all of it; a
+            // connect's result or a sibling's reply says the rest.
+            _ => c.readable = true,
+        }
+    }
+
     pub(super) fn host_broken(&mut self, idx: usize) {
         let c = &mut self.conns[idx];
         if c.host_broken {

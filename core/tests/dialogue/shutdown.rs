@@ -461,3 +461,79 @@ fn rst_replies_to_unknown_connections_are_bounded() {
     assert_stats!(e, tx_packets: 4, unknown_connection: 4, rst_queue_full: 1, rx_packets: 3,
         rst_sent: 3);
 }
+
+#[test]
+fn a_host_peer_that_hangs_up_is_a_close_the_guest_hears_at_once() {
+    let mut e = engine();
+    // Nothing of the guest's held: the guest is told at once that its sends will fail, gets
+    // what the socket holds, then the end of the stream; a clean close, no reset.
+    let a = guest_connected(&mut e, ms(0), 1000, 80, GUEST_BUF);
+    assert_eq!(e.handle_host_event(ms(1), a, HostEvent::HangUp), Ok(()));
+    expect_actions(&mut e, &[interest(a, false, false)]);
+    assert_eq!(
+        expect_rx(&mut e, ms(1), Op::Shutdown),
+        host_pkt(Op::Shutdown, 80, 1000, 0, SHUTDOWN_RCV, BUF, 0)
+    );
+    assert_eq!(
+        read(&mut e, ms(1), ROOM, a, ROOM, 10),
+        host_pkt(Op::Rw, 80, 1000, 10, 0, BUF, 0)
+    );
+    let r = expect_read(&mut e, ms(1), ROOM, a, ROOM);
+    assert_eq!(
+        r.complete(Io::Done(0), &mut &[][..]),
+        Ok(Some(host_pkt(
+            Op::Shutdown,
+            80,
+            1000,
+            0,
+            SHUTDOWN_SEND,
+            BUF,
+            0
+        )))
+    );
+    // The guest closes too (Linux answers both shutdowns with its own RST).
+    tx(
+        &mut e,
+        ms(2),
+        guest_pkt(Op::Rst, 1000, 80, 0, 0, GUEST_BUF, 0),
+    );
+    expect_actions(&mut e, &[close(a)]);
+    assert_eq!(e.stats().guest_bytes_lost, 0);
+    assert_eq!(e.stats().host_hangups, 1);
+
+    // Bytes the guest sent before it heard are lost: the guest gets the reset it needs.
+    let b = guest_connected(&mut e, ms(3), 1001, 80, GUEST_BUF);
+    assert_eq!(e.handle_host_event(ms(3), b, HostEvent::HangUp), Ok(()));
+    let _ = actions(&mut e);
+    match e.handle_tx(ms(3), &guest_pkt(Op::Rw, 1001, 80, 5, 0, GUEST_BUF, 0)) {
+        Tx::Done => {}
+        Tx::Data(_) => panic!("bytes offered to a socket whose peer hung up"),
+    }
+    assert_eq!(e.stats().guest_bytes_lost, 5);
+    expect_rx(&mut e, ms(3), Op::Shutdown);
+    let r = expect_read(&mut e, ms(3), ROOM, b, ROOM);
+    assert_eq!(r.complete(Io::Done(0), &mut &[][..]), Ok(None));
+    expect_rx(&mut e, ms(3), Op::Rst);
+    expect_actions(&mut e, &[close(b)]);
+
+    // Guest bytes still held for the socket when it hangs up: lost, and the reset follows.
+    let c = guest_connected(&mut e, ms(4), 1002, 80, GUEST_BUF);
+    // The socket refuses them: they wait in the connection buffer.
+    let _ = tx_data(
+        &mut e,
+        ms(4),
+        guest_pkt(Op::Rw, 1002, 80, 3, 0, GUEST_BUF, 0),
+        b"abc",
+        Io::WouldBlock,
+    );
+    let _ = actions(&mut e);
+    let lost = e.stats().guest_bytes_lost;
+    assert_eq!(e.handle_host_event(ms(4), c, HostEvent::HangUp), Ok(()));
+    assert_eq!(e.stats().guest_bytes_lost, lost + 3);
+    let _ = actions(&mut e);
+    expect_rx(&mut e, ms(4), Op::Shutdown);
+    let r = expect_read(&mut e, ms(4), ROOM, c, ROOM);
+    assert_eq!(r.complete(Io::Done(0), &mut &[][..]), Ok(None));
+    expect_rx(&mut e, ms(4), Op::Rst);
+    assert_eq!(e.stats().host_hangups, 3);
+}
