@@ -4,6 +4,8 @@
 //! reset; a full receiver holds the sender back; a sibling going away resets the other at
 //! once.
 
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
 use vsock_core::testing::pattern;
@@ -240,6 +242,94 @@ fn a_guest_that_closes_tells_its_sibling_it_takes_no_more(rt: Runtime) {
     assert_eq!(vb.device().engine().stats().guest_bytes_lost, 0);
 }
 
+fn a_misbehaving_flooded_vm_never_holds_another_back(rt: Runtime) {
+    // Isolation: VM A's guest posts no rx buffers while a host peer streams into it, sends a
+    // flood of packets for no connection, and its listener takes a storm of host clients
+    // that never send a line; mid-way it takes all that at once, and then its driver resets
+    // the device. All the while VM B's guest moves 4 MiB through a host echo service, intact.
+    let (mut a, mut b) = pair(rt);
+    // Both guests talk to the host here.
+    a.guest.stack.peer_cid = vsock_core::wire::HOST_CID;
+    b.guest.stack.peer_cid = vsock_core::wire::HOST_CID;
+    let service = UnixListener::bind(b.port_path(1234)).unwrap();
+    let echo = std::thread::spawn(move || {
+        let (mut s, _) = service.accept().unwrap();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            s.write_all(&buf[..n]).unwrap();
+        }
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let a_service = UnixListener::bind(a.port_path(77)).unwrap();
+    let streamer = std::thread::spawn(move || {
+        let (mut s, _) = a_service.accept().unwrap();
+        s.set_write_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        // Until the socket stays full: the guest reads nothing.
+        while s.write_all(&[7u8; 65536]).is_ok() {}
+    });
+    let stuck = a.guest.stack.connect(77);
+    until(&mut a, &mut b, "A connected", LONG, |ga, _| {
+        ga.stack.conn(stuck).established
+    });
+    a.guest.rx_paused = true;
+    let clients: Vec<UnixStream> = (0..300)
+        .map(|_| UnixStream::connect(a.listener()).unwrap())
+        .collect();
+    for i in 0..5000u32 {
+        let mut h = vsock_core::testing::guest_pkt(
+            vsock_core::wire::Op::CreditRequest,
+            20_000 + i,
+            30_000 + i,
+            0,
+            0,
+            65536,
+            0,
+        );
+        h.src_cid = A.into();
+        a.guest.stack.send_raw(h, Vec::new());
+    }
+
+    let key = b.guest.stack.connect(1234);
+    let data = pattern(9, 4 << 20);
+    until(&mut a, &mut b, "B connected", LONG, |_, gb| {
+        gb.stack.conn(key).established
+    });
+    b.guest.stack.write(key, &data);
+    b.guest.stack.shutdown(key, SHUTDOWN_SEND);
+    let mut resumed = false;
+    until(&mut a, &mut b, "B's echo", LONG, |ga, gb| {
+        if !resumed && gb.stack.conn(key).read.len() > 1 << 20 {
+            // A's guest takes its flood of RSTs and the stream mid-way through B's transfer.
+            resumed = true;
+            ga.rx_paused = false;
+        }
+        gb.stack.conn(key).peer_shut & SHUTDOWN_SEND != 0
+    });
+    a.reset_device();
+    for _ in 0..50 {
+        a.step();
+        b.step();
+    }
+    echo.join().unwrap();
+    assert!(b.guest.stack.conn(key).read == data, "B's echo differs");
+    drop(clients);
+    let (va, vb) = (a.stop(), b.stop());
+    streamer.join().unwrap();
+    let sa = va.device().engine().stats();
+    assert!(
+        sa.unknown_connection >= 5000 || sa.rst_queue_full > 0,
+        "{sa:?}"
+    );
+    let sb = vb.device().engine().stats();
+    assert_eq!(sb.guest_bytes_lost, 0);
+    assert_eq!(sb.unknown_connection, 0, "B saw none of A's flood");
+}
+
 fn seqpacket_messages_between_two_guests_keep_their_boundaries(rt: Runtime) {
     let (mut a, mut b) = pair(rt);
     b.guest.stack.listen_seqpacket(5000);
@@ -294,5 +384,6 @@ conformance!(
     a_sibling_reset_resets_the_other_guest_at_once,
     a_sibling_that_stops_resets_the_other_guest_at_once,
     a_guest_that_closes_tells_its_sibling_it_takes_no_more,
+    a_misbehaving_flooded_vm_never_holds_another_back,
     seqpacket_messages_between_two_guests_keep_their_boundaries,
 );
