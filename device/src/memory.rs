@@ -373,6 +373,20 @@ pub(crate) fn read_message_from_fd<'s, M: GuestMemory>(
     })
 }
 
+/// Whether the socket reports both directions shut (`POLLHUP`): its peer closed, or shut down
+/// what we had not. Never blocks.
+pub(crate) fn hung_up(fd: BorrowedFd<'_>) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid pollfd for the duration of the call; a zero timeout never
+    // blocks.
+    let polled = unsafe { libc::poll(&raw mut pfd, 1, 0) };
+    polled > 0 && pfd.revents & libc::POLLHUP != 0
+}
+
 /// Peeks at the size of the next message on the seqpacket socket `fd`, never blocking.
 ///
 /// A peek of 0 bytes is an empty message or end of file, and Linux cannot be asked which

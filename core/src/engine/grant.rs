@@ -268,6 +268,16 @@ impl RxRead<'_> {
         self.max
     }
 
+    /// Whether the engine already knows the socket takes no more guest bytes (see
+    /// [`Engine::conn_peer_gone`]): a caller that reads end of file and sees the peer hung up
+    /// (`POLLHUP`) before its event came drops this grant, reports
+    /// [`HostEvent::HangUp`](crate::HostEvent::HangUp) and polls again, unless this says the
+    /// engine knows.
+    pub fn peer_gone(&self) -> bool {
+        let c = &self.engine.conns[self.idx];
+        c.host_hung_up || c.host_broken
+    }
+
     /// Reports the read. Returns the header to publish, or `None` if nothing goes to the guest
     /// (the socket had nothing, or failed: the connection is then reset).
     ///

@@ -231,6 +231,13 @@ impl Engine {
         self.socket_types
     }
 
+    /// Whether a live connection's socket takes no more guest bytes: its peer hung up
+    /// ([`HostEvent::HangUp`]) or it broke.
+    pub fn conn_peer_gone(&self, conn: ConnId) -> bool {
+        self.get(conn)
+            .is_some_and(|c| c.host_hung_up || c.host_broken)
+    }
+
     /// Who opened a live connection.
     pub fn conn_origin(&self, conn: ConnId) -> Option<Origin> {
         self.get(conn).map(|c| c.origin)

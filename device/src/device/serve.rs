@@ -456,6 +456,20 @@ impl VsockDevice {
                         },
                         None => Io::Error(SocketError(libc::EBADF)),
                     };
+                    if io == Io::Done(0)
+                        && !read.peer_gone()
+                        && host.fd(conn).is_some_and(crate::memory::hung_up)
+                    {
+                        // End of file with the peer hung up, whose event may not have come
+                        // yet: the guest must hear that its sends will fail before it hears
+                        // the end (a Linux peer's close says both at once). Nothing was read,
+                        // so the grant is dropped, and the read comes again after.
+                        drop(read);
+                        let _ =
+                            self.engine
+                                .handle_host_event(now, conn, vsock_core::HostEvent::HangUp);
+                        continue;
+                    }
                     // The recorder, if any, reads the bytes back from the buffer.
                     let mut bytes = PayloadBytes { mem, span: data };
                     match read.complete(io, &mut bytes) {
