@@ -1138,7 +1138,9 @@ impl Harness {
         if ok {
             rec.line_fed.extend_from_slice(bytes);
         }
-        if rec.ports.is_none() {
+        // Only a host client learns its ports from its line (a refused sibling connect's
+        // record has none, and its connection's ports are another CID's).
+        if rec.ports.is_none() && rec.origin_host {
             if let Some(ports) = self.engine.conn_ports(id) {
                 rec.ports = Some(ports);
                 let newline = rec
