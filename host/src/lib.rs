@@ -628,9 +628,12 @@ impl<R: Reactor> Host<R> {
         self.seqpacket_send_buffer = bytes;
     }
 
-    /// A connect to a sibling VM: a socket pair whose other end waits in its inbox, or an
-    /// immediate failure.
-    fn connect_sibling(
+    /// Connects `conn` to `(cid, port)`: for the host's CID, a non-blocking Unix socket to
+    /// `<uds_path>_<port>` (a Unix socket connects at once or fails at once: a full backlog
+    /// is would-block, which the guest sees as a refusal; a service of the other socket type
+    /// is EPROTOTYPE, a refusal too); for a sibling VM's, a socket pair whose other end waits
+    /// in its inbox, or an immediate failure.
+    fn connect(
         &mut self,
         now: Instant,
         engine: &mut Engine,
@@ -639,14 +642,20 @@ impl<R: Reactor> Host<R> {
         port: u32,
         ty: SocketType,
     ) {
-        let from_port = engine
-            .conn_ports(conn)
-            .map_or(0, |(guest_port, _)| guest_port);
-        let connected = match &self.siblings {
-            Some(link) => link.connect(cid, from_port, port, ty),
-            None => Err(io::Error::from_raw_os_error(113)),
+        let connected = if cid == HOST_CID {
+            connect_unix(&self.path.port(port), ty)
+        } else {
+            let from_port = engine
+                .conn_ports(conn)
+                .map_or(0, |(guest_port, _)| guest_port);
+            match &self.siblings {
+                Some(link) => link.connect(cid, from_port, port, ty),
+                // EHOSTUNREACH: this VM has no siblings.
+                None => Err(io::Error::from_raw_os_error(113)),
+            }
         };
         let event = match connected {
+            // Writable says when the connect completes.
             Ok(stream) => {
                 if ty == SocketType::SeqPacket {
                     self.size_send_buffer(&stream);
@@ -658,44 +667,7 @@ impl<R: Reactor> Host<R> {
                 self.register_connected(conn, stream, interest, cid)
             }
             Err(e) => {
-                debug!(%conn, cid, port, error = %e, "sibling connect failed");
-                self.stats.connect_failures += 1;
-                HostEvent::ConnectFailed(SocketError::from(&e))
-            }
-        };
-        let _ = engine.handle_host_event(now, conn, event);
-    }
-
-    fn connect(
-        &mut self,
-        now: Instant,
-        engine: &mut Engine,
-        conn: ConnId,
-        cid: u64,
-        port: u32,
-        ty: SocketType,
-    ) {
-        if cid != HOST_CID {
-            return self.connect_sibling(now, engine, conn, cid, port, ty);
-        }
-        let path = self.path.port(port);
-        // The connect is non-blocking: a Unix socket connects at once or fails at once (a
-        // full backlog is would-block, which the guest sees as a refusal; a service of the
-        // other socket type is EPROTOTYPE, a refusal too).
-        let event = match connect_unix(&path, ty) {
-            // Writable says when the connect completes.
-            Ok(stream) => {
-                if ty == SocketType::SeqPacket {
-                    self.size_send_buffer(&stream);
-                }
-                let interest = Interest {
-                    readable: true,
-                    writable: true,
-                };
-                self.register_connected(conn, stream, interest, HOST_CID)
-            }
-            Err(e) => {
-                debug!(%conn, path = %path.display(), error = %e, "connect failed");
+                debug!(%conn, cid, port, error = %e, "connect failed");
                 self.stats.connect_failures += 1;
                 HostEvent::ConnectFailed(SocketError::from(&e))
             }

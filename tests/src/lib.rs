@@ -410,3 +410,38 @@ pub fn read_seqpacket(s: &mut UnixStream, buf: &mut [u8]) -> std::io::Result<usi
         n => Ok(n),
     }
 }
+
+/// One real-guest test per runtime (`mio::…`, `tokio::…`, `smol::…`), each calling
+/// `super::$check(runtime_name)`, for the guest, fleet and vsock_test suites.
+///
+/// Each is `#[ignore]`d, saying why, only where `tests/build.rs` found no guest image or QEMU
+/// (a plain `cargo test` on a bare machine). They still run: `./scripts/test.sh`, the README's
+/// test command and what CI runs through `.ci/run`, builds the image, installs QEMU and sets
+/// `VSOCK_REQUIRE_GUEST=1`, under which a missing part fails them instead.
+#[macro_export]
+macro_rules! on_each_runtime {
+    ($($check:ident),* $(,)?) => {
+        $crate::on_each_runtime!(@on mio: $($check),*);
+        $crate::on_each_runtime!(@on tokio: $($check),*);
+        $crate::on_each_runtime!(@on smol: $($check),*);
+    };
+    (@on $runtime:ident: $($check:ident),*) => {
+        mod $runtime {
+            $(
+                #[test]
+                // Ignored only without the guest image or QEMU; `./scripts/test.sh` (CI's
+                // command) provides both and sets VSOCK_REQUIRE_GUEST=1, so there they run,
+                // and a missing part fails them.
+                #[cfg_attr(
+                    not(vsock_guest),
+                    // Why: no guest image or QEMU on this machine. How it still runs: ./scripts/test.sh
+                    // (the README's test command, and CI's) builds both and sets VSOCK_REQUIRE_GUEST=1.
+                    ignore = "no guest image or QEMU; ./scripts/test.sh (CI) provides both and runs it"
+                )]
+                fn $check() {
+                    super::$check(stringify!($runtime))
+                }
+            )*
+        }
+    };
+}

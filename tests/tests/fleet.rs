@@ -282,32 +282,7 @@ fn a_killed_guest_resets_its_sibling_and_a_restarted_one_is_reached(runtime: &st
     );
 }
 
-/// One test per runtime, as in `tests/guest.rs`.
-macro_rules! on_each_runtime {
-    ($($check:ident),* $(,)?) => {
-        on_each_runtime!(@on mio: $($check),*);
-        on_each_runtime!(@on tokio: $($check),*);
-        on_each_runtime!(@on smol: $($check),*);
-    };
-    (@on $runtime:ident: $($check:ident),*) => {
-        mod $runtime {
-            $(
-                #[test]
-                #[cfg_attr(
-                    not(vsock_guest),
-                    // Why: no guest image or QEMU on this machine. How it still runs: ./scripts/test.sh
-                    // (the README's test command, and CI's) builds both and sets VSOCK_REQUIRE_GUEST=1.
-                    ignore = "no guest image or QEMU; ./scripts/test.sh (CI) provides both and runs it"
-                )]
-                fn $check() {
-                    super::$check(stringify!($runtime))
-                }
-            )*
-        }
-    };
-}
-
-on_each_runtime!(
+vsock_tests::on_each_runtime!(
     two_guests_talk_to_the_host_and_to_each_other,
     a_killed_guest_resets_its_sibling_and_a_restarted_one_is_reached,
 );

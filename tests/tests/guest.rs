@@ -1285,36 +1285,7 @@ for_each_buffer_size!(
     tx_buffer_size_1048576: 1024 * 1024,
 );
 
-/// One test per runtime and check, `#[ignore]`d (saying why) where `tests/build.rs` found no
-/// guest image or QEMU, unless `VSOCK_REQUIRE_GUEST=1`.
-macro_rules! on_each_runtime {
-    ($($check:ident),* $(,)?) => {
-        on_each_runtime!(@on mio: $($check),*);
-        on_each_runtime!(@on tokio: $($check),*);
-        on_each_runtime!(@on smol: $($check),*);
-    };
-    (@on $runtime:ident: $($check:ident),*) => {
-        mod $runtime {
-            $(
-                #[test]
-                // Ignored only without the guest image or QEMU; `./scripts/test.sh` (CI's
-                // command) provides both and sets VSOCK_REQUIRE_GUEST=1, so there they run,
-                // and a missing part fails them.
-                #[cfg_attr(
-                    not(vsock_guest),
-                    // Why: no guest image or QEMU on this machine. How it still runs: ./scripts/test.sh
-                    // (the README's test command, and CI's) builds both and sets VSOCK_REQUIRE_GUEST=1.
-                    ignore = "no guest image or QEMU; ./scripts/test.sh (CI) provides both and runs it"
-                )]
-                fn $check() {
-                    super::$check(stringify!($runtime))
-                }
-            )*
-        }
-    };
-}
-
-on_each_runtime!(
+vsock_tests::on_each_runtime!(
     all_checks,
     guest_killed,
     recorded_trace,

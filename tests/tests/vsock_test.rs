@@ -188,29 +188,4 @@ fn kernel_vsock_test_between_two_guests(runtime: &str) {
     assert!(wrong.is_empty(), "{report}\n{}", wrong.join("\n"));
 }
 
-/// One test per runtime, as in `tests/guest.rs`.
-macro_rules! on_each_runtime {
-    ($($check:ident),* $(,)?) => {
-        on_each_runtime!(@on mio: $($check),*);
-        on_each_runtime!(@on tokio: $($check),*);
-        on_each_runtime!(@on smol: $($check),*);
-    };
-    (@on $runtime:ident: $($check:ident),*) => {
-        mod $runtime {
-            $(
-                #[test]
-                #[cfg_attr(
-                    not(vsock_guest),
-                    // Why: no guest image or QEMU on this machine. How it still runs: ./scripts/test.sh
-                    // (the README's test command, and CI's) builds both and sets VSOCK_REQUIRE_GUEST=1.
-                    ignore = "no guest image or QEMU; ./scripts/test.sh (CI) provides both and runs it"
-                )]
-                fn $check() {
-                    super::$check(stringify!($runtime))
-                }
-            )*
-        }
-    };
-}
-
-on_each_runtime!(kernel_vsock_test_between_two_guests);
+vsock_tests::on_each_runtime!(kernel_vsock_test_between_two_guests);
