@@ -15,7 +15,7 @@
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -60,6 +60,115 @@ pub fn seqpacket_helper() -> Vec<u8> {
     })
 }
 
+/// The release daemon the real-guest and service tests run (`$VSOCK_DAEMON`, or
+/// `target/release/vhost-user-vsock`).
+///
+/// # Errors
+///
+/// A sentence saying it is missing and how to build it.
+pub fn daemon_binary() -> Result<PathBuf, String> {
+    let daemon = std::env::var_os("VSOCK_DAEMON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("release/vhost-user-vsock"));
+    if !daemon.is_file() {
+        return Err(format!(
+            "no daemon at {} (build it: cargo build --release -p vsock-vhost-user --bin \
+             vhost-user-vsock)",
+            daemon.display()
+        ));
+    }
+    Ok(daemon)
+}
+
+/// This crate's `vsock-socket-activate`, which starts a program as systemd starts a
+/// socket-activated service: beside the running test binary's directory (cargo builds a
+/// package's binaries for its tests), or `$VSOCK_SOCKET_ACTIVATE`.
+pub fn socket_activate_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("VSOCK_SOCKET_ACTIVATE") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    // target/<profile>/deps/<test> -> target/<profile>/vsock-socket-activate
+    let profile = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test binary sits in target/<profile>/deps");
+    let path = profile.join("vsock-socket-activate");
+    assert!(
+        path.is_file(),
+        "no vsock-socket-activate at {} (cargo builds it with the vsock-tests tests)",
+        path.display()
+    );
+    path
+}
+
+/// A service manager's notify socket (`NOTIFY_SOCKET`), as systemd's, bound at `path`.
+pub struct NotifySocket {
+    socket: UnixDatagram,
+    path: PathBuf,
+    heard: Vec<String>,
+}
+
+impl NotifySocket {
+    /// Binds the socket at `path`.
+    pub fn bind(path: PathBuf) -> NotifySocket {
+        let _ = fs::remove_file(&path);
+        let socket = UnixDatagram::bind(&path).expect("bind the notify socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("notify socket timeout");
+        NotifySocket {
+            socket,
+            path,
+            heard: Vec::new(),
+        }
+    }
+
+    /// The value of `NOTIFY_SOCKET` for the service.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every assignment heard so far (`READY=1`, `STATUS=...`), in order.
+    pub fn heard(&mut self) -> &[String] {
+        self.poll();
+        &self.heard
+    }
+
+    fn poll(&mut self) -> bool {
+        let mut buf = [0u8; 4096];
+        let mut any = false;
+        while let Ok(n) = self.socket.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            self.heard.extend(text.lines().map(String::from));
+            any = true;
+        }
+        any
+    }
+
+    /// Waits until `assignment` (`READY=1`) is heard, for at most `timeout`, while `alive`
+    /// says the service still runs. Returns whether it was heard.
+    pub fn wait_for(
+        &mut self,
+        assignment: &str,
+        timeout: Duration,
+        mut alive: impl FnMut() -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.poll();
+            if self.heard.iter().any(|a| a == assignment) {
+                return true;
+            }
+            if Instant::now() > deadline || !alive() {
+                // What came in the meantime counts.
+                self.poll();
+                return self.heard.iter().any(|a| a == assignment);
+            }
+        }
+    }
+}
+
 /// What a real-guest test needs: the kernel, the initramfs and the daemon binary.
 #[derive(Clone, Debug)]
 pub struct Image {
@@ -94,16 +203,7 @@ impl Image {
         if !qemu.is_ok_and(|s| s.success()) {
             return Err("qemu-system-x86_64 is not installed".into());
         }
-        let daemon = std::env::var_os("VSOCK_DAEMON")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| target_dir().join("release/vhost-user-vsock"));
-        if !daemon.is_file() {
-            return Err(format!(
-                "no daemon at {} (build it: cargo build --release -p vsock-vhost-user --bin \
-                 vhost-user-vsock)",
-                daemon.display()
-            ));
-        }
+        let daemon = daemon_binary()?;
         Ok(Image {
             kernel,
             initramfs,
@@ -144,6 +244,11 @@ impl Drop for Scratch {
 }
 
 /// The `vhost-user-vsock` daemon, running as a child process.
+///
+/// It starts as its systemd units start it: a single VM's vhost-user socket is bound by
+/// `vsock-socket-activate` and passed as descriptor 3 (`LISTEN_FDS`), and the daemon is ready
+/// when its notify socket hears `READY=1`; at the end it must have said `STOPPING=1`. So
+/// every real-guest test runs the daemon the way a service manager would.
 pub struct Daemon {
     child: Child,
     /// The vhost-user socket QEMU connects to.
@@ -151,7 +256,20 @@ pub struct Daemon {
     /// The host socket base path `<uds_path>`.
     pub uds: PathBuf,
     log: PathBuf,
+    /// Our daemon's notify socket; none for another backend.
+    notify: Option<NotifySocket>,
     _dir: Scratch,
+}
+
+/// How a daemon is started.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// Ours, one VM, its vhost-user socket passed by `vsock-socket-activate`.
+    Activated,
+    /// Ours, several VMs binding their own sockets.
+    Fleet,
+    /// Another backend, which binds `--socket` itself and knows no notify socket.
+    Other,
 }
 
 impl Daemon {
@@ -193,7 +311,17 @@ impl Daemon {
     /// Starts another vhost-user vsock backend that takes the same `--socket`, `--uds-path`
     /// and `--guest-cid` flags (rust-vmm's `vhost-device-vsock` does), for comparisons.
     pub fn start_other(binary: &Path) -> Daemon {
-        Daemon::spawn(Command::new(binary), Scratch::new("d"))
+        let dir = Scratch::new("d");
+        let socket = dir.0.join("vhost.sock");
+        let uds = dir.0.join("vm.vsock");
+        Daemon::spawn_with(
+            Command::new(binary),
+            dir,
+            socket.clone(),
+            uds,
+            vec![socket],
+            Start::Other,
+        )
     }
 
     /// Starts the daemon on `runtime` serving one VM per `(cid, groups)` with `--vm`, and
@@ -225,14 +353,22 @@ impl Daemon {
         }
         let sockets = fleet.iter().map(|vm| vm.socket.clone()).collect();
         let (first_socket, first_uds) = (fleet[0].socket.clone(), fleet[0].uds.clone());
-        let daemon = Daemon::spawn_with(command, dir, first_socket, first_uds, sockets, false);
+        let daemon =
+            Daemon::spawn_with(command, dir, first_socket, first_uds, sockets, Start::Fleet);
         (daemon, fleet)
     }
 
     fn spawn(command: Command, dir: Scratch) -> Daemon {
         let socket = dir.0.join("vhost.sock");
         let uds = dir.0.join("vm.vsock");
-        Daemon::spawn_with(command, dir, socket.clone(), uds, vec![socket], true)
+        Daemon::spawn_with(
+            command,
+            dir,
+            socket.clone(),
+            uds,
+            vec![socket],
+            Start::Activated,
+        )
     }
 
     fn spawn_with(
@@ -241,7 +377,7 @@ impl Daemon {
         socket: PathBuf,
         uds: PathBuf,
         sockets: Vec<PathBuf>,
-        single: bool,
+        start: Start,
     ) -> Daemon {
         let log = dir.0.join("daemon.log");
         // A filter the caller set (`start_logged`) stands; otherwise VSOCK_DAEMON_LOG, or info.
@@ -251,15 +387,38 @@ impl Daemon {
                 std::env::var("VSOCK_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
             );
         }
-        if single {
+        if start == Start::Other {
+            command.arg("--socket").arg(&socket);
+        }
+        if start != Start::Fleet {
             command
-                .arg("--socket")
-                .arg(&socket)
                 .arg("--uds-path")
                 .arg(&uds)
                 .arg("--guest-cid")
                 .arg(GUEST_CID.to_string());
         }
+        if start == Start::Activated {
+            // The same program, arguments and environment, behind the activator.
+            let mut activated = Command::new(socket_activate_binary());
+            activated
+                .arg("--listen")
+                .arg(&socket)
+                .arg("--")
+                .arg(command.get_program())
+                .args(command.get_args());
+            for (key, value) in command.get_envs() {
+                match value {
+                    Some(v) => activated.env(key, v),
+                    None => activated.env_remove(key),
+                };
+            }
+            command = activated;
+        }
+        let notify = (start != Start::Other).then(|| {
+            let notify = NotifySocket::bind(dir.0.join("notify.sock"));
+            command.env("NOTIFY_SOCKET", notify.path());
+            notify
+        });
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -271,9 +430,19 @@ impl Daemon {
             socket,
             uds,
             log,
+            notify,
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
+        if let Some(mut notify) = daemon.notify.take() {
+            let ready = notify.wait_for("READY=1", Duration::from_secs(20), || daemon.running());
+            assert!(ready, "the daemon never said READY=1:\n{}", daemon.log());
+            // Ready means every socket listens.
+            for s in &sockets {
+                assert!(s.exists(), "READY=1 before {} exists", s.display());
+            }
+            daemon.notify = Some(notify);
+        }
         while !sockets.iter().all(|s| s.exists()) {
             assert!(
                 daemon.running(),
@@ -339,9 +508,17 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait for the daemon") {
+                let log = self.log();
+                if let (Some(notify), true) = (&mut self.notify, status.success()) {
+                    let heard = notify.heard();
+                    assert!(
+                        heard.iter().any(|a| a == "STOPPING=1"),
+                        "the daemon stopped without STOPPING=1 (heard {heard:?}):\n{log}"
+                    );
+                }
                 return Exit {
                     status,
-                    log: self.log(),
+                    log,
                     trace: fs::read(self._dir.0.join("trace.pcapng")).ok(),
                 };
             }

@@ -12,6 +12,7 @@
 
 mod backend;
 mod runtime;
+pub mod service;
 pub mod vms;
 
 pub use backend::{Memory, MemoryAtomic, Shared, VhostTransport, VsockBackend};

@@ -16,6 +16,7 @@ use vhost_user_backend::VhostUserDaemon;
 use vsock_core::Instant;
 use vsock_device::VsockDevice;
 use vsock_host::DriverConfig;
+use vsock_vhost_user::service::{self, Notifier, PassedListener};
 use vsock_vhost_user::vms::{self, VmConfig};
 use vsock_vhost_user::{Report, Running, RuntimeKind, Shared, VhostTransport};
 
@@ -35,13 +36,30 @@ use vsock_vhost_user::{Report, Running, RuntimeKind, Shared, VhostTransport};
 /// at a time and waits for the next when it disconnects. SIGINT or SIGTERM resets the guests'
 /// connections, removes the socket paths, prints each VM's counters and exits. Logs go to
 /// stderr; RUST_LOG sets the level (default `info`).
+///
+/// For service managers: the daemon never forks into the background. It serves a listening
+/// socket passed as --fd=FDNUM (QEMU's backend convention), or the sockets systemd passes
+/// (LISTEN_FDS, matched to VMs by the path they are bound at), and leaves their paths in
+/// place at exit. With NOTIFY_SOCKET set it sends READY=1 once every socket listens and
+/// STOPPING=1 as it shuts down. A bad set-up exits with status 1 before anything serves.
 #[derive(Debug, Parser)]
 #[command(name = "vhost-user-vsock", version, verbatim_doc_comment)]
 struct Args {
     /// The vhost-user socket the daemon listens on; QEMU connects to it
-    /// (`-chardev socket,path=PATH`).
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["vm", "config"])]
+    /// (`-chardev socket,path=PATH`). With sockets passed by systemd (`LISTEN_FDS`), the one
+    /// bound at PATH is served; without this flag, the one passed.
+    #[arg(long, visible_alias = "socket-path", value_name = "PATH")]
     socket: Option<PathBuf>,
+
+    /// Serve the vhost-user socket the daemon was started with as descriptor FDNUM: a
+    /// listening Unix stream socket (QEMU's backend convention; takes the place of --socket).
+    #[arg(long, value_name = "FDNUM", conflicts_with_all = ["socket", "vm", "config"])]
+    fd: Option<i32>,
+
+    /// Print the backend's capabilities as the JSON QEMU's vhost-user.json schema describes,
+    /// and exit (every other flag is ignored).
+    #[arg(long)]
+    print_capabilities: bool,
 
     /// The guest's context ID (3 to 4294967294). QEMU reads it from the device's config
     /// space.
@@ -124,6 +142,14 @@ enum Seqpacket {
 }
 
 fn main() -> ExitCode {
+    // QEMU's convention: other flags are ignored, so none can make it fail.
+    if std::env::args_os()
+        .skip(1)
+        .any(|a| a == "--print-capabilities")
+    {
+        print!("{}", service::CAPABILITIES);
+        return ExitCode::SUCCESS;
+    }
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -141,8 +167,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// The VMs the flags describe, checked.
-fn vms(args: &Args) -> Result<Vec<VmConfig>, Box<dyn Error>> {
+/// The VMs the flags describe, checked. `passed` are the listening sockets the daemon was
+/// started with, which a single VM without `--socket` takes its path from.
+fn vms(args: &Args, passed: &[PassedListener]) -> Result<Vec<VmConfig>, Box<dyn Error>> {
     let vms = if let Some(path) = &args.config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("--config {}: {e}", path.display()))?;
@@ -154,8 +181,27 @@ fn vms(args: &Args) -> Result<Vec<VmConfig>, Box<dyn Error>> {
         }
         vms
     } else {
-        let (Some(socket), Some(uds_path)) = (&args.socket, &args.uds_path) else {
-            return Err("--socket and --uds-path are required (or --vm, or --config)".into());
+        let Some(uds_path) = &args.uds_path else {
+            return Err("--uds-path is required (or --vm, or --config)".into());
+        };
+        let socket = match (&args.socket, passed) {
+            (Some(socket), _) => socket.clone(),
+            (None, [one]) => PathBuf::from(one.describe()),
+            (None, []) => {
+                return Err(
+                    "--socket is required (or --fd, or a socket passed by systemd \
+                            with LISTEN_FDS)"
+                        .into(),
+                )
+            }
+            (None, _) => {
+                return Err(format!(
+                    "{} sockets were passed (LISTEN_FDS) for one VM: name the one to serve \
+                     with --socket, or serve several VMs with --vm or --config",
+                    passed.len()
+                )
+                .into())
+            }
         };
         if !args.queue_size.is_power_of_two() || args.queue_size > 32768 {
             return Err(format!(
@@ -167,7 +213,7 @@ fn vms(args: &Args) -> Result<Vec<VmConfig>, Box<dyn Error>> {
         let groups = vms::parse_groups(&args.groups).map_err(|e| format!("--groups: {e}"))?;
         vec![VmConfig {
             guest_cid: args.guest_cid,
-            socket: socket.clone(),
+            socket,
             uds_path: uds_path.clone(),
             tx_buffer_size: args.tx_buffer_size,
             queue_size: args.queue_size,
@@ -183,7 +229,27 @@ fn vms(args: &Args) -> Result<Vec<VmConfig>, Box<dyn Error>> {
 }
 
 fn run(args: Args) -> Result<(), Box<dyn Error>> {
-    let vms = vms(&args)?;
+    // Taken before any thread starts: they change the environment.
+    let notifier = Notifier::from_env()?;
+    let mut passed = match args.fd {
+        Some(fd) => vec![service::take_fd(fd).map_err(|e| format!("--fd: {e}"))?],
+        None => service::listen_fds()?,
+    };
+    let vms = vms(&args, &passed)?;
+    // Each VM serves the passed socket bound at its path; one that matches no VM is refused
+    // rather than left open with nobody answering it.
+    let mut listeners = Vec::with_capacity(vms.len());
+    for vm in &vms {
+        listeners.push(take_passed(&mut passed, &vm.socket, vms.len() == 1));
+    }
+    if let Some(extra) = passed.first() {
+        return Err(format!(
+            "the socket passed as descriptor {} ({}) is no VM's vhost-user socket",
+            extra.fd,
+            extra.describe()
+        )
+        .into());
+    }
     // Registered before any thread starts, so every thread leaves the signals to this one.
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
     let several = vms.len() > 1;
@@ -191,14 +257,14 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     let siblings =
         vsock_host::Siblings::new(vms.iter().map(|vm| (vm.guest_cid, vm.groups.clone())))?;
     let mut running = Vec::with_capacity(vms.len());
-    for vm in vms {
+    for (vm, listener) in vms.into_iter().zip(listeners) {
         // A VM that cannot start stops the daemon before it serves any.
         let name = if several {
             format!("VM {}: ", vm.guest_cid)
         } else {
             String::new()
         };
-        match serve_vm(&args, &vm, &siblings) {
+        match serve_vm(&args, &vm, listener, &siblings) {
             Ok(served) => running.push(served),
             Err(e) => {
                 // The VMs started are stopped, which unlinks their paths.
@@ -210,9 +276,22 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         }
     }
     info!(vms = running.len(), runtime = ?args.runtime, "serving");
+    if let Some(n) = &notifier {
+        // A manager that cannot hear it will say so; serving goes on.
+        if let Err(e) = n.notify(&format!(
+            "READY=1\nSTATUS=serving {} VM{}",
+            running.len(),
+            if running.len() == 1 { "" } else { "s" }
+        )) {
+            warn!(error = %e, "cannot tell the service manager the daemon is ready");
+        }
+    }
 
     if let Some(signal) = signals.forever().next() {
         info!(signal, "shutting down");
+    }
+    if let Some(n) = &notifier {
+        let _ = n.notify("STOPPING=1\nSTATUS=shutting down");
     }
     let mut failed = None;
     for vm in running {
@@ -233,11 +312,30 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     }
 }
 
-/// One VM being served: its event loop, and its vhost-user socket's path, removed on drop.
+/// The passed listener for the VM whose vhost-user socket is `socket`, taken out of `passed`:
+/// the one bound at that path (compared once resolved), or, for a lone VM whose path came
+/// from the passed socket itself, that one.
+fn take_passed(
+    passed: &mut Vec<PassedListener>,
+    socket: &std::path::Path,
+    lone: bool,
+) -> Option<PassedListener> {
+    let resolved = std::fs::canonicalize(socket).ok();
+    let index = passed.iter().position(|p| {
+        (lone && p.path.is_none() && PathBuf::from(p.describe()) == socket)
+            || p.path.as_deref() == Some(socket)
+            || (resolved.is_some()
+                && p.path.as_ref().and_then(|p| std::fs::canonicalize(p).ok()) == resolved)
+    })?;
+    Some(passed.remove(index))
+}
+
+/// One VM being served: its event loop, and its vhost-user socket's path, removed on drop if
+/// the daemon bound it (a passed socket's path belongs to whoever passed it).
 struct ServedVm {
     guest_cid: u64,
     running: Running,
-    _socket: RemoveOnDrop,
+    _socket: Option<RemoveOnDrop>,
 }
 
 /// Builds one VM's device, binds its sockets and starts its event loop and its frontend
@@ -245,6 +343,7 @@ struct ServedVm {
 fn serve_vm(
     args: &Args,
     vm: &VmConfig,
+    passed: Option<PassedListener>,
     siblings: &vsock_host::Siblings,
 ) -> Result<ServedVm, Box<dyn Error>> {
     // The credit update threshold follows the buffer size, so every size the engine takes
@@ -277,9 +376,14 @@ fn serve_vm(
     device.set_seqpacket(seqpacket);
     let device_features = device.features();
 
-    let listener = vsock_host::bind_unix_listener(&vm.socket)
-        .map_err(|e| format!("vhost-user socket: {e}"))?;
-    let socket = RemoveOnDrop(vm.socket.clone());
+    let (listener, socket) = match passed {
+        Some(p) => (p.listener, None),
+        None => (
+            vsock_host::bind_unix_listener(&vm.socket)
+                .map_err(|e| format!("vhost-user socket: {e}"))?,
+            Some(RemoveOnDrop(vm.socket.clone())),
+        ),
+    };
 
     let (wake, kick) = UnixStream::pair()?;
     kick.set_nonblocking(true)?;

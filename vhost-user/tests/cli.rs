@@ -78,6 +78,15 @@ fn help_explains_every_flag() {
         "--runtime",
         "--record",
         "--record-snaplen",
+        "--socket-path",
+        "--fd",
+        "--print-capabilities",
+        "--vm",
+        "--config",
+        "--groups",
+        "--seqpacket",
+        "NOTIFY_SOCKET",
+        "LISTEN_FDS",
     ] {
         assert!(
             help.contains(flag),
