@@ -33,6 +33,60 @@
 //! `MSG_NOSIGNAL`: a peer that has gone is `EPIPE`, never `SIGPIPE`, whatever signal
 //! disposition the embedding process keeps).
 //!
+//! # Example
+//!
+//! A guest's connect to port 1234, carried out by a [`Host`] on a reactor that watches
+//! nothing (`vsock-mio`'s registers each socket in a `mio::Registry`):
+//!
+//! ```
+//! use std::os::unix::net::{UnixListener, UnixStream};
+//! use vsock_core::wire::{Op, Packet, SocketType, HOST_CID};
+//! use vsock_core::{Config, ConnId, Engine, Instant, Interest, Tx};
+//! use vsock_device::HostSockets;
+//! use vsock_host::{Host, Reactor, UdsPath};
+//!
+//! struct Unwatched;
+//!
+//! impl Reactor for Unwatched {
+//!     type Socket = UnixStream;
+//!     fn register(&mut self, _: ConnId, s: UnixStream, _: Interest) -> std::io::Result<UnixStream> {
+//!         Ok(s)
+//!     }
+//!     fn stream<'a>(&self, socket: &'a UnixStream) -> &'a UnixStream {
+//!         socket
+//!     }
+//!     fn set_interest(&mut self, _: ConnId, _: &mut UnixStream, _: Interest) -> std::io::Result<()> {
+//!         Ok(())
+//!     }
+//!     fn deregister(&mut self, _: ConnId, _: UnixStream) {}
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = std::env::temp_dir().join(format!("vsock-host-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir)?;
+//! let path = UdsPath::new(dir.join("vsock"))?;
+//! // The host service for vsock port 1234.
+//! let service = UnixListener::bind(path.port(1234))?;
+//! let mut host = Host::new(path, Unwatched);
+//! let mut engine = Engine::new(Config::new(3), Instant::ZERO)?;
+//!
+//! let now = Instant::from_millis(1);
+//! let request = Packet {
+//!     src_cid: 3, dst_cid: HOST_CID, src_port: 50_000, dst_port: 1234, len: 0,
+//!     socket_type: SocketType::Stream, op: Op::Request, flags: 0, buf_alloc: 65_536, fwd_cnt: 0,
+//! };
+//! assert!(matches!(engine.handle_tx(now, &request.to_header()), Tx::Done));
+//! // `VsockDevice::serve` hands each action to the host sockets like this.
+//! while let Some(action) = engine.poll_action() {
+//!     host.perform(now, &mut engine, action);
+//! }
+//! let (_peer, _) = service.accept()?;
+//! assert_eq!((host.len(), host.stats().connects), (1, 1));
+//! # std::fs::remove_dir_all(&dir)?;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! [`Action`]: vsock_core::Action
 //! [`VsockDevice::serve`]: vsock_device::VsockDevice::serve
 #![forbid(unsafe_code)]
