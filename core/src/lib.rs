@@ -219,5 +219,5 @@ pub use io::{
     Action, Direction, GuestBytes, HostEvent, Interest, Io, LineRead, MemoryFault, Probe,
     SocketError, SocketTypes,
 };
-pub use stats::{ConnStats, Stats};
+pub use stats::{ConnStats, Counter, Counters, Stats};
 pub use time::Instant;

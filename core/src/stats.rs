@@ -1,5 +1,80 @@
 //! Counters: traffic, and every reaction to bad input.
 
+/// One counter of a set of counters, for exporters (JSON, Prometheus): its field's name, its
+/// documentation and its value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counter {
+    /// The field's name, such as `tx_bytes`.
+    pub name: &'static str,
+    /// The field's documentation (its doc comment, lines joined, rustdoc markup left in).
+    pub help: &'static str,
+    /// Its value.
+    pub value: u64,
+}
+
+/// A set of counters that lists itself by name, so exporters need no list of their own and
+/// never miss a counter added later. [`Stats`], and the device's and host side's counters,
+/// implement it (with [`counters!`](crate::counters)).
+pub trait Counters {
+    /// Every counter, in declaration order.
+    fn counters(&self) -> impl Iterator<Item = Counter> + '_;
+}
+
+/// Defines a struct of `u64` counters and its [`Counters`] implementation, which lists every
+/// field with its doc comment:
+///
+/// ```
+/// vsock_core::counters! {
+///     /// What a part of a program counts.
+///     #[derive(Clone, Debug, Default)]
+///     pub struct PartStats {
+///         /// Things done.
+///         pub done: u64,
+///         /// Things refused.
+///         pub refused: u64,
+///     }
+/// }
+/// use vsock_core::Counters;
+/// let stats = PartStats { done: 2, refused: 1 };
+/// let names: Vec<_> = stats.counters().map(|c| (c.name, c.value)).collect();
+/// assert_eq!(names, [("done", 2), ("refused", 1)]);
+/// assert_eq!(stats.counters().next().unwrap().help.trim(), "Things done.");
+/// ```
+#[macro_export]
+macro_rules! counters {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident {
+            $(
+                $(#[doc = $doc:literal])*
+                pub $field:ident: u64,
+            )*
+        }
+    ) => {
+        $(#[$meta])*
+        $vis struct $name {
+            $(
+                $(#[doc = $doc])*
+                pub $field: u64,
+            )*
+        }
+
+        impl $crate::Counters for $name {
+            fn counters(&self) -> impl Iterator<Item = $crate::Counter> + '_ {
+                [$(
+                    $crate::Counter {
+                        name: stringify!($field),
+                        help: concat!($($doc),*),
+                        value: self.$field,
+                    },
+                )*]
+                .into_iter()
+            }
+        }
+    };
+}
+
+crate::counters! {
 /// Engine-wide counters. Every reaction to bad input from the guest or a host peer increments
 /// exactly one field here, named for the fault.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -146,7 +221,9 @@ pub struct Stats {
     /// ([`Engine::reset_peer`](crate::Engine::reset_peer)).
     pub sibling_resets: u64,
 }
+}
 
+crate::counters! {
 /// Counters of one connection.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -163,4 +240,5 @@ pub struct ConnStats {
     pub host_packets: u64,
     /// Bytes copied into the connection buffer because the socket refused them.
     pub buffered_bytes: u64,
+}
 }

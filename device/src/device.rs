@@ -131,6 +131,7 @@ impl fmt::Display for FeatureError {
 
 impl std::error::Error for FeatureError {}
 
+vsock_core::counters! {
 /// Counters of the device layer: what happened to descriptor chains. The engine's own
 /// counters are in [`Engine::stats`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -177,6 +178,7 @@ pub struct DeviceStats {
     pub config_writes: u64,
     /// Times the guest was interrupted, per [`Served`].
     pub notifications: u64,
+}
 }
 
 /// Device state as plain data, for save and restore.

@@ -8,11 +8,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tracing::{debug, warn};
-use vsock_core::{Config, HostEvent, Instant, SocketError};
+use vsock_core::wire::SocketType;
+use vsock_core::{Config, ConnState, ConnStats, HostEvent, Instant, Origin, SocketError, Stats};
 use vsock_device::vm_memory::GuestMemory;
-use vsock_device::{DeviceError, Queues, Served, Transport, VsockDevice};
+use vsock_device::{DeviceError, DeviceStats, Queues, Served, Transport, VsockDevice};
 
-use crate::{Delivery, Host, Listener, Reactor, SiblingLink, UdsPath};
+use crate::{Delivery, Host, HostStats, Listener, Reactor, SiblingLink, UdsPath};
 
 /// What every runtime is configured with: the engine's configuration and the base path.
 #[derive(Clone, Debug)]
@@ -57,6 +58,48 @@ pub struct Readiness {
     pub error: bool,
     /// The socket's peer hung up (`EPOLLHUP`: it closed, or shut down both directions).
     pub hang_up: bool,
+}
+
+/// A VM's counters and connections at one moment, for live inspection:
+/// [`Driver::snapshot`] in the loop's own thread, [`Siblings::inspect`] from any other.
+///
+/// [`Siblings::inspect`]: crate::Siblings::inspect
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    /// The guest's CID.
+    pub guest_cid: u64,
+    /// Whether a driver has activated the device (a guest is running).
+    pub activated: bool,
+    /// The engine's counters.
+    pub engine: Stats,
+    /// The device layer's counters.
+    pub device: DeviceStats,
+    /// The host side's counters.
+    pub host: HostStats,
+    /// Bytes held in connection buffers, in use or pooled.
+    pub buffer_memory: u64,
+    /// Every connection in the table, in slot order.
+    pub connections: Vec<ConnSnapshot>,
+}
+
+/// One connection of a [`Snapshot`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnSnapshot {
+    /// The guest's port, once known (a host client's is known once its `CONNECT` line is
+    /// read).
+    pub guest_port: Option<u32>,
+    /// The host side's port, once known.
+    pub host_port: Option<u32>,
+    /// The peer's CID: the host's (2), or a sibling VM's.
+    pub peer_cid: u64,
+    /// Stream or seqpacket.
+    pub socket_type: SocketType,
+    /// Who opened it.
+    pub origin: Origin,
+    /// Where it stands.
+    pub state: ConnState,
+    /// Its counters.
+    pub stats: ConnStats,
 }
 
 /// How long after a failed accept (`EMFILE` and friends) the listener is tried again. Runtimes
@@ -212,6 +255,35 @@ where
         &mut self.host
     }
 
+    /// Every counter and connection, as they stand now.
+    pub fn snapshot(&self) -> Snapshot {
+        let engine = self.device.engine();
+        let connections = engine
+            .conn_ids()
+            .filter_map(|id| {
+                let ports = engine.conn_ports(id);
+                Some(ConnSnapshot {
+                    guest_port: ports.map(|p| p.0),
+                    host_port: ports.map(|p| p.1),
+                    peer_cid: engine.conn_peer_cid(id)?,
+                    socket_type: engine.conn_socket_type(id)?,
+                    origin: engine.conn_origin(id)?,
+                    state: engine.conn_state(id)?,
+                    stats: engine.conn_stats(id)?,
+                })
+            })
+            .collect();
+        Snapshot {
+            guest_cid: engine.config().guest_cid,
+            activated: self.device.is_activated(),
+            engine: engine.stats().clone(),
+            device: self.device.stats().clone(),
+            host: self.host.stats().clone(),
+            buffer_memory: engine.buffer_memory() as u64,
+            connections,
+        }
+    }
+
     /// The listener is readable: accepts a round of host clients, reading each one's
     /// `CONNECT` line at once if it is already there (so a prompt client is no longer pending
     /// when the next one arrives). Call [`serve_transport`](Self::serve_transport) or
@@ -271,6 +343,11 @@ where
                         // Dropping the socket tells the sibling.
                         Err(e) => debug!(peer_cid, port, error = %e, "sibling connect refused"),
                     }
+                }
+                Delivery::Inspect { reply } => {
+                    // The asker waits with a timeout; one that gave up is no one's concern.
+                    let _ = reply.try_send(self.snapshot());
+                    continue;
                 }
                 Delivery::PeerGone { cid, sockets } => {
                     engine.reset_peer(now, cid);

@@ -111,8 +111,8 @@ mod driver;
 mod sibling;
 mod thread;
 
-pub use driver::{Driver, DriverConfig, Readiness};
-pub use sibling::{Delivery, SiblingLink, Siblings, INBOX_CONNECTS};
+pub use driver::{ConnSnapshot, Driver, DriverConfig, Readiness, Snapshot};
+pub use sibling::{Delivery, SiblingLink, Siblings, INBOX_CONNECTS, INBOX_INSPECTIONS};
 pub use thread::DriverThread;
 
 /// The longest path a Unix socket address holds (`sun_path`, less its terminating zero).
@@ -436,6 +436,7 @@ pub trait Reactor {
     fn deregister(&mut self, conn: ConnId, socket: Self::Socket);
 }
 
+vsock_core::counters! {
 /// Counters of the host side.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -450,6 +451,7 @@ pub struct HostStats {
     pub refused_clients: u64,
     /// Sockets closed.
     pub closes: u64,
+}
 }
 
 /// The host sockets of one device, in a table indexed by connection slot

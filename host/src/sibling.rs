@@ -13,6 +13,10 @@
 //! stopped, its loop ended) tells every sibling through its inbox, which resets the
 //! connections with it at once ([`Engine::reset_peer`](vsock_core::Engine::reset_peer)).
 //!
+//! The same inbox carries inspections ([`Siblings::inspect`]): a VM's counters and
+//! connections, asked for from another thread (the daemon's stats socket) and answered by the
+//! loop between two rounds of its work, so the loop never shares its state under a lock.
+//!
 //! Nothing here blocks for long: an inbox is a short critical section under a mutex, and its
 //! size is bounded ([`INBOX_CONNECTS`]); a full inbox refuses the connect, and the guest that
 //! asked gets an RST.
@@ -28,8 +32,13 @@ use socket2::{Domain, Socket, Type};
 use tracing::debug;
 use vsock_core::wire::SocketType;
 
+use crate::Snapshot;
+
 /// The most connects an inbox holds before its loop takes them; more are refused.
 pub const INBOX_CONNECTS: usize = 256;
+
+/// The most inspections an inbox holds before its loop answers them; more get no answer.
+pub const INBOX_INSPECTIONS: usize = 8;
 
 /// `EHOSTUNREACH`: no sibling with that CID shares a group with the guest.
 const EHOSTUNREACH: i32 = 113;
@@ -94,6 +103,38 @@ impl Siblings {
         })
     }
 
+    /// The CIDs of the VMs, in the order given.
+    pub fn cids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.vms.iter().map(|vm| vm.cid)
+    }
+
+    /// The counters and connections of the VM with CID `cid`, from its loop, which answers
+    /// between two rounds of its work. `None` if no VM has that CID, its loop is not serving,
+    /// [`INBOX_INSPECTIONS`] already wait, or no answer came within `timeout`.
+    pub fn inspect(&self, cid: u64, timeout: std::time::Duration) -> Option<Snapshot> {
+        let vm = self.vms.iter().find(|vm| vm.cid == cid)?;
+        let answer = vm.inbox.post_inspect()?;
+        answer.recv_timeout(timeout).ok()
+    }
+
+    /// Every VM's snapshot, as [`inspect`](Self::inspect) gives it, in the order given: all
+    /// are asked at once, so the whole takes `timeout` at most however many VMs stall.
+    pub fn inspect_all(&self, timeout: std::time::Duration) -> Vec<(u64, Option<Snapshot>)> {
+        let asked: Vec<_> = self
+            .vms
+            .iter()
+            .map(|vm| (vm.cid, vm.inbox.post_inspect()))
+            .collect();
+        let deadline = std::time::Instant::now() + timeout;
+        asked
+            .into_iter()
+            .map(|(cid, answer)| {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                (cid, answer.and_then(|a| a.recv_timeout(left).ok()))
+            })
+            .collect()
+    }
+
     fn shares_group(a: &Vm, b: &Vm) -> bool {
         a.groups.iter().any(|g| b.groups.contains(g))
     }
@@ -130,6 +171,11 @@ pub enum Delivery {
         port: u32,
         /// The socket type.
         socket_type: SocketType,
+    },
+    /// Someone asks for the VM's [`Snapshot`] ([`Siblings::inspect`]): the loop sends it.
+    Inspect {
+        /// Where the snapshot goes.
+        reply: std::sync::mpsc::SyncSender<Snapshot>,
     },
     /// The sibling with this CID went away: reset every connection with it, then drop
     /// `sockets`, its ends of those connections, which it kept open until now so that the
@@ -176,6 +222,7 @@ impl SiblingLink {
             let mut inbox = self.me().inbox.lock();
             inbox.open = false;
             inbox.connects = 0;
+            inbox.inspections = 0;
             std::mem::take(&mut inbox.items)
         };
         drop(dropped);
@@ -254,8 +301,10 @@ impl SiblingLink {
         inbox.drain_wake();
         let mut state = inbox.lock();
         let item = state.items.pop_front()?;
-        if matches!(item, Delivery::Connect { .. }) {
-            state.connects -= 1;
+        match item {
+            Delivery::Connect { .. } => state.connects -= 1,
+            Delivery::Inspect { .. } => state.inspections -= 1,
+            Delivery::PeerGone { .. } => {}
         }
         Some(item)
     }
@@ -278,6 +327,8 @@ struct InboxState {
     items: VecDeque<Delivery>,
     /// Of `items`, connects (bounded by [`INBOX_CONNECTS`]).
     connects: usize,
+    /// Of `items`, inspections (bounded by [`INBOX_INSPECTIONS`]).
+    inspections: usize,
 }
 
 impl Inbox {
@@ -315,6 +366,26 @@ impl Inbox {
         Ok(())
     }
 
+    /// Asks the loop for a snapshot; the receiver gets it. `None` if the loop is not serving
+    /// or too many inspections wait.
+    fn post_inspect(&self) -> Option<std::sync::mpsc::Receiver<Snapshot>> {
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let was_empty = {
+            let mut state = self.lock();
+            if !state.open || state.inspections >= INBOX_INSPECTIONS {
+                return None;
+            }
+            state.inspections += 1;
+            let was_empty = state.items.is_empty();
+            state.items.push_back(Delivery::Inspect { reply });
+            was_empty
+        };
+        if was_empty {
+            self.wake();
+        }
+        Some(answer)
+    }
+
     fn post_gone(&self, cid: u64, mut sockets: Vec<UnixStream>) {
         let was_empty = {
             let mut state = self.lock();
@@ -327,6 +398,7 @@ impl Inbox {
             let last = state.items.iter_mut().rev().find(|d| match d {
                 Delivery::Connect { peer_cid, .. } => *peer_cid == cid,
                 Delivery::PeerGone { cid: c, .. } => *c == cid,
+                Delivery::Inspect { .. } => false,
             });
             if let Some(Delivery::PeerGone {
                 sockets: queued, ..

@@ -1285,7 +1285,181 @@ for_each_buffer_size!(
     tx_buffer_size_1048576: 1024 * 1024,
 );
 
+/// Asks the daemon's stats socket for `path` over HTTP; returns the body of a 200 answer.
+fn stats_get(socket: &std::path::Path, path: &str) -> String {
+    let mut s = UnixStream::connect(socket).expect("connect to the stats socket");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.0 200 OK"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .expect("a length")
+        .parse()
+        .unwrap();
+    assert_eq!(length, body.len(), "Content-Length");
+    body.to_string()
+}
+
+/// The guest's connection to host port `port`, from the stats' JSON.
+fn stats_conn(json: &serde_json::Value, port: u64) -> Option<serde_json::Value> {
+    json["vms"][0]["connections"]
+        .as_array()?
+        .iter()
+        .find(|c| c["host_port"] == port && c["origin"] == "guest")
+        .cloned()
+}
+
+/// The value of the Prometheus sample whose line starts with `prefix` (name and labels up
+/// to some point), checking the whole text's shape on the way.
+fn prometheus_sample(text: &str, name: &str, label: &str) -> Option<u64> {
+    let mut found = None;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            assert!(
+                line.starts_with("# HELP ") || line.starts_with("# TYPE "),
+                "{line}"
+            );
+            continue;
+        }
+        // name{labels} value
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
+        let value: u64 = value.parse().unwrap_or_else(|_| panic!("{line}"));
+        let (metric, labels) = series.split_once('{').unwrap_or_else(|| panic!("{line}"));
+        assert!(labels.ends_with('}'), "{line}");
+        assert!(
+            metric
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "{line}"
+        );
+        if metric == name && labels.contains(label) {
+            found = Some(value);
+        }
+    }
+    found
+}
+
+/// Live counters read during a transfer: the stats socket's JSON and Prometheus answers show
+/// the guest's connection established with its bytes growing, SIGUSR1 logs the same, and
+/// the totals match once it ends.
+fn live_stats(runtime: &str) {
+    const TOTAL: u64 = 32 * MIB;
+    let image = Image::require();
+    let _turn = guest::exclusive();
+    let stats = std::env::temp_dir().join(format!("vsock-stats-{}-{runtime}", std::process::id()));
+    let stats_flag = stats.to_string_lossy().into_owned();
+    let mut daemon = Daemon::start_flags(&image, runtime, &["--stats", &stats_flag]);
+    let stop = Arc::new(AtomicBool::new(false));
+    // The host side reads 8 MiB, then holds the rest back until the test has looked twice.
+    let (paused, is_paused) = mpsc::channel();
+    let (go, going) = mpsc::channel::<()>();
+    let l = guest::listen(&daemon.port_path(5001));
+    let reader = peer(&stop, move |stop| {
+        let mut s = guest::accept(&l, stop)?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
+        let mut held = false;
+        loop {
+            if !held && total >= 8 * MIB {
+                held = true;
+                paused.send(total).ok()?;
+                going.recv().ok()?;
+            }
+            match s.read(&mut buf) {
+                Ok(0) => return Some(total),
+                Ok(n) => total += n as u64,
+                Err(_) => return None,
+            }
+        }
+    });
+    let vm = Vm::boot(
+        &image,
+        &daemon.socket,
+        &format!(
+            "head -c {TOTAL} /dev/zero | socat -u - VSOCK-CONNECT:2:5001
+echo SENT
+"
+        ),
+    );
+    let read_so_far = is_paused
+        .recv_timeout(Duration::from_secs(180))
+        .expect("the transfer never reached 8 MiB");
+
+    // Mid-transfer: the connection is there, established, with at least what was read.
+    let first: serde_json::Value =
+        serde_json::from_str(&stats_get(&stats, "/")).expect("the stats are JSON");
+    let vm0 = &first["vms"][0];
+    assert_eq!(vm0["guest_cid"], 3);
+    assert_eq!(vm0["answered"], true);
+    assert_eq!(vm0["activated"], true);
+    let conn = stats_conn(&first, 5001).unwrap_or_else(|| panic!("no connection: {first}"));
+    assert_eq!(conn["state"], "established", "{conn}");
+    assert_eq!(conn["type"], "stream");
+    assert_eq!(conn["peer_cid"], 2);
+    let written = conn["host_written"].as_u64().unwrap();
+    assert!(written >= read_so_far, "{written} < {read_so_far}: {conn}");
+    assert!(conn["guest_bytes"].as_u64().unwrap() >= written, "{conn}");
+    assert!(vm0["engine"]["tx_bytes"].as_u64().unwrap() >= written);
+    assert!(vm0["device"]["tx_chains"].as_u64().unwrap() > 0);
+    assert!(vm0["host"]["connects"].as_u64().unwrap() >= 1);
+
+    let metrics = stats_get(&stats, "/metrics");
+    let label = "host_port=\"5001\"";
+    let bytes = prometheus_sample(&metrics, "vsock_connection_host_written_total", label)
+        .unwrap_or_else(|| panic!("no connection sample:\n{metrics}"));
+    assert!(bytes >= written, "{bytes} < {written}");
+    assert_eq!(
+        prometheus_sample(&metrics, "vsock_vm_activated", "guest_cid=\"3\""),
+        Some(1)
+    );
+    assert_eq!(
+        prometheus_sample(&metrics, "vsock_connections", "state=\"established\""),
+        Some(1),
+        "{metrics}"
+    );
+
+    // SIGUSR1 logs the same document, and the daemon goes on.
+    let pid = daemon.pid().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-USR1", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !daemon.log().contains("\"host_port\":5001") {
+        assert!(
+            Instant::now() < deadline,
+            "SIGUSR1 logged nothing:\n{}",
+            daemon.log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(daemon.running());
+
+    // The rest flows; the counters grow to the whole transfer.
+    go.send(()).unwrap();
+    let out = vm.wait(Duration::from_secs(300));
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(out.status, Some(0), "{}", out.serial);
+    assert_eq!(reader.join().unwrap(), Some(TOTAL));
+    let last: serde_json::Value = serde_json::from_str(&stats_get(&stats, "/stats")).unwrap();
+    let engine = &last["vms"][0]["engine"];
+    assert!(engine["tx_bytes"].as_u64().unwrap() >= TOTAL, "{engine}");
+    assert!(
+        engine["tx_bytes"].as_u64().unwrap()
+            > first["vms"][0]["engine"]["tx_bytes"].as_u64().unwrap()
+    );
+    let (status, log) = daemon.terminate();
+    assert!(status.success(), "daemon exit {status}:\n{log}");
+    assert!(!stats.exists(), "the stats socket was left behind");
+}
+
 vsock_tests::on_each_runtime!(
+    live_stats,
     all_checks,
     guest_killed,
     recorded_trace,

@@ -13,6 +13,7 @@
 mod backend;
 mod runtime;
 pub mod service;
+pub mod stats;
 pub mod vms;
 
 pub use backend::{Memory, MemoryAtomic, Shared, VhostTransport, VsockBackend};

@@ -10,7 +10,7 @@ use std::thread;
 use std::time::Duration;
 
 use clap::Parser;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use tracing::{error, info, warn};
 use vhost_user_backend::VhostUserDaemon;
 use vsock_core::Instant;
@@ -34,8 +34,9 @@ use vsock_vhost_user::{Report, Running, RuntimeKind, Shared, VhostTransport};
 /// its own vhost-user socket, host sockets, device and event loop: one VM's frontend coming,
 /// going or misbehaving never touches another's. Each vhost-user socket serves one frontend
 /// at a time and waits for the next when it disconnects. SIGINT or SIGTERM resets the guests'
-/// connections, removes the socket paths, prints each VM's counters and exits. Logs go to
-/// stderr; RUST_LOG sets the level (default `info`).
+/// connections, removes the socket paths, prints each VM's counters and exits; SIGUSR1 logs
+/// them (every VM's, with its connections, as JSON) and goes on. Logs go to stderr;
+/// RUST_LOG sets the level (default `info`).
 ///
 /// For service managers: the daemon never forks into the background. It serves a listening
 /// socket passed as --fd=FDNUM (QEMU's backend convention), or the sockets systemd passes
@@ -123,6 +124,13 @@ struct Args {
     /// the device runs; complete once the daemon exits.
     #[arg(long, value_name = "FILE")]
     record: Option<PathBuf>,
+
+    /// Serve live counters on the Unix socket PATH: every VM's engine, device and host
+    /// counters and each connection's state and bytes, as JSON (`GET /`, or the line `json`)
+    /// or in Prometheus's text format (`GET /metrics`, or the line `metrics`), e.g.
+    /// `curl --unix-socket PATH http://localhost/metrics`. SIGUSR1 logs the JSON.
+    #[arg(long, value_name = "PATH")]
+    stats: Option<PathBuf>,
 
     /// Keep at most BYTES of each packet's payload in the recordings (lengths are always
     /// kept, and replay still checks them).
@@ -250,8 +258,11 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         )
         .into());
     }
+    if let Some(stats) = &args.stats {
+        vms::check_extra_path(&vms, "--stats", stats)?;
+    }
     // Registered before any thread starts, so every thread leaves the signals to this one.
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])?;
     let several = vms.len() > 1;
     // Every VM's place among its siblings: VMs sharing a group reach each other by CID.
     let siblings =
@@ -275,6 +286,19 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
             }
         }
     }
+    // The stats socket last: once it answers, every VM does.
+    let _stats = match &args.stats {
+        Some(path) => match serve_stats(path, &siblings) {
+            Ok(remove) => Some(remove),
+            Err(e) => {
+                for vm in running {
+                    let _ = vm.running.stop();
+                }
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     info!(vms = running.len(), runtime = ?args.runtime, "serving");
     if let Some(n) = &notifier {
         // A manager that cannot hear it will say so; serving goes on.
@@ -287,8 +311,15 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         }
     }
 
-    if let Some(signal) = signals.forever().next() {
+    for signal in signals.forever() {
+        if signal == SIGUSR1 {
+            let vms = siblings.inspect_all(vsock_vhost_user::stats::INSPECT_TIMEOUT);
+            let json = vsock_vhost_user::stats::json(&vms);
+            info!(target: "vhost_user_vsock::stats", "stats {}", json.trim_end());
+            continue;
+        }
         info!(signal, "shutting down");
+        break;
     }
     if let Some(n) = &notifier {
         let _ = n.notify("STOPPING=1\nSTATUS=shutting down");
@@ -310,6 +341,23 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         Some(e) => Err(e.into()),
         None => Ok(()),
     }
+}
+
+/// Binds the stats socket at `path` and serves it on a thread of its own. Returns what
+/// removes the path at exit.
+fn serve_stats(
+    path: &std::path::Path,
+    siblings: &vsock_host::Siblings,
+) -> Result<RemoveOnDrop, Box<dyn Error>> {
+    let listener = vsock_host::bind_unix_listener(path)
+        .map_err(|e| format!("--stats {}: {e}", path.display()))?;
+    let remove = RemoveOnDrop(path.to_path_buf());
+    let siblings = siblings.clone();
+    thread::Builder::new()
+        .name("stats".into())
+        .spawn(move || vsock_vhost_user::stats::serve(listener, siblings))?;
+    info!(stats = %path.display(), "live counters served");
+    Ok(remove)
 }
 
 /// The passed listener for the VM whose vhost-user socket is `socket`, taken out of `passed`:

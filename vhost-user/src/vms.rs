@@ -358,6 +358,46 @@ pub fn validate(vms: &[VmConfig]) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Checks that a path the daemon binds besides the VMs' own (`key`, such as `--stats`) is a
+/// socket path and is none of theirs, nor where one of their host sockets would be.
+///
+/// # Errors
+///
+/// The path is empty, too long, or clashes with a VM's.
+pub fn check_extra_path(vms: &[VmConfig], key: &str, path: &Path) -> Result<(), ConfigError> {
+    let len = path.as_os_str().len();
+    if len == 0 || len > vsock_host::MAX_SOCKET_PATH {
+        return Err(err(format!(
+            "{key} {} is {len} bytes; a Unix socket path may have 1 to {}",
+            path.display(),
+            vsock_host::MAX_SOCKET_PATH
+        )));
+    }
+    for (i, vm) in vms.iter().enumerate() {
+        let theirs = [("socket", &vm.socket), ("uds_path", &vm.uds_path)];
+        for (k, p) in theirs
+            .into_iter()
+            .chain(vm.record.iter().map(|r| ("record", r)))
+        {
+            if p == path {
+                return Err(err(format!(
+                    "{key} and VM {} `{k}` are the same path {}",
+                    i + 1,
+                    path.display()
+                )));
+            }
+        }
+        if let Some(suffix) = host_suffix(&vm.uds_path, path) {
+            return Err(err(format!(
+                "{key} {} is where VM {}'s {suffix} would be",
+                path.display(),
+                i + 1
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// What `path` would be among the host sockets of `uds_path`, if it is one of them.
 fn host_suffix(uds_path: &Path, path: &Path) -> Option<String> {
     let base = uds_path.as_os_str().as_encoded_bytes();

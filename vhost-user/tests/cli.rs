@@ -550,3 +550,131 @@ fn a_vm_that_cannot_start_stops_the_daemon_and_leaves_nothing() {
         "VM 4's vhost-user socket left"
     );
 }
+
+/// Sends `request` to the stats socket and reads the answer to its end.
+fn ask_stats(path: &Path, request: &[u8]) -> String {
+    let mut s = UnixStream::connect(path).expect("connect to the stats socket");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    std::io::Write::write_all(&mut s, request).unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut s, &mut answer).unwrap();
+    answer
+}
+
+#[test]
+fn the_stats_socket_answers_json_and_prometheus_and_survives_bad_clients() {
+    let dir = scratch("stats");
+    let (s, u, st) = (dir.join("s.sock"), dir.join("u"), dir.join("stats.sock"));
+    // A stale socket file where the stats socket goes is replaced.
+    drop(UnixListener::bind(&st).unwrap());
+    let child = start_with(&s, &u, &["--stats", st.to_str().unwrap()]);
+    // The stats socket is bound after the VMs' sockets.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(&st).is_err() {
+        assert!(Instant::now() < deadline, "the stats socket never answered");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A host client waiting on its CONNECT line shows as a connection.
+    let mut client = UnixStream::connect(&u).unwrap();
+    std::io::Write::write_all(&mut client, b"CONN").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let json = loop {
+        let json = ask_stats(&st, b"json\n");
+        if json.contains("\"state\":\"reading_connect_line\"") {
+            break json;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pending client never showed: {json}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(json.starts_with("{\"vms\":[{\"guest_cid\":3,\"answered\":true,\"activated\":false"));
+    assert!(!json.contains("\"host_accepts\":0,"), "{json}");
+    assert!(json.contains("\"guest_port\":null"), "{json}");
+
+    let http = ask_stats(&st, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(http.starts_with("HTTP/1.0 200 OK\r\n"), "{http}");
+    assert!(http.contains("Content-Type: text/plain; version=0.0.4"));
+    assert!(
+        http.contains("\nvsock_engine_host_accepts_total{guest_cid=\"3\"} "),
+        "{http}"
+    );
+    assert!(http.contains("# TYPE vsock_engine_host_accepts_total counter\n"));
+    assert!(http.contains("vsock_connections{guest_cid=\"3\",state=\"reading_connect_line\"} 1\n"));
+    assert!(ask_stats(&st, b"GET /nope HTTP/1.1\r\n\r\n").starts_with("HTTP/1.0 404"));
+    assert!(ask_stats(&st, b"DELETE / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.0 405"));
+    let head = ask_stats(&st, b"HEAD / HTTP/1.1\r\n\r\n");
+    assert!(
+        head.starts_with("HTTP/1.0 200") && head.ends_with("\r\n\r\n"),
+        "{head}"
+    );
+    assert!(ask_stats(&st, b"rm -rf /\n").starts_with("unknown request"));
+
+    // A silent client is dropped after a second, and the next one is answered.
+    let _silent = UnixStream::connect(&st).unwrap();
+    let started = Instant::now();
+    assert!(ask_stats(&st, b"metrics\n").contains("vsock_vm_up{guest_cid=\"3\"} 1"));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // An endless request is cut off at its limit, and answered as a bad one.
+    let mut long = vec![b'x'; 100_000];
+    long.push(b'\n');
+    let mut s2 = UnixStream::connect(&st).unwrap();
+    let _ = std::io::Write::write_all(&mut s2, &long);
+    drop(s2);
+    // Many clients one after another, each answered.
+    for _ in 0..200 {
+        assert!(ask_stats(&st, b"json\n").ends_with("]}]}\n"));
+    }
+
+    signal(&child, "-TERM");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!st.exists(), "the stats socket was left behind");
+}
+
+#[test]
+fn sigusr1_logs_the_counters_and_serving_goes_on() {
+    let dir = scratch("usr1");
+    let (s, u) = (dir.join("s.sock"), dir.join("u"));
+    let child = start(&s, &u);
+    drop(UnixStream::connect(&u).unwrap());
+    signal(&child, "-USR1");
+    std::thread::sleep(Duration::from_millis(300));
+    // Still serving.
+    UnixStream::connect(&u).unwrap();
+    signal(&child, "-TERM");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let log = stderr(&out);
+    let line = log
+        .lines()
+        .find(|l| l.contains("stats {\"vms\":"))
+        .unwrap_or_else(|| panic!("no stats line: {log}"));
+    assert!(line.contains("\"guest_cid\":3,\"answered\":true"), "{line}");
+    // The start-up probe and the client above, at least.
+    assert!(!line.contains("\"host_accepts\":0,"), "{line}");
+}
+
+#[test]
+fn a_stats_path_that_clashes_with_a_vm_is_refused() {
+    let dir = scratch("stclash");
+    let (s, u) = (dir.join("s.sock"), dir.join("u"));
+    for (stats, reason) in [
+        (s.clone(), "are the same path"),
+        (dir.join("u_1234"), "would be"),
+        (dir.join("x".repeat(120)), "a Unix socket path may have"),
+    ] {
+        let out = run(&[
+            "--socket",
+            s.to_str().unwrap(),
+            "--uds-path",
+            u.to_str().unwrap(),
+            "--stats",
+            stats.to_str().unwrap(),
+        ]);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains(reason), "{}", stderr(&out));
+        assert!(!s.exists() && !u.exists());
+    }
+}

@@ -248,6 +248,20 @@ impl Engine {
         sink::ports(&self.conns, conn)
     }
 
+    /// The handles of every connection in the table, in slot order (for inspection: each
+    /// one's [`conn_state`](Self::conn_state), [`conn_ports`](Self::conn_ports),
+    /// [`conn_stats`](Self::conn_stats) and so on).
+    pub fn conn_ids(&self) -> impl Iterator<Item = ConnId> + '_ {
+        self.conns
+            .iter()
+            .map(|(index, c)| ConnId::new(index as u32, c.generation))
+    }
+
+    /// The CID of a live connection's peer: the host's, or a sibling VM's.
+    pub fn conn_peer_cid(&self, conn: ConnId) -> Option<u64> {
+        self.get(conn).map(|c| u64::from(c.key.peer_cid))
+    }
+
     /// Connections in the table, including those whose socket close is still owed.
     pub fn connections(&self) -> usize {
         self.conns.len()
