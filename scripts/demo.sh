@@ -6,5 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/guest/build.sh
-cargo build --release -p vsock-vhost-user -p vsock-tests --bin vhost-user-vsock --bin vsock-demo
+cargo build --release -p vsock-vhost-user -p vsock-tests --bin vhost-user-vsock --bin vsock-demo \
+    --bin vsock-socket-activate
 exec ./target/release/vsock-demo "$@"

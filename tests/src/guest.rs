@@ -81,25 +81,27 @@ pub fn daemon_binary() -> Result<PathBuf, String> {
 }
 
 /// This crate's `vsock-socket-activate`, which starts a program as systemd starts a
-/// socket-activated service: beside the running test binary's directory (cargo builds a
-/// package's binaries for its tests), or `$VSOCK_SOCKET_ACTIVATE`.
+/// socket-activated service: beside the running binary, or one directory up from a test
+/// binary (cargo builds a package's binaries for its tests), or `$VSOCK_SOCKET_ACTIVATE`.
 pub fn socket_activate_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("VSOCK_SOCKET_ACTIVATE") {
         return path.into();
     }
-    let exe = std::env::current_exe().expect("the test binary's path");
-    // target/<profile>/deps/<test> -> target/<profile>/vsock-socket-activate
-    let profile = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test binary sits in target/<profile>/deps");
-    let path = profile.join("vsock-socket-activate");
-    assert!(
-        path.is_file(),
-        "no vsock-socket-activate at {} (cargo builds it with the vsock-tests tests)",
-        path.display()
-    );
-    path
+    let exe = std::env::current_exe().expect("the running binary's path");
+    // A test binary sits in target/<profile>/deps, a binary (the demo) in target/<profile>.
+    let dir = exe.parent().expect("a binary sits in a directory");
+    let candidates = [dir.join("vsock-socket-activate"), dir.join("../vsock-socket-activate")];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "no vsock-socket-activate beside {} (cargo builds it with the vsock-tests \
+                 tests; cargo build -p vsock-tests --bin vsock-socket-activate)",
+                exe.display()
+            )
+        })
 }
 
 /// A service manager's notify socket (`NOTIFY_SOCKET`), as systemd's, bound at `path`.
