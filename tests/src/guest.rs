@@ -90,7 +90,10 @@ pub fn socket_activate_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("the running binary's path");
     // A test binary sits in target/<profile>/deps, a binary (the demo) in target/<profile>.
     let dir = exe.parent().expect("a binary sits in a directory");
-    let candidates = [dir.join("vsock-socket-activate"), dir.join("../vsock-socket-activate")];
+    let candidates = [
+        dir.join("vsock-socket-activate"),
+        dir.join("../vsock-socket-activate"),
+    ];
     candidates
         .iter()
         .find(|p| p.is_file())
