@@ -12,6 +12,7 @@
 
 mod backend;
 mod runtime;
+pub mod sandbox;
 pub mod service;
 pub mod stats;
 pub mod vms;

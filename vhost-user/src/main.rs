@@ -16,6 +16,7 @@ use vhost_user_backend::VhostUserDaemon;
 use vsock_core::Instant;
 use vsock_device::VsockDevice;
 use vsock_host::DriverConfig;
+use vsock_vhost_user::sandbox;
 use vsock_vhost_user::service::{self, Notifier, PassedListener};
 use vsock_vhost_user::vms::{self, VmConfig};
 use vsock_vhost_user::{Report, Running, RuntimeKind, Shared, VhostTransport};
@@ -131,6 +132,14 @@ struct Args {
     /// `curl --unix-socket PATH http://localhost/metrics`. SIGUSR1 logs the JSON.
     #[arg(long, value_name = "PATH")]
     stats: Option<PathBuf>,
+
+    /// The sandbox: `on` confines the daemon once it serves (a mount namespace holding only
+    /// its sockets' and recordings' directories, Landlock where the kernel has it, and a
+    /// seccomp allow-list on every thread: any other system call kills it); `log` is the
+    /// same, but a system call outside the list is only logged by the kernel (dmesg);
+    /// `off` is none of it, for debugging.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = sandbox::Mode::On)]
+    sandbox: sandbox::Mode,
 
     /// Keep at most BYTES of each packet's payload in the recordings (lengths are always
     /// kept, and replay still checks them).
@@ -258,8 +267,15 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         )
         .into());
     }
-    if let Some(stats) = &args.stats {
+    let mut stats_path = args.stats.clone();
+    if let Some(stats) = &stats_path {
         vms::check_extra_path(&vms, "--stats", stats)?;
+    }
+    // The file system is confined while the process has one thread, before anything is
+    // bound; the system calls once every thread runs.
+    let mut vms = vms;
+    if args.sandbox != sandbox::Mode::Off {
+        confine(&mut vms, &listeners, &mut stats_path)?;
     }
     // Registered before any thread starts, so every thread leaves the signals to this one.
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR1])?;
@@ -287,7 +303,7 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         }
     }
     // The stats socket last: once it answers, every VM does.
-    let _stats = match &args.stats {
+    let _stats = match &stats_path {
         Some(path) => match serve_stats(path, &siblings) {
             Ok(remove) => Some(remove),
             Err(e) => {
@@ -299,6 +315,12 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         },
         None => None,
     };
+    if let Err(e) = sandbox::filter_system_calls(args.sandbox) {
+        for vm in running {
+            let _ = vm.running.stop();
+        }
+        return Err(format!("sandbox: {e} (--sandbox=off serves without it)").into());
+    }
     info!(vms = running.len(), runtime = ?args.runtime, "serving");
     if let Some(n) = &notifier {
         // A manager that cannot hear it will say so; serving goes on.
@@ -341,6 +363,52 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         Some(e) => Err(e.into()),
         None => Ok(()),
     }
+}
+
+/// Confines the file system to the directories the daemon binds, connects and writes in
+/// (see `vsock_vhost_user::sandbox`). Their paths become absolute and real first: in the
+/// mount namespace the working directory is `/`.
+fn confine(
+    vms: &mut [VmConfig],
+    listeners: &[Option<PassedListener>],
+    stats: &mut Option<PathBuf>,
+) -> Result<(), Box<dyn Error>> {
+    let mut socket_dirs = Vec::new();
+    let mut write_dirs = Vec::new();
+    // A missing directory is reported in the words the bind or create would have used.
+    let place =
+        |path: &mut PathBuf, dirs: &mut Vec<PathBuf>, verb: &str| -> Result<(), Box<dyn Error>> {
+            *path = sandbox::resolve(path)
+                .map_err(|e| format!("cannot {verb} {}: {e}", path.display()))?;
+            dirs.push(
+                path.parent()
+                    .expect("resolved paths have one")
+                    .to_path_buf(),
+            );
+            Ok(())
+        };
+    for (vm, listener) in vms.iter_mut().zip(listeners) {
+        // A passed socket is already bound: its directory is not needed.
+        if listener.is_none() {
+            place(&mut vm.socket, &mut socket_dirs, "bind")?;
+        }
+        place(&mut vm.uds_path, &mut socket_dirs, "bind")?;
+        if let Some(record) = &mut vm.record {
+            place(record, &mut write_dirs, "create")?;
+        }
+    }
+    if let Some(stats) = stats {
+        place(stats, &mut socket_dirs, "bind")?;
+    }
+    let confinement = sandbox::confine_files(&socket_dirs, &write_dirs)
+        .map_err(|e| format!("sandbox: {e} (--sandbox=off serves without it)"))?;
+    info!(
+        namespace = ?confinement.namespace,
+        landlock_abi = ?confinement.landlock_abi,
+        landlock_unix_connects = confinement.landlock_unix_connects,
+        "sandbox: file system confined"
+    );
+    Ok(())
 }
 
 /// Binds the stats socket at `path` and serves it on a thread of its own. Returns what
@@ -559,5 +627,33 @@ struct RemoveOnDrop(PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// The man page, `vhost-user/vhost-user-vsock.1`, is generated from the flags above: this
+    /// fails when it is stale, and `VSOCK_UPDATE_MAN=1 cargo test -p vsock-vhost-user --bin
+    /// vhost-user-vsock` rewrites it.
+    #[test]
+    fn the_man_page_is_current() {
+        let mut page = Vec::new();
+        clap_mangen::Man::new(super::Args::command())
+            .date("2026-12")
+            .render(&mut page)
+            .unwrap();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("vhost-user-vsock.1");
+        if std::env::var_os("VSOCK_UPDATE_MAN").is_some() {
+            std::fs::write(&path, &page).unwrap();
+        }
+        let committed = std::fs::read(&path).unwrap_or_default();
+        assert!(
+            committed == page,
+            "{} is stale: VSOCK_UPDATE_MAN=1 cargo test -p vsock-vhost-user --bin \
+             vhost-user-vsock rewrites it",
+            path.display()
+        );
     }
 }
