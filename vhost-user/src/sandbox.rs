@@ -707,6 +707,44 @@ mod tests {
         }
     }
 
+    /// The allow-list as `docs/sandbox.md` shows it: one row per call.
+    fn allow_list_table() -> String {
+        let mut t = String::from("| System call | Arguments | Why |\n|---|---|---|\n");
+        for a in allowed() {
+            let only = match &a.only {
+                None => "any".to_string(),
+                Some((arg, Check::OneOf(v))) => {
+                    let v: Vec<String> = v.iter().map(|x| format!("{x:#x}")).collect();
+                    format!("arg {arg} one of {}", v.join(", "))
+                }
+                Some((arg, Check::Has(b))) => format!("arg {arg} has bits {b:#x}"),
+                Some((arg, Check::Lacks(b))) => format!("arg {arg} lacks bits {b:#x}"),
+            };
+            let name = a.name.trim_start_matches("SYS_");
+            t.push_str(&format!("| `{name}` | {only} | {} |\n", a.why));
+        }
+        t
+    }
+
+    #[test]
+    fn the_documented_allow_list_is_current() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/sandbox.md");
+        let doc = fs::read_to_string(&path).unwrap();
+        let (begin, end) = ("<!-- allow-list begin -->\n", "<!-- allow-list end -->");
+        let start = doc.find(begin).expect("begin marker") + begin.len();
+        let stop = doc.find(end).expect("end marker");
+        let table = allow_list_table();
+        if std::env::var_os("VSOCK_UPDATE_DOCS").is_some() {
+            fs::write(&path, format!("{}{table}{}", &doc[..start], &doc[stop..])).unwrap();
+            return;
+        }
+        assert!(
+            doc[start..stop] == table,
+            "{} is stale: VSOCK_UPDATE_DOCS=1 cargo test -p vsock-vhost-user --lib rewrites it",
+            path.display()
+        );
+    }
+
     #[test]
     fn paths_resolve_through_their_directory() {
         let here = fs::canonicalize(".").unwrap();
