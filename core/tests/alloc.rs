@@ -3,7 +3,6 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use vsock_core::testing::{guest_pkt, GUEST_BUF_ALLOC};
 use vsock_core::wire::{Header, Op};
@@ -11,10 +10,16 @@ use vsock_core::{Action, Config, ConnId, Engine, HostEvent, Instant, Io, RxGrant
 
 struct Counting;
 
-static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
-
 thread_local! {
+    /// Whether this thread's allocations are being counted.
     static WATCHING: Cell<bool> = const { Cell::new(false) };
+    /// This thread's count: per thread, as the tests of this binary run in parallel and one
+    /// test's allocations must not land in another's count.
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(Cell::get)
 }
 
 // SAFETY: every call is forwarded unchanged to the system allocator; the only addition is a
@@ -22,7 +27,7 @@ thread_local! {
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if WATCHING.with(Cell::get) {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+            ALLOCATIONS.with(|n| n.set(n.get() + 1));
         }
         // SAFETY: same contract as our caller's.
         unsafe { System.alloc(layout) }
@@ -35,7 +40,7 @@ unsafe impl GlobalAlloc for Counting {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         if WATCHING.with(Cell::get) {
-            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+            ALLOCATIONS.with(|n| n.set(n.get() + 1));
         }
         // SAFETY: same contract as our caller's.
         unsafe { System.realloc(ptr, layout, new_size) }
@@ -191,7 +196,7 @@ fn steady_state_allocates_nothing() {
         }
     }
     let before_stats = b.engine.stats().clone();
-    ALLOCATIONS.store(0, Ordering::Relaxed);
+    ALLOCATIONS.with(|n| n.set(0));
 
     for round in 0..10_000usize {
         let i = round % CONNS as usize;
@@ -203,7 +208,7 @@ fn steady_state_allocates_nothing() {
         b.round_trip(i, 1 + (round * 53) % 4000, takes);
     }
 
-    let allocations = ALLOCATIONS.load(Ordering::Relaxed);
+    let counted = allocations();
     let stats = b.engine.stats();
     // The loop really moved data both ways, through both the direct and the buffered path.
     assert!(stats.tx_packets - before_stats.tx_packets >= 20_000);
@@ -212,19 +217,16 @@ fn steady_state_allocates_nothing() {
     assert!(stats.rx_bytes - before_stats.rx_bytes >= 10_000 * 1000);
     assert_eq!(stats.rst_sent, 0);
     assert_eq!(b.engine.connections(), CONNS as usize);
-    assert_eq!(
-        allocations, 0,
-        "the steady state allocated {allocations} times"
-    );
+    assert_eq!(counted, 0, "the steady state allocated {counted} times");
 }
 
 #[test]
 fn the_counter_sees_allocations() {
     // Guard against a counter that cannot fail: an allocation inside `watch` is counted.
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = allocations();
     let v = watch(|| vec![1u8; 100]);
     assert_eq!(v.len(), 100);
-    assert!(ALLOCATIONS.load(Ordering::Relaxed) > before);
+    assert!(allocations() > before);
 }
 
 /// Seqpacket too: once its buffer (and the bitmap of message ends beside it) is pooled, a
@@ -318,16 +320,12 @@ fn seqpacket_steady_state_allocates_nothing() {
     };
     // Warm up: the buffer and its bitmap are allocated once, then pooled.
     round(&mut e, now, &mut fwd);
-    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    let before = allocations();
     for _ in 0..200 {
         now = now + std::time::Duration::from_micros(50);
         watch(|| round(&mut e, now, &mut fwd));
     }
-    assert_eq!(
-        ALLOCATIONS.load(Ordering::Relaxed) - before,
-        0,
-        "allocations in the steady state"
-    );
+    assert_eq!(allocations() - before, 0, "allocations in the steady state");
     let s = e.stats();
     assert_eq!((s.messages_to_host, s.messages_to_guest), (402, 201));
 }
