@@ -8,8 +8,8 @@
 //!
 //! The guest image comes from `scripts/guest/build.sh` (in `target/guest`, or
 //! `$VSOCK_GUEST_DIR`); the daemon from `cargo build --release -p vsock-vhost-user` (or
-//! `$VSOCK_DAEMON`). Without the image or QEMU the tests are built `#[ignore]`d, saying why
-//! (`tests/build.rs` decides), unless `VSOCK_REQUIRE_GUEST=1` (set by `scripts/test.sh`)
+//! `$VSOCK_DAEMON`). Without the image or QEMU the tests are built marked ignored, with the
+//! reason (`tests/build.rs` decides), unless `VSOCK_REQUIRE_GUEST=1` (set by `scripts/test.sh`)
 //! makes that a failure; a missing daemon is always a failure, since cargo builds it.
 
 use std::fs;
@@ -218,7 +218,7 @@ impl Image {
 
     /// The image for a real-guest test, or a panic naming the missing part.
     ///
-    /// The tests are built `#[ignore]`d where the guest image or QEMU is missing (see
+    /// The tests are built marked ignored where the guest image or QEMU is missing (see
     /// `tests/build.rs`), so a test that runs is one that must find everything: without
     /// `VSOCK_REQUIRE_GUEST=1` only the daemon can be missing, and it is a build away.
     pub fn require() -> Image {

@@ -414,10 +414,10 @@ pub fn read_seqpacket(s: &mut UnixStream, buf: &mut [u8]) -> std::io::Result<usi
 /// One real-guest test per runtime (`mio::…`, `tokio::…`, `smol::…`), each calling
 /// `super::$check(runtime_name)`, for the guest, fleet and vsock_test suites.
 ///
-/// Each is `#[ignore]`d, saying why, only where `tests/build.rs` found no guest image or QEMU
-/// (a plain `cargo test` on a bare machine). They still run: `./scripts/test.sh`, the README's
-/// test command and what CI runs through `.ci/run`, builds the image, installs QEMU and sets
-/// `VSOCK_REQUIRE_GUEST=1`, under which a missing part fails them instead.
+/// Each is marked ignored, with the reason, only where `tests/build.rs` found no guest image
+/// or QEMU (a plain `cargo test` on a bare machine). They still run: `./scripts/test.sh`, the
+/// README's test command and what CI runs through `.ci/run`, builds the image, installs QEMU
+/// and sets `VSOCK_REQUIRE_GUEST=1`, under which a missing part fails them instead.
 #[macro_export]
 macro_rules! on_each_runtime {
     ($($check:ident),* $(,)?) => {

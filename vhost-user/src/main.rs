@@ -252,7 +252,7 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
         Some(fd) => vec![service::take_fd(fd).map_err(|e| format!("--fd: {e}"))?],
         None => service::listen_fds()?,
     };
-    let vms = vms(&args, &passed)?;
+    let mut vms = vms(&args, &passed)?;
     // Each VM serves the passed socket bound at its path; one that matches no VM is refused
     // rather than left open with nobody answering it.
     let mut listeners = Vec::with_capacity(vms.len());
@@ -273,7 +273,6 @@ fn run(args: Args) -> Result<(), Box<dyn Error>> {
     }
     // The file system is confined while the process has one thread, before anything is
     // bound; the system calls once every thread runs.
-    let mut vms = vms;
     if args.sandbox != sandbox::Mode::Off {
         confine(&mut vms, &listeners, &mut stats_path)?;
     }

@@ -120,8 +120,8 @@ fn landlock(
     confinement: &mut Confinement,
 ) -> io::Result<()> {
     use landlock::{
-        Access, AccessFs, AccessNet, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset,
-        RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+        Access, AccessFs, AccessNet, CompatLevel, Compatible, LandlockStatus, PathBeneath, PathFd,
+        Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
     };
     let err = |e: landlock::RulesetError| io::Error::other(format!("Landlock: {e}"));
     // Everything the newest ABI can restrict, as far as this kernel knows it.
@@ -149,33 +149,18 @@ fn landlock(
         ruleset = ruleset.add_rule(PathBeneath::new(fd, files)).map_err(err)?;
     }
     let status = ruleset.restrict_self().map_err(err)?;
-    match status.ruleset {
-        RulesetStatus::NotEnforced => {
+    match (status.ruleset, status.landlock) {
+        (RulesetStatus::NotEnforced, _)
+        | (_, LandlockStatus::NotEnabled)
+        | (_, LandlockStatus::NotImplemented) => {
             warn!("sandbox: this kernel has no Landlock; the file system is not restricted by it");
         }
-        _ => {
-            let abi = landlock_abi();
-            confinement.landlock_abi = Some(abi);
-            confinement.landlock_unix_connects = abi >= 9;
+        (_, LandlockStatus::Available { effective_abi, .. }) => {
+            confinement.landlock_abi = Some(effective_abi as i32);
+            confinement.landlock_unix_connects = effective_abi >= ABI::V9;
         }
     }
     Ok(())
-}
-
-/// The kernel's Landlock ABI version (0 without Landlock).
-fn landlock_abi() -> i32 {
-    // SAFETY: landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION) only returns
-    // the ABI version; it reads no memory.
-    #[allow(unsafe_code)]
-    let v = unsafe {
-        libc::syscall(
-            libc::SYS_landlock_create_ruleset,
-            std::ptr::null::<u8>(),
-            0usize,
-            1u32,
-        )
-    };
-    i32::try_from(v).unwrap_or(0).max(0)
 }
 
 /// Installs the seccomp filter on every thread of the process (threads made later inherit
@@ -577,8 +562,8 @@ mod namespace {
         #[allow(unsafe_code)]
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         if let Err(e) = unshare(libc::CLONE_NEWNS) {
-            if e.raw_os_error() != Some(libc::EPERM) && e.kind() != io::ErrorKind::PermissionDenied
-            {
+            // EPERM (and EACCES) both read as PermissionDenied.
+            if e.kind() != io::ErrorKind::PermissionDenied {
                 return Err(Error::Refused(e.to_string()));
             }
             // Not privileged: a user namespace of our own, mapping us to ourselves.
